@@ -1,0 +1,163 @@
+"""The `minicpm-compress` command line. Every command builds a Recipe and runs the same pipeline."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CompressError
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="rdata")
+
+
+def _reports_errors(command):
+    """CompressError → one line on stderr and its exit code (2, or 3 for a failed gate)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CompressError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="minicpm-compress")
+def main():
+    """Compress MiniCPM and Llama/Qwen-shaped checkpoints into small, verified artifacts."""
+    _quiet_libraries()
+
+
+def _model_options(command):
+    options = [
+        click.option("--model", "-m", required=True, help="built-in model name, checkpoint folder, or output folder"),
+        click.option("--reference", default=None, help="full-precision reference (default: the model's origin)"),
+        click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="output folder"),
+        click.option("--overwrite", is_flag=True, help="replace an existing output folder"),
+        click.option("--eval-tokens", type=int, default=None, help="held-out tokens to evaluate on (default 32768)"),
+        click.option("--evaluation", multiple=True, help="held-out text set or .txt/.jsonl file (repeatable)"),
+        click.option("--trust-remote-code", is_flag=True, help="allow executing model code shipped in the checkpoint"),
+        click.option("--allow-pickle", is_flag=True, help="allow loading pickle (.bin) weights"),
+        click.option("--max-ppl-increase", type=float, default=None, help="gate: relative perplexity increase"),
+        click.option("--max-kld", type=float, default=None, help="gate: mean KL divergence"),
+        click.option("--min-top1", type=float, default=None, help="gate: top-1 agreement"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _recipe_fields(name: str, stage: str, stage_settings: dict, o: dict) -> dict:
+    data = {}
+    if o["eval_tokens"] is not None:
+        data["eval_tokens"] = o["eval_tokens"]
+    if o["evaluation"]:
+        data["evaluation"] = list(o["evaluation"])
+    gate = {k: o[k] for k in ("max_ppl_increase", "max_kld", "min_top1") if o[k] is not None}
+    load = {"trust_remote_code": o["trust_remote_code"], "allow_pickle": o["allow_pickle"]}
+    return {
+        "name": name,
+        "model": o["model"],
+        "reference": o["reference"],
+        "data": data,
+        "stages": [{"load": load}, {stage: {**stage_settings, **({"gate": gate} if gate else {})}}],
+    }
+
+
+def _run(recipe, out: Path | None, overwrite: bool) -> None:
+    from .pipeline import run_recipe
+    from .report import summary
+    import json
+
+    out = out or Path("out") / recipe.name
+    click.echo(f"running '{recipe.name}' on {recipe.model} → {out}", err=True)
+
+    def on_stage(r):
+        m = r.metrics
+        click.echo(f"  [{r.index}] {r.name}: ppl {m.ppl:.3f} ({m.ppl_increase:+.2%}), KLD {m.kld:.4f}, "
+                   f"top-1 {m.top1:.2%}, {r.wall_s:.0f}s" + (f"  GATE FAILED: {'; '.join(r.failures)}"
+                                                              if r.failures else ""), err=True)
+
+    try:
+        run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage)
+    finally:
+        manifest_path = out / "manifest.json"
+        if manifest_path.is_file():
+            click.echo("\n" + summary(json.loads(manifest_path.read_text())))
+            click.echo(f"\nwrote {out}/ (manifest.json, report.md)")
+
+
+@main.command()
+@click.option("--prepare", is_flag=True, help="prepare (download-free) every built-in model into the cache now")
+@_reports_errors
+def models(prepare: bool):
+    """List the built-in models."""
+    from .models.builtin import BUILTIN_MODELS, builtin_path, is_prepared
+
+    for name, m in BUILTIN_MODELS.items():
+        path = builtin_path(name) if prepare else None
+        state = f"prepared at {path}" if path else ("prepared" if is_prepared(name) else "not prepared yet")
+        click.echo(f"{name:18} {m.description}  [{state}]")
+
+
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="output folder (default out/NAME)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@_reports_errors
+def run(recipe_path: Path, out: Path | None, overwrite: bool):
+    """Run a YAML recipe."""
+    from .recipe import load_recipe
+
+    _run(load_recipe(recipe_path), out, overwrite)
+
+
+@main.command()
+@_model_options
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--group-size", default="128", show_default=True, help="input columns per scale, or 'channel'")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True)
+@click.option("--zero-point", type=click.Choice(["int", "float"]), default="int", show_default=True,
+              help="asymmetric zero points: integers, or float offsets (GGUF Q4_1 style)")
+@_reports_errors
+def rtn(bits, group_size, symmetric, zero_point, **options):
+    """Round-to-nearest weight quantization."""
+    from .recipe import build_recipe
+
+    settings = {"bits": int(bits), "symmetric": symmetric, "zero_point": zero_point,
+                "group_size": None if group_size in ("channel", "none", "0") else _int(group_size, "--group-size")}
+    recipe = build_recipe(**_recipe_fields("rtn", "rtn", settings, options))
+    _run(recipe, options["out"], options["overwrite"])
+
+
+@main.command("eval")
+@_model_options
+@_reports_errors
+def eval_(**options):
+    """Measure a model (or an output folder) against its full-precision reference."""
+    from .recipe import build_recipe
+
+    recipe = build_recipe(**_recipe_fields("eval", "evaluate", {}, options))
+    _run(recipe, options["out"], options["overwrite"])
+
+
+def _int(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CompressError(f"{option}: expected an integer or 'channel', got '{value}'") from None

@@ -1,0 +1,120 @@
+"""Perplexity, KL divergence and top-1 agreement of a runner against cached reference statistics.
+
+The reference's full next-token distributions are too large to keep (32k tokens × a 49k vocabulary is
+6 GB in float32). Instead the cache keeps what reproduces them exactly: the reference's final hidden
+states (the input of its output head, [tokens, hidden]) and the output head's weight. Each comparison
+recomputes the reference logits from them with one matrix product (about a fifth of a forward pass for
+the built-in models), so KL divergence and top-1 agreement are exact, not estimated from a top-k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from .. import atomic
+from ..cache import cache_dir
+from ..progress import progress
+from .runners import Runner, TorchRunner
+
+CACHE_VERSION = "2"
+
+
+@dataclass
+class ReferenceStats:
+    hidden: torch.Tensor  # [windows, seq-1, hidden]: input of the output head at each scored position
+    head: torch.Tensor  # [vocab, hidden] output head weight
+    nll: torch.Tensor  # [windows, seq-1] reference NLL of the true next token
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll.double().mean().item())
+
+    def log_probs(self, sl: slice) -> torch.Tensor:
+        return torch.log_softmax(self.hidden[sl] @ self.head.T, dim=-1)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    ppl: float
+    kld: float
+    top1: float
+    ref_ppl: float
+    tokens: int
+
+    @property
+    def ppl_increase(self) -> float:
+        """Relative perplexity increase over the reference (0.05 = +5%)."""
+        return self.ppl / self.ref_ppl - 1.0
+
+    def as_dict(self) -> dict:
+        d = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in asdict(self).items()}
+        d["ppl_increase"] = float(f"{self.ppl_increase:.6g}")
+        return d
+
+
+def _log_probs(runner: Runner, windows: torch.Tensor, batch_size: int, desc: str):
+    """Yield (window slice, log-probs [B, seq-1, V], next-token targets [B, seq-1])."""
+    with progress(total=windows.numel(), desc=desc, unit="tok") as bar:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size]
+            logp = torch.log_softmax(runner.logits(ids)[:, :-1].float(), dim=-1)
+            yield slice(start, start + ids.shape[0]), logp, ids[:, 1:]
+            bar.update(ids.numel())
+
+
+def _nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def reference_stats(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> ReferenceStats:
+    """Run the full-precision `model` once over `windows`, keeping its head inputs and NLLs."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("output heads with a bias are not supported by the reference cache")
+    captured = []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0][:, :-1].detach().float()))
+    try:
+        nll, hidden = [], []
+        for _sl, logp, targets in _log_probs(TorchRunner(model), windows, batch_size, "reference"):
+            nll.append(_nll(logp, targets))
+            hidden.append(captured.pop())
+    finally:
+        hook.remove()
+    return ReferenceStats(torch.cat(hidden).contiguous(), head.weight.detach().float().clone(), torch.cat(nll))
+
+
+def compare(runner: Runner, windows: torch.Tensor, ref: ReferenceStats, batch_size: int = 4,
+            desc: str = "evaluate") -> Metrics:
+    nll_sum = kld_sum = agree = 0.0
+    for sl, logq, targets in _log_probs(runner, windows, batch_size, desc):
+        logp = ref.log_probs(sl)
+        nll_sum += _nll(logq, targets).double().sum().item()
+        agree += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
+        kld_sum += (logp.exp() * (logp - logq)).sum(-1).double().sum().item()
+    tokens = ref.nll.numel()
+    return Metrics(
+        ppl=math.exp(nll_sum / tokens), kld=max(kld_sum / tokens, 0.0), top1=agree / tokens, ref_ppl=ref.ppl,
+        tokens=tokens,
+    )
+
+
+def reference_metrics(ref: ReferenceStats) -> Metrics:
+    return Metrics(ppl=ref.ppl, kld=0.0, top1=1.0, ref_ppl=ref.ppl, tokens=ref.nll.numel())
+
+
+def cached_reference_stats(fingerprint: str, windows: torch.Tensor, load_model, batch_size: int = 4) -> ReferenceStats:
+    """Reference statistics for (model fingerprint, windows), computed once and kept in the cache."""
+    h = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint}:".encode())
+    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    path = cache_dir("reference") / f"{h.hexdigest()[:40]}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return ReferenceStats(t["hidden"], t["head"], t["nll"])
+    stats = reference_stats(load_model(), windows, batch_size)
+    atomic.save_safetensors({"hidden": stats.hidden, "head": stats.head, "nll": stats.nll}, path)
+    return stats

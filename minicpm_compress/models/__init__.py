@@ -1,0 +1,1 @@
+"""Model loading, MiniCPM's own implementation, the architecture table and the built-in models."""

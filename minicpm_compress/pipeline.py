@@ -1,0 +1,83 @@
+"""Run a recipe: each stage, then the same evaluator and the stage's gate, then the output folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import atomic
+from .errors import GateFailure
+from .evaluate.metrics import Metrics
+from .footprint import memory_estimate
+from .manifest import build_manifest, write_outputs
+from .recipe import Recipe
+from .stages import STAGES, RunContext
+
+
+@dataclass
+class StageRecord:
+    index: int
+    name: str
+    settings: dict
+    details: dict
+    metrics: Metrics
+    gate: dict | None
+    failures: list[str]
+    wall_s: float
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.gate is None else not self.failures
+
+
+@dataclass
+class RunRecord:
+    recipe: Recipe
+    stages: list[StageRecord] = field(default_factory=list)
+    memory: dict | None = None
+
+    @property
+    def failed(self) -> StageRecord | None:
+        return next((s for s in self.stages if s.failures), None)
+
+
+def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
+               on_stage: Callable[[StageRecord], None] = lambda r: None) -> RunRecord:
+    """Run `recipe`, writing `out` atomically; raise GateFailure (after writing the record) if a gate fails."""
+    torch.manual_seed(recipe.seed)
+    record = RunRecord(recipe)
+    ctx = RunContext(recipe)
+    state = None
+    transformed = False
+    with atomic.staged_dir(Path(out), overwrite=overwrite) as tmp:
+        for index, (name, config) in enumerate(recipe.stage_list()):
+            stage = STAGES[name]
+            start = time.perf_counter()
+            outcome = stage.handler(config, state, ctx)
+            state = outcome.state
+            metrics = outcome.metrics or ctx.evaluator.measure(state.evaluated_model(), desc=f"evaluate {name}")
+            gate = config.gate
+            stage_record = StageRecord(
+                index, name, config.model_dump(mode="json", exclude={"gate"}), outcome.details, metrics,
+                gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
+                time.perf_counter() - start,
+            )
+            record.stages.append(stage_record)
+            on_stage(stage_record)
+            transformed |= stage.transforms
+            if stage_record.failures:
+                break
+        if not record.failed:
+            record.memory = memory_estimate(state.model, state.qweights)
+        write_outputs(record, state if transformed and not record.failed else None, tmp)
+    if record.failed:
+        s = record.failed
+        raise GateFailure(f"gate failed after stage {s.index} '{s.name}': {'; '.join(s.failures)}")
+    return record
+
+
+__all__ = ["run_recipe", "RunRecord", "StageRecord", "build_manifest"]

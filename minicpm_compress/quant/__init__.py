@@ -1,0 +1,1 @@
+"""Quantized weights: the one type every compressor produces and every exporter consumes."""

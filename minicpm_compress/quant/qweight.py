@@ -1,0 +1,164 @@
+"""The quantized-weight type, its scheme, the one quantizer that fills it, and its file format.
+
+A `QuantizedWeight` holds integer codes for one linear's weight [out, in] plus, per output row and
+group of `group_size` input columns, a scale and (asymmetric schemes) a zero point:
+
+  symmetric              w = scale * code                     code in [-2^(b-1), 2^(b-1) - 1]  (int8)
+  asymmetric, int zero   w = scale * (code - zero)            code, zero in [0, 2^b - 1]        (uint8)
+  asymmetric, float zero w = scale * code + zero              code in [0, 2^b - 1]; zero = the group's offset
+
+Scales (and float zeros) are always exactly representable in float16, so formats that store them in
+float16 (GGUF, AWQ, ONNX MatMulNBits, Core ML) carry them without rounding. If `in` is not a multiple
+of the group size the last group is narrower.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .. import atomic
+from ..errors import CompressError
+
+MIN_SCALE = 1e-5
+FILE_FORMAT = "minicpm-compress-qweights/1"
+
+
+class QuantScheme(BaseModel):
+    """How a weight is quantized (the settings every quantizing stage shares)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[4, 8] = 4
+    group_size: int | None = Field(128, description="input columns per scale; null = one scale per output channel")
+    symmetric: bool = False
+    zero_point: Literal["int", "float"] = Field(
+        "int", description="asymmetric only: integer zero points (ONNX, Core ML, AWQ) or float offsets (GGUF Q4_1)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.group_size is not None and (self.group_size < 8 or self.group_size % 8):
+            raise ValueError("group_size must be a multiple of 8 (e.g. 32, 64, 128) or null for per-channel")
+        return self
+
+    def describe(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float-zero")
+        return f"int{self.bits} {group} {kind}"
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # [out, in]
+    scales: torch.Tensor  # [out, n_groups] float32, float16-exact
+    zeros: torch.Tensor | None  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
+    scheme: QuantScheme
+
+    @property
+    def group_size(self) -> int:
+        return self.scheme.group_size or self.codes.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def _per_column(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
+
+    def dequantize(self) -> torch.Tensor:
+        codes = self.codes.to(torch.float32)
+        scales = self._per_column(self.scales)
+        if self.scheme.symmetric:
+            return codes * scales
+        zeros = self._per_column(self.zeros.to(torch.float32))
+        if self.scheme.zero_point == "float":
+            return codes * scales + zeros
+        return (codes - zeros) * scales
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[out, n_groups, group] view of w, the last group padded by repeating its last column."""
+    out, cols = w.shape
+    pad = -cols % group
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out, pad)], dim=1)
+    return w.reshape(out, -1, group)
+
+
+def _f16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).to(torch.float32)
+
+
+def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of `weight` [out, in] under `scheme`.
+
+    `clip` ([out, n_groups] or broadcastable, values in (0, 1]) shrinks each group's range before the
+    scale is chosen; activation-aware methods search it. This is the project's only quantizer.
+    """
+    w = weight.detach().to(torch.float32)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    group = scheme.group_size or w.shape[1]
+    g = _grouped(w, group)
+    shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
+    if scheme.symmetric:
+        qmax = 2 ** (scheme.bits - 1) - 1
+        scales = _f16((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax)
+        codes = torch.clamp(torch.round(g / scales), -qmax - 1, qmax).to(torch.int8)
+        zeros = None
+    else:
+        qmax = 2**scheme.bits - 1
+        hi, lo = g.amax(dim=2, keepdim=True) * shrink, g.amin(dim=2, keepdim=True) * shrink
+        scales = _f16(((hi - lo) / qmax).clamp(min=MIN_SCALE))
+        if scheme.zero_point == "int":
+            zeros = torch.clamp(torch.round(-lo / scales), 0, qmax)
+            codes = torch.clamp(torch.round(g / scales) + zeros, 0, qmax).to(torch.uint8)
+            zeros = zeros.squeeze(2).to(torch.uint8)
+        else:
+            zeros = _f16(lo)
+            codes = torch.clamp(torch.round((g - zeros) / scales), 0, qmax).to(torch.uint8)
+            zeros = zeros.squeeze(2)
+    codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].contiguous()
+    return QuantizedWeight(codes, scales.squeeze(2).contiguous(), zeros, scheme)
+
+
+def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:
+    """One safetensors file: `<name>.codes|scales|zeros` tensors, schemes in the header metadata."""
+    tensors, schemes = {}, {}
+    for name in sorted(qweights):
+        q = qweights[name]
+        tensors[f"{name}.codes"] = q.codes.contiguous()
+        tensors[f"{name}.scales"] = q.scales.contiguous()
+        if q.zeros is not None:
+            tensors[f"{name}.zeros"] = q.zeros.contiguous()
+        schemes[name] = q.scheme.model_dump()
+    atomic.save_safetensors(tensors, path, {"format": FILE_FORMAT, "schemes": json.dumps(schemes, sort_keys=True)})
+
+
+def load_qweights(path: Path) -> dict[str, QuantizedWeight]:
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CompressError(f"{path}: unreadable quantized-weights file ({e})") from None
+    if meta.get("format") != FILE_FORMAT:
+        raise CompressError(f"{path}: not a {FILE_FORMAT} file (format '{meta.get('format')}')")
+    out = {}
+    for name, scheme in json.loads(meta["schemes"]).items():
+        try:
+            out[name] = QuantizedWeight(
+                tensors[f"{name}.codes"], tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"),
+                QuantScheme(**scheme),
+            )
+        except KeyError as e:
+            raise CompressError(f"{path}: missing tensor {e.args[0]}") from None
+    return out

@@ -1,0 +1,73 @@
+"""Stages: a typed config plus the handler that applies it, found by name through a registry.
+
+A stage module defines a `StageConfig` subclass and registers its handler:
+
+    @register_stage("rtn", RTNConfig, "round-to-nearest weight quantization")
+    def apply_rtn(config: RTNConfig, state: ModelState, ctx: RunContext) -> StageOutcome: ...
+
+The pipeline measures every stage's resulting state with the recipe's evaluator (unless the handler
+returns its own metrics) and checks the stage's gate. Adding a stage is adding a module and its import
+at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from ..evaluate.gate import Gate
+
+if TYPE_CHECKING:
+    from ..evaluate.evaluator import Evaluator
+    from ..evaluate.metrics import Metrics
+    from ..recipe import Recipe
+    from ..state import ModelState
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gate: Gate | None = None
+
+
+@dataclass
+class RunContext:
+    recipe: "Recipe"
+    evaluator: "Evaluator | None" = None  # set by the load stage
+    reference_model: Any = None  # the full-precision reference, kept for stages that re-measure
+
+
+@dataclass
+class StageOutcome:
+    state: "ModelState"
+    metrics: "Metrics | None" = None  # None: the pipeline measures `state` with the recipe's evaluator
+    details: dict = field(default_factory=dict)  # what the stage did, for the manifest and report
+
+
+@dataclass(frozen=True)
+class StageType:
+    name: str
+    config_class: type[StageConfig]
+    handler: Callable[..., StageOutcome]
+    summary: str
+    transforms: bool  # changes the model (its output folder then holds a new checkpoint)
+
+
+STAGES: dict[str, StageType] = {}
+
+
+def register_stage(name: str, config_class: type[StageConfig], summary: str, transforms: bool = True):
+    def decorate(handler):
+        if name in STAGES:
+            raise RuntimeError(f"stage '{name}' registered twice")
+        STAGES[name] = StageType(name, config_class, handler, summary, transforms)
+        return handler
+
+    return decorate
+
+
+# Built-in stages register themselves on import.
+from . import load, evaluate  # noqa: E402,F401
+from ..quant import rtn  # noqa: E402,F401

@@ -1,0 +1,25 @@
+"""The `evaluate` stage: measure the current state, optionally on other held-out text, and gate it."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..data.textsets import evaluation_windows
+from ..evaluate.evaluator import Evaluator
+from . import RunContext, StageConfig, StageOutcome, register_stage
+
+
+class EvaluateConfig(StageConfig):
+    evaluation: list[str] | None = Field(None, description="held-out sets or files; default: the recipe's data")
+    eval_tokens: int | None = Field(None, ge=16)
+
+
+@register_stage("evaluate", EvaluateConfig, "measure the current model against the reference", transforms=False)
+def apply_evaluate(config: EvaluateConfig, state, ctx: RunContext) -> StageOutcome:
+    if config.evaluation is None and config.eval_tokens is None:
+        return StageOutcome(state)  # the pipeline measures with the recipe's evaluator
+    data = ctx.recipe.data
+    sets = config.evaluation or data.evaluation
+    windows = evaluation_windows(state.tokenizer, sets, config.eval_tokens or data.eval_tokens, data.eval_window)
+    evaluator = Evaluator.against(ctx.reference_model, windows, data.eval_batch_size)
+    return StageOutcome(state, evaluator.measure(state.evaluated_model()), {"evaluation": sets})
