@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .data.textsets import BUILTIN_SETS
+from .data.textsets import TextSource
 from .errors import CompressError
 from .models.builtin import BUILTIN_MODELS
 from .stages import STAGES, StageConfig
@@ -27,14 +27,8 @@ from .stages import STAGES, StageConfig
 class WeightedSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str
+    source: TextSource
     weight: float = Field(1.0, gt=0)
-
-
-def _existing_text_source(name: str) -> str:
-    if name not in BUILTIN_SETS and not Path(name).is_file():
-        raise ValueError(f"'{name}' is not a built-in text set ({', '.join(BUILTIN_SETS)}) nor an existing file")
-    return name
 
 
 class DataConfig(BaseModel):
@@ -45,7 +39,7 @@ class DataConfig(BaseModel):
     )
     calibration_samples: int = Field(128, ge=1)
     sequence_length: int = Field(512, ge=16)
-    evaluation: list[str] = Field(default_factory=lambda: ["austen-heldout"], min_length=1)
+    evaluation: list[TextSource] = Field(default_factory=lambda: ["austen-heldout"], min_length=1)
     eval_tokens: int = Field(32768, ge=16)
     eval_window: int = Field(512, ge=16)
     eval_batch_size: int = Field(4, ge=1)
@@ -56,18 +50,6 @@ class DataConfig(BaseModel):
         if isinstance(value, list):
             return [{"source": v} if isinstance(v, str) else v for v in value]
         return value
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_exists(cls, value: list[WeightedSource]):
-        for v in value:
-            _existing_text_source(v.source)
-        return value
-
-    @field_validator("evaluation")
-    @classmethod
-    def _evaluation_exists(cls, value: list[str]):
-        return [_existing_text_source(v) for v in value]
 
 
 # One optional field per registered stage; a recipe's stage item sets exactly one of them.

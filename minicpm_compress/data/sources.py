@@ -83,6 +83,8 @@ def chinese_entries() -> tuple[str, ...]:
     root = debian_package(CHINESE_PACKAGE) / "usr/share/games/fortunes"
     entries = []
     for name in CHINESE_FILES:
-        text = _ANSI.sub("", (root / name).read_text(encoding="utf-8"))
+        text = (root / name).read_text(encoding="utf-8")
+        while _ANSI.search(text):  # the files hold some nested, malformed codes: strip until none are left
+            text = _ANSI.sub("", text)
         entries += [e.strip() for e in re.split(r"^%$", text, flags=re.M) if e.strip()]
     return tuple(entries)

@@ -16,9 +16,10 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
+from pydantic import AfterValidator
 
 from ..errors import CompressError
 from . import sources
@@ -46,6 +47,15 @@ BUILTIN_SETS: dict[str, Callable[[], list[str]]] = {
     "zh-calib": lambda: _zh_split()[0],
     "zh-heldout": lambda: _zh_split()[1],
 }
+
+
+def _existing_text_source(name: str) -> str:
+    if name not in BUILTIN_SETS and not Path(name).is_file():
+        raise ValueError(f"'{name}' is not a built-in text set ({', '.join(BUILTIN_SETS)}) nor an existing file")
+    return name
+
+
+TextSource = Annotated[str, AfterValidator(_existing_text_source)]  # a recipe field naming text
 
 
 def read_documents(source: str) -> list[str]:

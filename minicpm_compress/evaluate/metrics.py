@@ -109,7 +109,7 @@ def reference_metrics(ref: ReferenceStats) -> Metrics:
 
 def cached_reference_stats(fingerprint: str, windows: torch.Tensor, load_model, batch_size: int = 4) -> ReferenceStats:
     """Reference statistics for (model fingerprint, windows), computed once and kept in the cache."""
-    h = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint}:".encode())
+    h = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint}:{tuple(windows.shape)}:".encode())
     h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     path = cache_dir("reference") / f"{h.hexdigest()[:40]}.safetensors"
     if path.is_file():

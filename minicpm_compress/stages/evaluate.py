@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..data.textsets import evaluation_windows
+from ..data.textsets import TextSource, evaluation_windows
 from ..evaluate.evaluator import Evaluator
 from . import RunContext, StageConfig, StageOutcome, register_stage
 
 
 class EvaluateConfig(StageConfig):
-    evaluation: list[str] | None = Field(None, description="held-out sets or files; default: the recipe's data")
+    evaluation: list[TextSource] | None = Field(None, description="held-out sets or files; default: the recipe's data")
     eval_tokens: int | None = Field(None, ge=16)
 
 

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from minicpm_compress.errors import CompressError
+from minicpm_compress.quant.qweight import QuantScheme, load_qweights, quantize, save_qweights
+
+SCHEMES = [
+    QuantScheme(bits=4, group_size=128),
+    QuantScheme(bits=4, group_size=32, symmetric=True),
+    QuantScheme(bits=4, group_size=None),
+    QuantScheme(bits=8, group_size=None, symmetric=True),
+    QuantScheme(bits=8, group_size=64),
+    QuantScheme(bits=4, group_size=32, zero_point="float"),
+]
+
+
+@pytest.fixture
+def weight():
+    torch.manual_seed(0)
+    return torch.randn(48, 200) * 0.05  # 200 columns: the last group of 128/64/32 is narrower
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_codes_in_range_and_error_within_half_a_step(weight, scheme):
+    q = quantize(weight, scheme)
+    lo, hi = (-(2 ** (scheme.bits - 1)), 2 ** (scheme.bits - 1) - 1) if scheme.symmetric else (0, 2**scheme.bits - 1)
+    assert q.codes.shape == weight.shape
+    assert lo <= q.codes.min() and q.codes.max() <= hi
+    step = q._per_column(q.scales)
+    # rounding costs at most half a step; float16 rounding of the scale/offset adds a sliver
+    assert ((q.dequantize() - weight).abs() <= step * 0.5 + 1e-3 * weight.abs().max()).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_scales_are_float16_exact(weight, scheme):
+    q = quantize(weight, scheme)
+    assert torch.equal(q.scales, q.scales.half().float())
+    if q.zeros is not None and q.zeros.is_floating_point():
+        assert torch.equal(q.zeros, q.zeros.half().float())
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.symmetric or s.zero_point == "float"],
+                         ids=lambda s: s.describe())
+def test_requantizing_on_the_same_grid_is_lossless(weight, scheme):
+    """Symmetric and float-offset grids are recovered exactly from their own dequantized values."""
+    q = quantize(weight, scheme)
+    again = quantize(q.dequantize(), scheme)
+    assert torch.equal(again.dequantize(), q.dequantize())
+
+
+def test_more_bits_and_smaller_groups_mean_less_error(weight):
+    def err(scheme):
+        return ((quantize(weight, scheme).dequantize() - weight) ** 2).mean().item()
+
+    assert err(QuantScheme(bits=8, group_size=None, symmetric=True)) < err(QuantScheme(bits=4, group_size=32)) / 50
+    assert err(QuantScheme(bits=4, group_size=32)) < err(QuantScheme(bits=4, group_size=128))
+    assert err(QuantScheme(bits=4, group_size=128)) < err(QuantScheme(bits=4, group_size=None))
+
+
+def test_clip_shrinks_the_range(weight):
+    scheme = QuantScheme(bits=4, group_size=None, symmetric=True)
+    full, clipped = quantize(weight, scheme), quantize(weight, scheme, clip=torch.full((48, 1), 0.5))
+    torch.testing.assert_close(clipped.scales, (full.scales * 0.5).half().float(), rtol=1e-3, atol=0)
+    # codes reach -8 of a range scaled for 7: at most 8/7 of half the original range
+    assert clipped.dequantize().abs().max() <= weight.abs().max() * 0.5 * 8 / 7 * 1.001
+
+
+def test_save_load_round_trip_is_exact(tmp_path, weight):
+    qweights = {f"layer{i}": quantize(weight * (i + 1), s) for i, s in enumerate(SCHEMES)}
+    save_qweights(qweights, tmp_path / "q.safetensors")
+    back = load_qweights(tmp_path / "q.safetensors")
+    assert back.keys() == qweights.keys()
+    for name, q in qweights.items():
+        assert back[name].scheme == q.scheme
+        assert torch.equal(back[name].codes, q.codes) and torch.equal(back[name].dequantize(), q.dequantize())
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CompressError, match="other.safetensors: not a minicpm-compress-qweights"):
+        load_qweights(tmp_path / "other.safetensors")
+
+
+def test_bad_group_size_is_refused():
+    with pytest.raises(ValueError, match="group_size must be a multiple of 8"):
+        QuantScheme(group_size=30)

@@ -1,0 +1,45 @@
+import json
+
+from click.testing import CliRunner
+
+from minicpm_compress.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_models_lists_the_builtins(minicpm_path):
+    result = _run("models")
+    assert result.exit_code == 0
+    assert "smollm2-135m" in result.output and "minicpm-smollm2" in result.output and "prepared" in result.output
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    result = _run("rtn", "--model", tmp_path / "nothing-here", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "is not a built-in model" in result.stderr
+    result = _run("rtn", "--model", "minicpm-smollm2", "--group-size", "abc", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "--group-size: expected an integer or 'channel'" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
+    """int4 g128 RTN costs real perplexity on the pretrained MiniCPM-architecture model; int8 does not."""
+    result = _run("run", "recipes/ci.yaml", "--out", tmp_path / "ci")
+    assert result.exit_code == 0, result.stderr
+    assert "rtn" in result.stdout and "status: PASSED" in result.stdout
+    stages = json.loads((tmp_path / "ci/manifest.json").read_text())["stages"]
+    int8, int4, zh = (s["metrics"] for s in stages[1:])
+    assert abs(int8["ppl_increase"]) < 0.02 and int8["top1"] > 0.9
+    assert int4["ppl_increase"] > 0.05 and int4["kld"] > 10 * int8["kld"]
+    assert zh["tokens"] == 1022 and zh["ref_ppl"] != stages[0]["metrics"]["ref_ppl"]
+
+
+def test_rtn_command_writes_a_composable_folder(tmp_path, tiny_checkpoint):
+    out = tmp_path / "o"
+    result = _run("rtn", "--model", tiny_checkpoint("qwen3"), "--bits", "4", "--group-size", "32",
+                  "--eval-tokens", "512", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model/config.json").is_file() and (out / "quantized.safetensors").is_file()
+    assert "int4 g32 asym" in result.stdout
