@@ -65,7 +65,12 @@ def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.save_file to a temporary name, with ordinary permissions, then rename."""
+    """safetensors.save_file to a temporary name, with ordinary permissions, then rename.
+
+    Give at most one metadata key: safetensors writes the metadata map in no fixed order.
+    """
+    if metadata and len(metadata) > 1:
+        raise ValueError("pass at most one metadata key (safetensors orders the map differently each run)")
     from safetensors.torch import save_file
 
     path = Path(path)

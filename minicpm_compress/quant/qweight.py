@@ -140,20 +140,23 @@ def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:
         if q.zeros is not None:
             tensors[f"{name}.zeros"] = q.zeros.contiguous()
         schemes[name] = q.scheme.model_dump()
-    atomic.save_safetensors(tensors, path, {"format": FILE_FORMAT, "schemes": json.dumps(schemes, sort_keys=True)})
+    # One metadata key: safetensors writes its metadata map in no fixed order, and artifacts must be
+    # byte-identical from run to run.
+    header = json.dumps({"format": FILE_FORMAT, "schemes": schemes}, sort_keys=True)
+    atomic.save_safetensors(tensors, path, {"minicpm_compress": header})
 
 
 def load_qweights(path: Path) -> dict[str, QuantizedWeight]:
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
+            meta = json.loads((f.metadata() or {}).get("minicpm_compress", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise CompressError(f"{path}: unreadable quantized-weights file ({e})") from None
     if meta.get("format") != FILE_FORMAT:
         raise CompressError(f"{path}: not a {FILE_FORMAT} file (format '{meta.get('format')}')")
     out = {}
-    for name, scheme in json.loads(meta["schemes"]).items():
+    for name, scheme in meta["schemes"].items():
         try:
             out[name] = QuantizedWeight(
                 tensors[f"{name}.codes"], tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"),
