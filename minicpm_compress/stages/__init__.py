@@ -70,4 +70,4 @@ def register_stage(name: str, config_class: type[StageConfig], summary: str, tra
 
 # Built-in stages register themselves on import.
 from . import load, evaluate  # noqa: E402,F401
-from ..quant import rtn  # noqa: E402,F401
+from ..quant import awq, rtn  # noqa: E402,F401

@@ -1,0 +1,213 @@
+"""The `awq` stage: activation-aware weight quantization (Lin et al., MLSys 2024) with clip search.
+
+Layer by layer over the calibration samples (only one layer's activations in memory):
+  1. run the float layer, accumulating for each linear the Gram matrix G = XᵀX of its inputs and
+     their mean |x| per channel (see layerwise.InputStatistics);
+  2. for each scaling group (a norm or linear feeding some linears), search per-input-channel scales
+       s = mean|x|^α / mean|ŵ|^(1-α)   (ŵ: |w| normalised by its group's max; α on a grid, plus s = 1)
+     minimising the summed squared output error of the group's linears over all calibration tokens,
+     tr((W − Q(W·s)/s) G (W − Q(W·s)/s)ᵀ), scoring every candidate in one batched computation;
+  3. fold the chosen scales into the preceding norm weight (or the preceding linear's rows) and the
+     group's weight columns: the float function is unchanged;
+  4. search a clipping ratio per output channel and group (not for q/k, as AutoAWQ), minimising that
+     group's output error, and quantize with the project's one quantizer.
+Layer outputs passed on are the float layer's, as in AutoAWQ.
+
+Difference from AutoAWQ, stated plainly: AutoAWQ scores a scaling group by the output of the module
+after it (the attention block for q/k/v, the MLP for gate/up); this scores the outputs of the group's
+linears themselves (exactly, over every calibration token, through G). For v→o and up→down the two are
+the same. MiniCPM's muP factors sit outside every scaling group (embedding scale before layer 0, the
+residual factor after o_proj/down_proj, the logit divisor after the last layer), so they change layer
+inputs, which step 1 captures from the model's own forward, and not the search.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, model_validator
+
+from ..data.textsets import calibration_samples
+from ..errors import CompressError
+from ..layerwise import InputStatistics, first_layer_inputs, run_layer
+from ..models.architectures import architecture_of, decoder_layers
+from ..progress import progress
+from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .qweight import QuantScheme, QuantizedWeight, _grouped, quantize
+
+
+class AWQConfig(QuantScheme, StageConfig):
+    grid: int = Field(20, ge=1, description="scale exponents tried per group (the identity is always tried too)")
+    clip: bool = Field(True, description="search a clipping ratio per output channel and group")
+    clip_grid: int = Field(20, ge=1)
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="clip search goes down to (1 - max_shrink) of the range")
+    int8_linears: int = Field(0, ge=0, description="keep the N linears with the largest int4 output error at int8")
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward")
+
+    @model_validator(mode="after")
+    def _int8_needs_int4(self):
+        if self.int8_linears and self.bits != 4:
+            raise ValueError("int8_linears (mixed precision) applies to bits: 4 only")
+        return self
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(**{k: getattr(self, k) for k in QuantScheme.model_fields})
+
+
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of the squared output error for weight errors `delta` [..., out, in]: tr(Δ G Δᵀ)."""
+    return ((delta @ gram) * delta).sum(dim=(-2, -1))
+
+
+def _effective(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Q(W·s)/s for a batch of candidate scales [k, in] → [k, out, in]."""
+    k, (out, cols) = scales.shape[0], weight.shape
+    scaled = (weight.unsqueeze(0) * scales.unsqueeze(1)).reshape(k * out, cols)
+    return quantize(scaled, scheme).dequantize().reshape(k, out, cols) / scales.unsqueeze(1)
+
+
+def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, scheme: QuantScheme,
+                  grid: int, chunk: int = 4) -> tuple[torch.Tensor, float, float]:
+    """Best per-input-channel scales for the concatenated group weight [out, in].
+
+    Returns (scales, chosen α or -1 for the identity, relative error reduction against the identity).
+    """
+    group = scheme.group_size or weight.shape[1]
+    g = _grouped(weight.abs(), group)
+    w_mean = (g / (g.amax(dim=2, keepdim=True) + 1e-6)).reshape(weight.shape[0], -1)[:, : weight.shape[1]].mean(0)
+    alphas = [i / grid for i in range(grid)]
+    candidates = [torch.ones_like(x_mean)]
+    for a in alphas:
+        s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
+        candidates.append(s / (s.max() * s.min()).sqrt())
+    candidates = torch.stack(candidates)
+    errors = []
+    gram = gram.float()
+    for start in range(0, len(candidates), chunk):
+        part = candidates[start : start + chunk]
+        errors.append(output_error(weight.unsqueeze(0) - _effective(weight, part, scheme), gram))
+    errors = torch.cat(errors)
+    best = int(errors.argmin())
+    alpha = -1.0 if best == 0 else alphas[best - 1]
+    gain = 1 - (errors[best] / errors[0]).item() if errors[0] > 0 else 0.0
+    return candidates[best], alpha, gain
+
+
+def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
+                max_shrink: float) -> torch.Tensor:
+    """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups]."""
+    out, cols = weight.shape
+    group = scheme.group_size or cols
+    n_groups = math.ceil(cols / group)
+    pad = n_groups * group - cols
+    # diagonal blocks of G, zero-padded so the padded columns add nothing
+    gram = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad))
+    blocks = torch.stack([gram[i * group : (i + 1) * group, i * group : (i + 1) * group] for i in range(n_groups)])
+    ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
+    best_err = torch.full((out, n_groups), float("inf"))
+    best = torch.ones(out, n_groups)
+    for r in ratios:
+        delta = weight - quantize(weight, scheme, clip=torch.full((out, n_groups), r)).dequantize()
+        d = torch.nn.functional.pad(delta, (0, pad)).reshape(out, n_groups, group)
+        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
+def _fold(prev: torch.nn.Module, linears: list[torch.nn.Linear], scales: torch.Tensor) -> None:
+    """prev's output ÷ s, the linears' input columns × s: the float function is unchanged."""
+    with torch.no_grad():
+        if isinstance(prev, torch.nn.Linear):
+            prev.weight.div_(scales.unsqueeze(1))
+            if prev.bias is not None:
+                prev.bias.div_(scales)
+        else:  # an RMSNorm-style weight
+            prev.weight.div_(scales)
+        for linear in linears:
+            linear.weight.mul_(scales.unsqueeze(0))
+
+
+def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch, config: AWQConfig,
+              scheme: QuantScheme) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Scale, clip and quantize one decoder layer in place; return its quantized weights and a summary."""
+    grams = {name: stats.gram[name] for name in stats.gram}
+    alphas, gains, skipped = [], [], []
+    for group in arch.scaling_groups:
+        prev = layer.get_submodule(group.prev)
+        linears = [layer.get_submodule(n) for n in group.linears]
+        cols = linears[0].weight.shape[1]
+        prev_out = prev.weight.shape[0]
+        if prev_out != cols:  # e.g. v_proj → o_proj with grouped-query attention
+            skipped.append(f"{group.prev}→{','.join(group.linears)}")
+            continue
+        first = group.linears[0]
+        weight = torch.cat([l.weight.detach() for l in linears])
+        scales, alpha, gain = search_scales(weight, grams[first], stats.mean_abs(first), scheme, config.grid)
+        _fold(prev, linears, scales)
+        for name in group.linears:  # inputs of these linears are now x / s
+            grams[name] = grams[first] / scales.double().outer(scales.double())
+        alphas.append(alpha)
+        gains.append(gain)
+
+    qweights, errors = {}, {}
+    for name in arch.linears:
+        linear = layer.get_submodule(name)
+        weight = linear.weight.detach()
+        clip = None
+        if config.clip and not name.endswith(("q_proj", "k_proj")):
+            clip = search_clip(weight, grams[name], scheme, config.clip_grid, config.max_shrink)
+        q = quantize(weight, scheme, clip)
+        qweights[f"{prefix}.{name}"] = q
+        reference = output_error(weight, grams[name].float()).item()
+        errors[f"{prefix}.{name}"] = output_error(weight - q.dequantize(), grams[name].float()).item() / max(reference, 1e-30)
+    return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors}
+
+
+@register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search")
+def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
+    data = ctx.recipe.data
+    scheme = config.scheme()
+    samples = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in data.calibration],
+                                  data.calibration_samples, data.sequence_length, ctx.recipe.seed)
+    model = state.model
+    arch = architecture_of(model)
+    inputs = first_layer_inputs(model, samples, config.batch_size)
+    qweights, alphas, gains, skipped, errors = {}, [], [], set(), {}
+    layers = decoder_layers(model)
+    for index, layer in enumerate(progress(layers, desc="awq", total=len(layers), unit="layer")):
+        stats = InputStatistics({n: layer.get_submodule(n) for n in arch.linears})
+        try:
+            outputs = run_layer(layer, inputs)  # float outputs: the next layer's inputs
+        finally:
+            stats.close()
+        layer_q, summary = awq_layer(layer, f"model.layers.{index}", stats, arch, config, scheme)
+        qweights.update(layer_q)
+        alphas += summary["alphas"]
+        gains += summary["gains"]
+        skipped.update(summary["skipped"])
+        errors.update(summary["errors"])
+        inputs = outputs
+        del stats
+
+    int8 = sorted(errors, key=errors.get, reverse=True)[: config.int8_linears]
+    for name in int8:
+        weight = model.get_submodule(name).weight.detach()
+        qweights[name] = quantize(weight, scheme.model_copy(update={"bits": 8}))
+    if not qweights:
+        raise CompressError("awq: the model has no decoder linears to quantize")
+    state.qweights = qweights
+    details = {
+        "scheme": scheme.describe() + (f", {len(int8)} linears int8" if int8 else ""),
+        "calibration_tokens": samples.numel(),
+        "scaling_groups": len(alphas),
+        "skipped_groups": sorted(skipped),
+        "mean_alpha": round(sum(a for a in alphas if a >= 0) / max(1, sum(a >= 0 for a in alphas)), 4),
+        "identity_chosen": sum(a < 0 for a in alphas),
+        "mean_error_reduction": round(sum(gains) / max(1, len(gains)), 4),
+        "int8_linears": int8,
+        "quantized_linears": len(qweights),
+    }
+    return StageOutcome(state, details=details)
