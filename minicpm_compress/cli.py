@@ -127,22 +127,61 @@ def run(recipe_path: Path, out: Path | None, overwrite: bool):
     _run(load_recipe(recipe_path), out, overwrite)
 
 
+def _scheme_options(command):
+    options = [
+        click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True),
+        click.option("--group-size", default="128", show_default=True, help="input columns per scale, or 'channel'"),
+        click.option("--zero-point/--symmetric", default=True, show_default=True,
+                     help="asymmetric with zero points, or symmetric"),
+        click.option("--float-zero", is_flag=True, help="store zero points as float offsets (GGUF Q4_1 style)"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _scheme_settings(options: dict) -> dict:
+    group = options.pop("group_size")
+    return {
+        "bits": int(options.pop("bits")),
+        "symmetric": not options.pop("zero_point"),
+        "zero_point": "float" if options.pop("float_zero") else "int",
+        "group_size": None if group in ("channel", "none", "0") else _int(group, "--group-size"),
+    }
+
+
 @main.command()
 @_model_options
-@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
-@click.option("--group-size", default="128", show_default=True, help="input columns per scale, or 'channel'")
-@click.option("--symmetric/--asymmetric", default=False, show_default=True)
-@click.option("--zero-point", type=click.Choice(["int", "float"]), default="int", show_default=True,
-              help="asymmetric zero points: integers, or float offsets (GGUF Q4_1 style)")
+@_scheme_options
 @_reports_errors
-def rtn(bits, group_size, symmetric, zero_point, **options):
+def rtn(**options):
     """Round-to-nearest weight quantization."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "symmetric": symmetric, "zero_point": zero_point,
-                "group_size": None if group_size in ("channel", "none", "0") else _int(group_size, "--group-size")}
-    recipe = build_recipe(**_recipe_fields("rtn", "rtn", settings, options))
-    _run(recipe, options["out"], options["overwrite"])
+    settings = _scheme_settings(options)
+    _run(build_recipe(**_recipe_fields("rtn", "rtn", settings, options)), options["out"], options["overwrite"])
+
+
+@main.command()
+@_model_options
+@_scheme_options
+@click.option("--calibration", multiple=True, help="calibration text set or .txt/.jsonl file (repeatable)")
+@click.option("--calibration-samples", type=int, default=None, help="samples of 512 tokens (default 128)")
+@click.option("--int8-linears", type=int, default=0, show_default=True,
+              help="keep the N most sensitive linears at int8")
+@click.option("--no-clip", is_flag=True, help="skip the clipping search")
+@_reports_errors
+def awq(calibration, calibration_samples, int8_linears, no_clip, **options):
+    """Activation-aware weight quantization (scale search, clip search) on calibration text."""
+    from .recipe import build_recipe
+
+    settings = {**_scheme_settings(options), "int8_linears": int8_linears, "clip": not no_clip}
+    fields = _recipe_fields("awq", "awq", settings, options)
+    if calibration:
+        fields["data"]["calibration"] = list(calibration)
+    if calibration_samples is not None:
+        fields["data"]["calibration_samples"] = calibration_samples
+    _run(build_recipe(**fields), options["out"], options["overwrite"])
 
 
 @main.command("eval")

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 REPORT_NAME = "report.md"
 
 
-def _artifact(root: Path, path: Path, fmt: str, bits: int | None) -> dict:
+def artifact_entry(root: Path, path: Path, fmt: str, bits: int | None) -> dict:
+    """A manifest entry for a file written under the output folder `root`."""
     return {
         "path": path.relative_to(root).as_posix(),
         "format": fmt,
@@ -42,13 +43,13 @@ def write_model(state: "ModelState", root: Path) -> list[dict]:
     artifacts = []
     for path in sorted((root / MODEL_SUBDIR).iterdir()):
         if path.name == WEIGHTS_NAME:
-            artifacts.append(_artifact(root, path, "safetensors float32 checkpoint", 32))
+            artifacts.append(artifact_entry(root, path, "safetensors float32 checkpoint", 32))
         else:
-            artifacts.append(_artifact(root, path, "checkpoint metadata", None))
+            artifacts.append(artifact_entry(root, path, "checkpoint metadata", None))
     if state.qweights:
         save_qweights(state.qweights, root / QWEIGHTS_NAME)
         bits = sorted({q.scheme.bits for q in state.qweights.values()})
-        artifacts.append(_artifact(root, root / QWEIGHTS_NAME,
+        artifacts.append(artifact_entry(root, root / QWEIGHTS_NAME,
                                    "minicpm-compress quantized weights (codes unpacked, one per byte)", max(bits)))
     return artifacts
 
@@ -91,7 +92,8 @@ def build_manifest(record: "RunRecord", artifacts: list[dict]) -> dict:
 def write_outputs(record: "RunRecord", state: "ModelState | None", root: Path) -> dict:
     from .report import render_report
 
-    artifacts = write_model(state, root) if state is not None else []
+    artifacts = [a for s in record.stages for a in s.artifacts]
+    artifacts += write_model(state, root) if state is not None else []
     manifest = build_manifest(record, artifacts)
     atomic.write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     atomic.write_text(root / REPORT_NAME, render_report(manifest))

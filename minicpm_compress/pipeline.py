@@ -28,6 +28,7 @@ class StageRecord:
     gate: dict | None
     failures: list[str]
     wall_s: float
+    artifacts: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool | None:
@@ -50,10 +51,10 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
     """Run `recipe`, writing `out` atomically; raise GateFailure (after writing the record) if a gate fails."""
     torch.manual_seed(recipe.seed)
     record = RunRecord(recipe)
-    ctx = RunContext(recipe)
     state = None
     transformed = False
     with atomic.staged_dir(Path(out), overwrite=overwrite) as tmp:
+        ctx = RunContext(recipe, out_dir=tmp)
         for index, (name, config) in enumerate(recipe.stage_list()):
             stage = STAGES[name]
             start = time.perf_counter()
@@ -64,7 +65,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
             stage_record = StageRecord(
                 index, name, config.model_dump(mode="json", exclude={"gate"}), outcome.details, metrics,
                 gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
-                time.perf_counter() - start,
+                time.perf_counter() - start, outcome.artifacts,
             )
             record.stages.append(stage_record)
             on_stage(stage_record)

@@ -128,23 +128,37 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
     model.float()
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """Write config.json, model.safetensors (tied weights stored once) and the tokenizer files."""
+def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: dict[str, torch.Tensor] | None = None,
+                    config_updates: dict | None = None) -> None:
+    """Write config.json, model.safetensors and the tokenizer files.
+
+    By default the weights are the model's float32 state dict with tied weights stored once; exporters
+    pass their own `tensors` (and `config_updates`, e.g. a quantization_config).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     for key in ("transformers_version", "_name_or_path", "quantization_config", "auto_map"):
         config.pop(key, None)
     config["dtype"] = "float32"
+    config.update(config_updates or {})
     atomic.write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tensors is None:
+        state = untied_state_dict(model)
+        tensors = {k: v.detach().to(torch.float32) for k, v in state.items()}
+    tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
+    atomic.save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied copies (e.g. lm_head.weight = embeddings) left out."""
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         for key in getattr(model, "_tied_weights_keys", None) or {}:
             state.pop(key, None)
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in sorted(state.items())}
-    atomic.save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
+    return state
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from ..evaluate.gate import Gate
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..evaluate.evaluator import Evaluator
     from ..evaluate.metrics import Metrics
     from ..recipe import Recipe
@@ -35,6 +37,7 @@ class StageConfig(BaseModel):
 @dataclass
 class RunContext:
     recipe: "Recipe"
+    out_dir: "Path | None" = None  # the (staging) output folder exporters write their artifacts into
     evaluator: "Evaluator | None" = None  # set by the load stage
     reference_model: Any = None  # the full-precision reference, kept for stages that re-measure
 
@@ -44,6 +47,7 @@ class StageOutcome:
     state: "ModelState"
     metrics: "Metrics | None" = None  # None: the pipeline measures `state` with the recipe's evaluator
     details: dict = field(default_factory=dict)  # what the stage did, for the manifest and report
+    artifacts: list[dict] = field(default_factory=list)  # files written into the output folder (manifest entries)
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,4 @@ def register_stage(name: str, config_class: type[StageConfig], summary: str, tra
 # Built-in stages register themselves on import.
 from . import load, evaluate  # noqa: E402,F401
 from ..quant import awq, rtn  # noqa: E402,F401
+from ..export import hf_awq  # noqa: E402,F401
