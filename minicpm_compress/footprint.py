@@ -16,6 +16,12 @@ def quantized_bytes(q: QuantizedWeight) -> int:
     return int(q.codes.numel() * q.scheme.bits / 8 + groups * 2 + zeros)
 
 
+def kv_cache_bytes(config, context: int = DEFAULT_CONTEXT) -> int:
+    """Keys and values of every layer for `context` tokens, in float16."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * 2
+
+
 def memory_estimate(model: torch.nn.Module, qweights: dict[str, QuantizedWeight],
                     context: int = DEFAULT_CONTEXT) -> dict:
     """Bytes of weights (quantized linears as stored, everything else float16) and of a float16 KV cache."""
@@ -26,9 +32,7 @@ def memory_estimate(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]
             seen.add(id(p))
             other += p.numel() * 2
     weights = sum(quantized_bytes(q) for q in qweights.values()) + other
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * context * 2
+    kv = kv_cache_bytes(model.config, context)
     return {
         "weights_bytes": weights,
         "kv_cache_bytes": kv,

@@ -7,6 +7,8 @@ STAGE_HEADER = ["#", "stage", "settings", "ppl", "Δppl", "KLD", "top-1", "gate"
 
 def _settings(stage: dict) -> str:
     details = stage["details"]
+    if "summary" in details:
+        return details["summary"]
     if "scheme" in details:
         return details["scheme"]
     if stage["name"] == "load":

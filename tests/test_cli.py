@@ -26,16 +26,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     """int4 RTN costs real perplexity on the pretrained MiniCPM-architecture model, int8 does not, AWQ
-    takes back part of int4's loss, and the exported AWQ checkpoint measures like the gated model."""
+    takes back part of int4's loss, and the exported AWQ checkpoint and GGUF files measure like the
+    gated model in their runtimes."""
     result = _run("run", "recipes/ci.yaml", "--out", tmp_path / "ci")
     assert result.exit_code == 0, result.stderr
     assert "awq" in result.stdout and "status: PASSED" in result.stdout
     stages = json.loads((tmp_path / "ci/manifest.json").read_text())["stages"]
-    int8, int4, awq, exported, zh = (s["metrics"] for s in stages[1:])
+    int8, int4, awq, exported, q4_0, q8_0, zh = (s["metrics"] for s in stages[1:])
     assert abs(int8["ppl_increase"]) < 0.02 and int8["top1"] > 0.9
     assert int4["ppl_increase"] > 0.05 and int4["kld"] > 10 * int8["kld"]
     assert awq["kld"] < int4["kld"] and awq["ppl_increase"] < int4["ppl_increase"]
     assert abs(exported["ppl"] - awq["ppl"]) / awq["ppl"] < 0.005
+    # GGUF, measured in llama.cpp: Q4_0 holds the AWQ codes themselves, Q8_0 is requantized from float
+    assert stages[5]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
+    assert abs(q4_0["ppl"] - awq["ppl"]) / awq["ppl"] < 0.02 and q4_0["kld"] < 1.1 * awq["kld"]
+    assert q8_0["ppl_increase"] < 0.02 and stages[6]["details"]["tensors"]["requantized"] == 210
     assert zh["tokens"] == 1022 and zh["ref_ppl"] != stages[0]["metrics"]["ref_ppl"]
 
 

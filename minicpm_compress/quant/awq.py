@@ -34,7 +34,7 @@ from ..layerwise import InputStatistics, first_layer_inputs, run_layer
 from ..models.architectures import architecture_of, decoder_layers
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
-from .qweight import QuantScheme, QuantizedWeight, _grouped, quantize
+from .qweight import QuantScheme, QuantizedWeight, group_view, quantize
 
 
 class AWQConfig(QuantScheme, StageConfig):
@@ -50,9 +50,6 @@ class AWQConfig(QuantScheme, StageConfig):
         if self.int8_linears and self.bits != 4:
             raise ValueError("int8_linears (mixed precision) applies to bits: 4 only")
         return self
-
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(**{k: getattr(self, k) for k in QuantScheme.model_fields})
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -74,7 +71,7 @@ def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor
     Returns (scales, chosen α or -1 for the identity, relative error reduction against the identity).
     """
     group = scheme.group_size or weight.shape[1]
-    g = _grouped(weight.abs(), group)
+    g = group_view(weight.abs(), group)
     w_mean = (g / (g.amax(dim=2, keepdim=True) + 1e-6)).reshape(weight.shape[0], -1)[:, : weight.shape[1]].mean(0)
     alphas = [i / grid for i in range(grid)]
     candidates = [torch.ones_like(x_mean)]

@@ -49,6 +49,10 @@ class QuantScheme(BaseModel):
             raise ValueError("group_size must be a multiple of 8 (e.g. 32, 64, 128) or null for per-channel")
         return self
 
+    def scheme(self) -> "QuantScheme":
+        """Just the scheme, without the fields a subclass (a stage config) adds."""
+        return QuantScheme(**{k: getattr(self, k) for k in QuantScheme.model_fields})
+
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float-zero")
@@ -84,7 +88,7 @@ class QuantizedWeight:
         return (codes - zeros) * scales
 
 
-def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
     """[out, n_groups, group] view of w, the last group padded by repeating its last column."""
     out, cols = w.shape
     pad = -cols % group
@@ -107,7 +111,7 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     group = scheme.group_size or w.shape[1]
-    g = _grouped(w, group)
+    g = group_view(w, group)
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
     if scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1

@@ -11,9 +11,6 @@ from .qweight import QuantScheme, quantize
 class RTNConfig(QuantScheme, StageConfig):
     """A quantization scheme (bits, group_size, symmetric, zero_point) and a gate."""
 
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(**{k: getattr(self, k) for k in QuantScheme.model_fields})
-
 
 @register_stage("rtn", RTNConfig, "round-to-nearest weight quantization of every decoder linear")
 def apply_rtn(config: RTNConfig, state, ctx: RunContext) -> StageOutcome:

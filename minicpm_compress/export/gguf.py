@@ -1,0 +1,285 @@
+"""The `gguf` export: a llama.cpp file, measured in llama.cpp itself.
+
+Architectures: `llama` for Llama/Mistral-shaped models, `minicpm` for MiniCPM (with the three muP keys
+`minicpm.embedding_scale`, `.residual_scale`, `.logit_scale`; without them llama.cpp silently applies a
+wrong default). Tied embeddings are written once (no `output.weight`); q/k rows are permuted the way
+llama.cpp's rope expects; the tokenizer (byte-level BPE) and chat template go into the metadata.
+
+How each decoder linear gets into the file, recorded in the manifest:
+  * lossless: our quantized weights already have the type's layout (Q8_0 = int8 symmetric group 32,
+    Q4_0 = int4 symmetric group 32, Q4_1 = int4 group 32 with float offsets); their codes and float16
+    scales are packed into the blocks as they are, so the file holds exactly what the gate measured;
+  * requantized: other layouts; the float weights (AWQ-scaled when AWQ ran) are quantized by gguf-py
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or, for K-quants and IQ4_NL, by llama.cpp's own quantizer.
+Token embeddings are stored as Q8_0 in quantized files, norms in F32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from ..errors import CompressError
+from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
+from ..manifest import artifact_entry
+from ..models.checkpoint import untied_state_dict
+from ..quant.qweight import QuantizedWeight, QuantScheme
+from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+
+# types gguf-py quantizes in numpy
+NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# types made by llama.cpp's quantizer (llama_model_quantize), by their llama_ftype constant's suffix
+LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL")
+# our quantized layouts that a type holds exactly
+LOSSLESS = {
+    "Q8_0": QuantScheme(bits=8, group_size=32, symmetric=True),
+    "Q4_0": QuantScheme(bits=4, group_size=32, symmetric=True),
+    "Q4_1": QuantScheme(bits=4, group_size=32, symmetric=False, zero_point="float"),
+}
+# pre-tokenizer settings of byte-level BPE tokenizers → llama.cpp's `tokenizer.ggml.pre`
+KNOWN_PRE_TOKENIZERS = {
+    json.dumps({"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": True},
+               sort_keys=True): "gpt-2",
+}
+
+
+def _ggml_type(name: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[name]
+
+
+def pack_lossless(q: QuantizedWeight, type_name: str) -> np.ndarray:
+    """Our codes and scales as GGUF blocks of 32 → uint8 [rows, blocks × bytes per block]."""
+    rows, cols = q.shape
+    blocks = cols // 32
+    d = q.scales.to(torch.float16).numpy().view(np.uint8).reshape(rows, blocks, 2)
+    codes = q.codes.numpy().reshape(rows, blocks, 32)
+    if type_name == "Q8_0":
+        parts = [d, codes.astype(np.int8).view(np.uint8)]
+    else:
+        nib = (codes.astype(np.int16) + (8 if q.scheme.symmetric else 0)).astype(np.uint8)
+        packed = nib[:, :, :16] | (nib[:, :, 16:] << 4)
+        parts = [d, packed] if type_name == "Q4_0" else [
+            d, q.zeros.to(torch.float16).numpy().view(np.uint8).reshape(rows, blocks, 2), packed]
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
+
+
+def is_lossless(q: QuantizedWeight, type_name: str) -> bool:
+    scheme = LOSSLESS.get(type_name)
+    return scheme is not None and q.scheme == scheme and q.shape[1] % 32 == 0
+
+
+def rope_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp expects for q/k weights: per head, interleave the two rotary halves."""
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def _permute_rows(q: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(q.codes[index], q.scales[index], None if q.zeros is None else q.zeros[index], q.scheme)
+
+
+def _tokenizer_metadata(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise CompressError(f"gguf: tokenizer model '{model.get('type')}' is not supported yet (byte-level BPE only)")
+    if pre is None:
+        key = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
+        pre = KNOWN_PRE_TOKENIZERS.get(key)
+        if pre is None:
+            raise CompressError(
+                "gguf: unknown pre-tokenizer; set the gguf stage's tokenizer_pre to llama.cpp's name for it "
+                f"(pre_tokenizer: {key[:120]})"
+            )
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in model["vocab"].items():
+        if i < vocab_size:
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, value in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if value is not None:
+            setter(value)
+    probe = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = None) -> dict:
+    """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES); return how tensors were stored."""
+    import gguf
+
+    from ..models.minicpm import mup_scales
+
+    c = state.model.config
+    if c.model_type not in ("llama", "mistral", "minicpm"):
+        raise CompressError(f"gguf: model_type '{c.model_type}' is not supported yet (llama, mistral, minicpm)")
+    arch = "minicpm" if c.model_type == "minicpm" else "llama"
+    arch_id = gguf.MODEL_ARCH.MINICPM if arch == "minicpm" else gguf.MODEL_ARCH.LLAMA
+    names = gguf.get_tensor_name_map(arch_id, c.num_hidden_layers)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(c.model_type)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if file_type == "F32" else f"MOSTLY_{file_type}"))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if arch == "minicpm":
+        embedding, residual, divisor = mup_scales(c)
+        writer.add_embedding_scale(embedding)
+        writer.add_residual_scale(residual)
+        writer.add_logit_scale(divisor)
+    _tokenizer_metadata(writer, state.tokenizer, c.vocab_size, tokenizer_pre)
+
+    paths = {"lossless": 0, "requantized": 0, "float": 0}
+    quantized_type = file_type not in ("F32", "F16")
+    for key, tensor in untied_state_dict(state.model).items():
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise CompressError(f"gguf: no GGUF name for tensor '{key}'")
+        linear = key.removesuffix(".weight")
+        heads = c.num_attention_heads if key.endswith("q_proj.weight") else (
+            c.num_key_value_heads if key.endswith("k_proj.weight") else None)
+        index = rope_permutation(tensor.shape[0], heads) if heads else None
+        q = state.qweights.get(linear)
+        if q is not None and is_lossless(q, file_type):
+            writer.add_tensor(gguf_name, pack_lossless(_permute_rows(q, index) if heads else q, file_type),
+                              raw_dtype=_ggml_type(file_type))
+            paths["lossless"] += 1
+            continue
+        data = tensor.detach().to(torch.float32)
+        data = data[index] if heads else data
+        array = data.numpy()
+        if tensor.dim() == 1:
+            writer.add_tensor(gguf_name, array)  # norms stay F32
+            continue
+        is_linear = linear in state.qweights or key.endswith("_proj.weight")
+        target = file_type if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
+        if is_linear:
+            paths["requantized" if quantized_type else "float"] += 1
+        if target == "F32":
+            writer.add_tensor(gguf_name, array)
+        elif target == "F16":
+            writer.add_tensor(gguf_name, array.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, _ggml_type(target)), raw_dtype=_ggml_type(target))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return paths
+
+
+def llama_cpp_quantize(source: Path, target: Path, type_name: str) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CompressError(f"gguf: type {type_name} needs llama-cpp-python (installed by `make install`)") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise CompressError(f"gguf: llama.cpp could not quantize {source.name} to {type_name}")
+
+
+class LlamaCppRunner:
+    """Next-token logits from llama.cpp (llama-cpp-python), one window at a time."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, window: int):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise CompressError("gguf: verification needs llama-cpp-python (installed by `make install`)") from None
+        self.llm = Llama(model_path=str(path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
+                         n_threads=os.cpu_count() or 1, verbose=False, seed=0)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in input_ids.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            rows.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return torch.stack(rows)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class GGUFConfig(StageConfig):
+    type: str = Field("Q4_0", description=f"one of {', '.join(NUMPY_TYPES + LLAMA_CPP_TYPES)}")
+    file: str | None = Field(None, description="file name in the output folder (default model-TYPE.gguf)")
+    tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name, if not recognised")
+    context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str):
+        if value not in NUMPY_TYPES + LLAMA_CPP_TYPES:
+            raise ValueError(f"unknown GGUF type '{value}' (known: {', '.join(NUMPY_TYPES + LLAMA_CPP_TYPES)})")
+        return value
+
+
+@register_stage("gguf", GGUFConfig, "export a llama.cpp GGUF file and measure it in llama.cpp", transforms=False)
+def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
+    path = ctx.out_dir / (config.file or f"model-{config.type}.gguf")
+    if config.type in LLAMA_CPP_TYPES:
+        base = ctx.out_dir / f".{path.name}.f32"
+        paths = write_gguf(state, base, "F32", config.tokenizer_pre)
+        llama_cpp_quantize(base, path, config.type)
+        base.unlink()
+        paths = {"llama.cpp quantizer": paths["float"]}
+    else:
+        paths = write_gguf(state, path, config.type, config.tokenizer_pre)
+    runner = LlamaCppRunner(path, ctx.recipe.data.eval_window)
+    try:
+        metrics = ctx.evaluator.measure(runner, desc=f"evaluate gguf {config.type} in llama.cpp")
+    finally:
+        runner.close()
+    size = path.stat().st_size
+    params = sum(p.numel() for p in untied_state_dict(state.model).values())
+    kv = kv_cache_bytes(state.model.config, config.context)
+    copied = paths.get("lossless", 0)
+    details = {
+        "summary": f"{path.name}, {size * 8 / params:.2f} bits/weight" + (f", {copied} linears copied" if copied else ""),
+        "type": config.type,
+        "file": path.name,
+        "tensors": paths,
+        "bits_per_weight": round(size * 8 / params, 3),
+        "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,
+                         "total_bytes": size + kv},
+        "measured": "in llama.cpp (llama-cpp-python)",
+    }
+    bits = {"F32": 32, "F16": 16}.get(config.type, 8 if config.type.startswith("Q8") else 4)
+    return StageOutcome(state, metrics, details, [artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", bits)])
