@@ -184,6 +184,36 @@ def awq(calibration, calibration_samples, int8_linears, no_clip, **options):
     _run(build_recipe(**fields), options["out"], options["overwrite"])
 
 
+@main.group()
+def export():
+    """Write deployable artifacts (each measured in its own runtime) from a model or output folder."""
+
+
+@export.command("gguf")
+@_model_options
+@click.option("--type", "type_", default="Q4_0", show_default=True,
+              help="Q4_0, Q4_1, Q8_0, F16, F32, Q5_0, Q5_1, or a llama.cpp type (Q4_K_M, Q6_K, IQ4_NL, ...)")
+@click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if not recognised")
+@_reports_errors
+def export_gguf(type_, tokenizer_pre, **options):
+    """A llama.cpp GGUF file (OUT/model-TYPE.gguf), measured in llama.cpp."""
+    from .recipe import build_recipe
+
+    settings = {"type": type_, **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {})}
+    recipe = build_recipe(**_recipe_fields(f"gguf-{type_}", "gguf", settings, options))
+    _run(recipe, options["out"], options["overwrite"])
+
+
+@export.command("hf-awq")
+@_model_options
+@_reports_errors
+def export_hf_awq(**options):
+    """A Hugging Face AWQ (GEMM) checkpoint (OUT/hf-awq/), read back and measured."""
+    from .recipe import build_recipe
+
+    _run(build_recipe(**_recipe_fields("hf-awq", "hf_awq", {}, options)), options["out"], options["overwrite"])
+
+
 @main.command("eval")
 @_model_options
 @_reports_errors

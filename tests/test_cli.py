@@ -51,3 +51,21 @@ def test_rtn_command_writes_a_composable_folder(tmp_path, tiny_checkpoint):
     assert result.exit_code == 0, result.stderr
     assert (out / "model/config.json").is_file() and (out / "quantized.safetensors").is_file()
     assert "int4 g32 asym" in result.stdout
+
+
+def test_export_gguf_from_an_output_folder(tmp_path, tiny_checkpoint):
+    source = tiny_checkpoint("llama")
+    assert _run("rtn", "--model", source, "--bits", "4", "--group-size", "32", "--symmetric",
+                "--eval-tokens", "512", "--out", tmp_path / "q").exit_code == 0
+    result = _run("export", "gguf", "--model", tmp_path / "q", "--type", "Q4_0", "--eval-tokens", "512",
+                  "--out", tmp_path / "g")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "g/manifest.json").read_text())
+    export = manifest["stages"][1]
+    assert export["details"]["tensors"] == {"lossless": 14, "requantized": 0, "float": 0}
+    assert manifest["reference"] == str(source.resolve())
+    # measured in llama.cpp against the float original: the int4 loss, not more
+    quantized = json.loads((tmp_path / "q/manifest.json").read_text())["stages"][1]["metrics"]
+    assert abs(export["metrics"]["kld"] - quantized["kld"]) < 0.25 * quantized["kld"] + 1e-3
+    [artifact] = manifest["artifacts"]
+    assert artifact["path"] == "model-Q4_0.gguf" and (tmp_path / "g/model-Q4_0.gguf").stat().st_size == artifact["bytes"]
