@@ -13,7 +13,7 @@ from . import atomic
 from .errors import GateFailure
 from .evaluate.metrics import Metrics
 from .footprint import memory_estimate
-from .manifest import build_manifest, write_outputs
+from .manifest import write_outputs
 from .recipe import Recipe
 from .stages import STAGES, RunContext
 
@@ -80,5 +80,3 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
         raise GateFailure(f"gate failed after stage {s.index} '{s.name}': {'; '.join(s.failures)}")
     return record
 
-
-__all__ = ["run_recipe", "RunRecord", "StageRecord", "build_manifest"]

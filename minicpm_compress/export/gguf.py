@@ -3,7 +3,8 @@
 Architectures: `llama` for Llama/Mistral-shaped models, `minicpm` for MiniCPM (with the three muP keys
 `minicpm.embedding_scale`, `.residual_scale`, `.logit_scale`; without them llama.cpp silently applies a
 wrong default). Tied embeddings are written once (no `output.weight`); q/k rows are permuted the way
-llama.cpp's rope expects; the tokenizer (byte-level BPE) and chat template go into the metadata.
+llama.cpp's rope expects; the tokenizer (byte-level BPE from tokenizer.json, or SentencePiece from
+tokenizer.model as MiniCPM's own tokenizers use) and the chat template go into the metadata.
 
 How each decoder linear gets into the file, recorded in the manifest:
   * lossless: our quantized weights already have the type's layout (Q8_0 = int8 symmetric group 32,
@@ -17,7 +18,6 @@ Token embeddings are stored as Q8_0 in quantized files, norms in F32.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -85,13 +85,15 @@ def _permute_rows(q: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(q.codes[index], q.scales[index], None if q.zeros is None else q.zeros[index], q.scheme)
 
 
-def _tokenizer_metadata(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
+def _bpe_vocabulary(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """Byte-level BPE (tokenizer.json): tokens, types and merges; model `gpt2` with an explicit pre-tokenizer."""
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise CompressError(f"gguf: tokenizer model '{model.get('type')}' is not supported yet (byte-level BPE only)")
+        raise CompressError(f"gguf: tokenizer model '{model.get('type')}' is not supported (byte-level BPE or "
+                            "SentencePiece with tokenizer.model)")
     if pre is None:
         key = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
         pre = KNOWN_PRE_TOKENIZERS.get(key)
@@ -109,12 +111,41 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, pre: str | None) -> 
         if added["id"] < vocab_size:
             tokens[added["id"]] = added["content"]
             types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])])
+
+
+def _sentencepiece_vocabulary(writer, folder: Path, vocab_size: int) -> None:
+    """SentencePiece (tokenizer.model, as MiniCPM's own tokenizers): pieces, scores and types; model `llama`."""
+    import gguf
+    from gguf.vocab import SentencePieceVocab
+
+    tokens, scores, types = [], [], []
+    for text, score, kind in SentencePieceVocab(folder).all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) > vocab_size:
+        raise CompressError(f"gguf: {folder / 'tokenizer.model'} has {len(tokens)} pieces, more than vocab_size {vocab_size}")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+def _tokenizer_metadata(writer, tokenizer, folder: Path | None, vocab_size: int, pre: str | None) -> None:
+    if folder is not None and (Path(folder) / "tokenizer.model").is_file():
+        _sentencepiece_vocabulary(writer, Path(folder), vocab_size)
+    else:
+        _bpe_vocabulary(writer, tokenizer, vocab_size, pre)
     for setter, value in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
                           (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if value is not None:
@@ -159,7 +190,7 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         writer.add_embedding_scale(embedding)
         writer.add_residual_scale(residual)
         writer.add_logit_scale(divisor)
-    _tokenizer_metadata(writer, state.tokenizer, c.vocab_size, tokenizer_pre)
+    _tokenizer_metadata(writer, state.tokenizer, state.source.checkpoint, c.vocab_size, tokenizer_pre)
 
     paths = {"lossless": 0, "requantized": 0, "float": 0}
     quantized_type = file_type not in ("F32", "F16")

@@ -150,6 +150,10 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: di
     atomic.save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+        # transformers 5 does not write a SentencePiece model back; exporters (GGUF) need it
+        spm = Path(getattr(tokenizer, "vocab_file", None) or "")
+        if spm.suffix == ".model" and spm.is_file() and not (folder / "tokenizer.model").is_file():
+            atomic.write_bytes(folder / "tokenizer.model", spm.read_bytes())
 
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -140,3 +139,45 @@ def test_tokenizer_round_trip_matches_hugging_face(tmp_path, real_state):
     ours = llm.tokenize(text.encode(), add_bos=False, special=True)
     llm.close()
     assert ours == hf
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_minicpm(tmp_path_factory):
+    """A tiny MiniCPM with a SentencePiece tokenizer (trained here on the calibration text, deterministic)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    from minicpm_compress.data.textsets import read_documents
+    from minicpm_compress.models.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("spm")
+    model_file = io.BytesIO()
+    docs = read_documents("austen-calib")[:3000] + read_documents("zh-calib")[:500]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_writer=model_file, vocab_size=2000, model_type="bpe", byte_fallback=True,
+        num_threads=1, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, split_digits=True, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
+    save_checkpoint(tiny_model("minicpm", vocab_size=2000), tokenizer, folder / "model")
+    model, tokenizer = load_checkpoint(folder / "model")
+    return ModelState(model, tokenizer, ModelSource("spm", folder / "model", "spm"))
+
+
+def test_sentencepiece_minicpm_tokenizes_and_computes_like_torch_in_llama_cpp(tmp_path, sentencepiece_minicpm):
+    from llama_cpp import Llama
+
+    state = sentencepiece_minicpm
+    write_gguf(state, tmp_path / "spm.gguf", "F32")
+    _, fields = _fields(tmp_path / "spm.gguf")
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    llm = Llama(model_path=str(tmp_path / "spm.gguf"), n_ctx=128, logits_all=True, verbose=False)
+    text = "It is a truth universally acknowledged, that a single man 床前明月光 in 1811."
+    ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False) == ids
+    llm.eval(ids)
+    ours = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    llm.close()
+    theirs = _torch_logits(state.model, torch.tensor([ids]))[0]
+    assert (ours - theirs).abs().max().item() < 1e-2
