@@ -303,7 +303,8 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
     kv = kv_cache_bytes(state.model.config, config.context)
     copied = paths.get("lossless", 0)
     details = {
-        "summary": f"{path.name}, {size * 8 / params:.2f} bits/weight" + (f", {copied} linears copied" if copied else ""),
+        "summary": f"{path.name}, {size * 8 / params:.2f} bits/weight"
+                   + (f", {copied} linears copied" if copied else "") + ", in llama.cpp",
         "type": config.type,
         "file": path.name,
         "tensors": paths,

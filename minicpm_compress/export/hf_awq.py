@@ -119,6 +119,6 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     artifacts = [artifact_entry(ctx.out_dir, p, "Hugging Face AWQ checkpoint (GEMM)" if p.name == WEIGHTS_NAME
                                 else "checkpoint metadata", 4 if p.name == WEIGHTS_NAME else None)
                  for p in sorted(folder.iterdir())]
-    details = {"summary": f"{config.folder}/, int4 g{group}, codes copied", "folder": config.folder, "group_size": group, "path": "codes copied (lossless)",
+    details = {"summary": f"{config.folder}/, int4 g{group}, codes copied, read back", "folder": config.folder, "group_size": group, "path": "codes copied (lossless)",
                "symmetric_stored_as_zero_point_8": True in symmetric, "measured": "read back, dequantized in torch"}
     return StageOutcome(state, metrics, details, artifacts)

@@ -22,4 +22,5 @@ def apply_evaluate(config: EvaluateConfig, state, ctx: RunContext) -> StageOutco
     sets = config.evaluation or data.evaluation
     windows = evaluation_windows(state.tokenizer, sets, config.eval_tokens or data.eval_tokens, data.eval_window)
     evaluator = Evaluator.against(ctx.reference_model, windows, data.eval_batch_size)
-    return StageOutcome(state, evaluator.measure(state.evaluated_model()), {"evaluation": sets})
+    details = {"summary": f"on {', '.join(sets)} ({windows.numel()} tokens; own reference)", "evaluation": sets}
+    return StageOutcome(state, evaluator.measure(state.evaluated_model()), details)
