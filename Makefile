@@ -40,7 +40,7 @@ bench: install
 	mkdir -p out
 	$(BIN)/python bench/rtn_settings.py > out/bench-rtn.json
 	$(BIN)/python bench/awq.py > out/bench-awq.json
-	$(BIN)/python bench/gguf.py > out/bench-gguf.json
+	$(BIN)/python bench/gguf_int4.py > out/bench-gguf.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,7 +1,7 @@
 """GGUF int4 files measured in llama.cpp against the float model: ours (AWQ codes copied into Q4_0
 blocks) vs llama.cpp's own Q4_0 and Q4_K_M made from the F16 file of the same model. Prints JSON.
 
-    .venv/bin/python bench/gguf.py [--eval-tokens 32768] [--calibration-samples 128]
+    .venv/bin/python bench/gguf_int4.py [--eval-tokens 32768] [--calibration-samples 128]
 
 Also reports how well llama.cpp agrees with the gated torch model on our lossless file.
 """
