@@ -218,6 +218,9 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         target = file_type if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
         if is_linear:
             paths["requantized" if quantized_type else "float"] += 1
+        if target not in ("F32", "F16") and array.shape[1] % 32:
+            raise CompressError(f"gguf: '{key}' has {array.shape[1]} input columns, not a multiple of the 32-wide "
+                                f"{target} blocks; export as F16")
         if target == "F32":
             writer.add_tensor(gguf_name, array)
         elif target == "F16":
