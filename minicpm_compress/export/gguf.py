@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -316,5 +317,5 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
                          "total_bytes": size + kv},
         "measured": "in llama.cpp (llama-cpp-python)",
     }
-    bits = {"F32": 32, "F16": 16}.get(config.type, 8 if config.type.startswith("Q8") else 4)
+    bits = int(re.search(r"\d+", config.type).group())  # F32 → 32, Q5_K_M → 5, IQ4_NL → 4
     return StageOutcome(state, metrics, details, [artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", bits)])

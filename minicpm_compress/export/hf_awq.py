@@ -11,6 +11,8 @@ are ours (from rtn/awq/qat), copied, never re-quantized.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -107,7 +109,7 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     from safetensors.torch import load_file
 
     written = load_file(str(folder / WEIGHTS_NAME))
-    model = state.evaluated_model()  # a copy; every quantized and float16 tensor is replaced below
+    model = copy.deepcopy(state.model)  # every quantized and float16 tensor is replaced below
     with torch.no_grad():
         for key, param in model.named_parameters():
             name = key.removesuffix(".weight")
@@ -119,6 +121,12 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     artifacts = [artifact_entry(ctx.out_dir, p, "Hugging Face AWQ checkpoint (GEMM)" if p.name == WEIGHTS_NAME
                                 else "checkpoint metadata", 4 if p.name == WEIGHTS_NAME else None)
                  for p in sorted(folder.iterdir())]
-    details = {"summary": f"{config.folder}/, int4 g{group}, codes copied, read back", "folder": config.folder, "group_size": group, "path": "codes copied (lossless)",
-               "symmetric_stored_as_zero_point_8": True in symmetric, "measured": "read back, dequantized in torch"}
+    details = {
+        "summary": f"{config.folder}/, int4 g{group}, codes copied, read back",
+        "folder": config.folder,
+        "group_size": group,
+        "path": "codes copied (lossless)",
+        "symmetric_stored_as_zero_point_8": True in symmetric,
+        "measured": "read back, dequantized in torch",
+    }
     return StageOutcome(state, metrics, details, artifacts)
