@@ -74,18 +74,20 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def _per_column(self, t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
-
     def dequantize(self) -> torch.Tensor:
         codes = self.codes.to(torch.float32)
-        scales = self._per_column(self.scales)
+        scales = per_column(self.scales, self.group_size, codes.shape[1])
         if self.scheme.symmetric:
             return codes * scales
-        zeros = self._per_column(self.zeros.to(torch.float32))
+        zeros = per_column(self.zeros, self.group_size, codes.shape[1])
         if self.scheme.zero_point == "float":
             return codes * scales + zeros
         return (codes - zeros) * scales
+
+
+def per_column(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """Per-group values [out, n_groups] expanded to one value per weight column [out, cols], as float32."""
+    return t.to(torch.float32).repeat_interleave(group, dim=1)[:, :cols]
 
 
 def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -105,7 +107,8 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
     """Round-to-nearest quantization of `weight` [out, in] under `scheme`.
 
     `clip` ([out, n_groups] or broadcastable, values in (0, 1]) shrinks each group's range before the
-    scale is chosen; activation-aware methods search it. This is the project's only quantizer.
+    scale is chosen; activation-aware methods search it. This is the project's only quantizer: it
+    chooses scales (and zero points) from each group's range, then `encode` rounds.
     """
     w = weight.detach().to(torch.float32)
     if w.dim() != 2:
@@ -116,22 +119,70 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
     if scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
         scales = _f16((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax)
-        codes = torch.clamp(torch.round(g / scales), -qmax - 1, qmax).to(torch.int8)
         zeros = None
     else:
         qmax = 2**scheme.bits - 1
         hi, lo = g.amax(dim=2, keepdim=True) * shrink, g.amin(dim=2, keepdim=True) * shrink
         scales = _f16(((hi - lo) / qmax).clamp(min=MIN_SCALE))
         if scheme.zero_point == "int":
-            zeros = torch.clamp(torch.round(-lo / scales), 0, qmax)
-            codes = torch.clamp(torch.round(g / scales) + zeros, 0, qmax).to(torch.uint8)
-            zeros = zeros.squeeze(2).to(torch.uint8)
+            zeros = torch.clamp(torch.round(-lo / scales), 0, qmax).squeeze(2).to(torch.uint8)
         else:
-            zeros = _f16(lo)
-            codes = torch.clamp(torch.round((g - zeros) / scales), 0, qmax).to(torch.uint8)
-            zeros = zeros.squeeze(2)
-    codes = codes.reshape(w.shape[0], -1)[:, : w.shape[1]].contiguous()
-    return QuantizedWeight(codes, scales.squeeze(2).contiguous(), zeros, scheme)
+            zeros = _f16(lo).squeeze(2)
+    return encode(w, scales.squeeze(2).contiguous(), zeros, scheme)
+
+
+def code_range(scheme: QuantScheme) -> tuple[int, int]:
+    """The smallest and largest integer code of `scheme`."""
+    if scheme.symmetric:
+        return -(2 ** (scheme.bits - 1)), 2 ** (scheme.bits - 1) - 1
+    return 0, 2**scheme.bits - 1
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fake_quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  scheme: QuantScheme) -> torch.Tensor:
+    """Quantize-dequantize `weight` [out, in] with given per-group scales and zero points, differentiably.
+
+    Rounding passes gradients straight through; clamped values pass none to the weight and their
+    code to the scale (LSQ). The result equals `encode(weight, scales, zeros, scheme).dequantize()`
+    bit for bit: both evaluate the same float32 expression.
+    """
+    group, cols = scheme.group_size or weight.shape[1], weight.shape[1]
+    lo, hi = code_range(scheme)
+    s = per_column(scales, group, cols)
+    if scheme.symmetric:
+        return torch.clamp(_RoundSTE.apply(weight / s), lo, hi) * s
+    z = per_column(zeros, group, cols)
+    if scheme.zero_point == "float":
+        return torch.clamp(_RoundSTE.apply((weight - z) / s), lo, hi) * s + z
+    return (torch.clamp(_RoundSTE.apply(weight / s) + z, lo, hi) - z) * s
+
+
+def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+           scheme: QuantScheme) -> QuantizedWeight:
+    """The codes of `weight` [out, in] under given scales [out, n_groups] (and zero points)."""
+    w = weight.detach().to(torch.float32)
+    group, cols = scheme.group_size or w.shape[1], w.shape[1]
+    lo, hi = code_range(scheme)
+    s = per_column(scales, group, cols)
+    if scheme.symmetric:
+        codes = torch.clamp(torch.round(w / s), lo, hi).to(torch.int8)
+    else:
+        z = per_column(zeros, group, cols)
+        x = torch.round((w - z) / s) if scheme.zero_point == "float" else torch.round(w / s) + z
+        codes = torch.clamp(x, lo, hi).to(torch.uint8)
+    return QuantizedWeight(codes.contiguous(), scales.to(torch.float32), zeros, scheme)
 
 
 def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:

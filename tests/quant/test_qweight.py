@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from minicpm_compress.errors import CompressError
-from minicpm_compress.quant.qweight import QuantScheme, load_qweights, quantize, save_qweights
+from minicpm_compress.quant.qweight import (
+    QuantScheme, encode, fake_quantize, load_qweights, per_column, quantize, save_qweights,
+)
 
 SCHEMES = [
     QuantScheme(bits=4, group_size=128),
@@ -26,9 +28,31 @@ def test_codes_in_range_and_error_within_half_a_step(weight, scheme):
     lo, hi = (-(2 ** (scheme.bits - 1)), 2 ** (scheme.bits - 1) - 1) if scheme.symmetric else (0, 2**scheme.bits - 1)
     assert q.codes.shape == weight.shape
     assert lo <= q.codes.min() and q.codes.max() <= hi
-    step = q._per_column(q.scales)
+    step = per_column(q.scales, q.group_size, weight.shape[1])
     # rounding costs at most half a step; float16 rounding of the scale/offset adds a sliver
     assert ((q.dequantize() - weight).abs() <= step * 0.5 + 1e-3 * weight.abs().max()).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_fake_quantize_and_encode_reproduce_the_quantizer_exactly(weight, scheme):
+    q = quantize(weight, scheme, clip=torch.full((weight.shape[0], 1), 0.9))
+    again = encode(weight, q.scales, q.zeros, scheme)
+    assert torch.equal(again.codes, q.codes)
+    assert torch.equal(fake_quantize(weight, q.scales, q.zeros, scheme), q.dequantize())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:3], ids=lambda s: s.describe())
+def test_fake_quantize_passes_gradients_straight_through_and_to_the_scales(weight, scheme):
+    q = quantize(weight, scheme, clip=torch.full((weight.shape[0], 1), 0.7))  # some values clamp
+    w = weight.clone().requires_grad_(True)
+    scales = q.scales.clone().requires_grad_(True)
+    fake_quantize(w, scales, q.zeros, scheme).sum().backward()
+    lo, hi = (-(2 ** (scheme.bits - 1)), 2 ** (scheme.bits - 1) - 1) if scheme.symmetric else (0, 2**scheme.bits - 1)
+    codes = encode(weight, q.scales, q.zeros, scheme).codes.float()
+    unclamped = (codes > lo) & (codes < hi)  # a code strictly inside the range was not clamped
+    assert torch.equal(w.grad[unclamped], torch.ones_like(w.grad[unclamped]))  # straight through
+    assert (w.grad[codes == hi] == 0).any() and (w.grad == 0).sum() > 0  # clamped weights get none
+    assert scales.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
