@@ -150,6 +150,17 @@ def _scheme_settings(options: dict) -> dict:
     }
 
 
+_calibration_option = click.option(
+    "--calibration", multiple=True, help="calibration text set or .txt/.jsonl file (repeatable; default: built-in)"
+)
+
+
+def _calibrated(fields: dict, calibration: tuple[str, ...]) -> dict:
+    if calibration:
+        fields["data"]["calibration"] = list(calibration)
+    return fields
+
+
 @main.command()
 @_model_options
 @_scheme_options
@@ -165,7 +176,7 @@ def rtn(**options):
 @main.command()
 @_model_options
 @_scheme_options
-@click.option("--calibration", multiple=True, help="calibration text set or .txt/.jsonl file (repeatable)")
+@_calibration_option
 @click.option("--calibration-samples", type=int, default=None, help="samples of 512 tokens (default 128)")
 @click.option("--int8-linears", type=int, default=0, show_default=True,
               help="keep the N most sensitive linears at int8")
@@ -176,11 +187,46 @@ def awq(calibration, calibration_samples, int8_linears, no_clip, **options):
     from .recipe import build_recipe
 
     settings = {**_scheme_settings(options), "int8_linears": int8_linears, "clip": not no_clip}
-    fields = _recipe_fields("awq", "awq", settings, options)
-    if calibration:
-        fields["data"]["calibration"] = list(calibration)
+    fields = _calibrated(_recipe_fields("awq", "awq", settings, options), calibration)
     if calibration_samples is not None:
         fields["data"]["calibration_samples"] = calibration_samples
+    _run(build_recipe(**fields), options["out"], options["overwrite"])
+
+
+def _training_options(command):
+    options = [
+        click.option("--steps", type=int, default=100, show_default=True, help="optimizer steps"),
+        click.option("--batch-size", type=int, default=4, show_default=True, help="sequences per step"),
+        click.option("--sequence-length", type=int, default=256, show_default=True, help="tokens per sequence"),
+        click.option("--samples", type=int, default=128, show_default=True,
+                     help="distinct training sequences from the calibration text"),
+        click.option("--lr", type=float, default=1e-5, show_default=True, help="peak learning rate of the weights"),
+        click.option("--ce-weight", type=float, default=0.0, show_default=True,
+                     help="weight of the next-token loss added to the KL divergence"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _training_settings(options: dict) -> dict:
+    return {k: options.pop(k) for k in ("steps", "batch_size", "sequence_length", "samples", "lr", "ce_weight")}
+
+
+@main.command()
+@_model_options
+@_scheme_options
+@_training_options
+@_calibration_option
+@click.option("--scale-lr", type=float, default=1e-3, show_default=True,
+              help="peak learning rate of the scales' log-gains (0: keep the initial scales)")
+@_reports_errors
+def qat(calibration, scale_lr, **options):
+    """Quantization-aware training distilled from the full-precision model (starts from AWQ/RTN weights)."""
+    from .recipe import build_recipe
+
+    settings = {**_scheme_settings(options), **_training_settings(options), "scale_lr": scale_lr}
+    fields = _calibrated(_recipe_fields("qat", "qat", settings, options), calibration)
     _run(build_recipe(**fields), options["out"], options["overwrite"])
 
 

@@ -32,7 +32,7 @@ def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     assert result.exit_code == 0, result.stderr
     assert "awq" in result.stdout and "status: PASSED" in result.stdout
     stages = json.loads((tmp_path / "ci/manifest.json").read_text())["stages"]
-    int8, int4, awq, exported, q4_0, q8_0, zh = (s["metrics"] for s in stages[1:])
+    int8, int4, awq, exported, q4_0, q8_0, qat, qat_q4_0, zh = (s["metrics"] for s in stages[1:])
     assert abs(int8["ppl_increase"]) < 0.02 and int8["top1"] > 0.9
     assert int4["ppl_increase"] > 0.05 and int4["kld"] > 10 * int8["kld"]
     assert awq["kld"] < int4["kld"] and awq["ppl_increase"] < int4["ppl_increase"]
@@ -41,6 +41,12 @@ def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     assert stages[5]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
     assert abs(q4_0["ppl"] - awq["ppl"]) / awq["ppl"] < 0.02 and q4_0["kld"] < 1.1 * awq["kld"]
     assert q8_0["ppl_increase"] < 0.02 and stages[6]["details"]["tensors"]["requantized"] == 210
+    # QAT starts from every AWQ weight; six short steps must not make it worse; its codes export losslessly
+    assert stages[7]["details"]["initialised_from"] == {"given": 210, "rtn": 0}
+    assert stages[7]["details"]["loss_last"] < stages[7]["details"]["loss_first"]
+    assert qat["kld"] < 1.02 * awq["kld"]
+    assert stages[8]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
+    assert abs(qat_q4_0["ppl"] - qat["ppl"]) / qat["ppl"] < 0.02
     assert zh["tokens"] == 1022 and zh["ref_ppl"] != stages[0]["metrics"]["ref_ppl"]
 
 

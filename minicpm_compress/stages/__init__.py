@@ -74,5 +74,5 @@ def register_stage(name: str, config_class: type[StageConfig], summary: str, tra
 
 # Built-in stages register themselves on import.
 from . import load, evaluate  # noqa: E402,F401
-from ..quant import awq, rtn  # noqa: E402,F401
+from ..quant import awq, qat, rtn  # noqa: E402,F401
 from ..export import gguf, hf_awq  # noqa: E402,F401

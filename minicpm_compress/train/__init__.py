@@ -1,0 +1,1 @@
+"""Training: the distillation loop shared by QAT and pruning's healing."""
