@@ -183,6 +183,8 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # needed once pruning leaves head_dim != hidden / heads
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if file_type == "F32" else f"MOSTLY_{file_type}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -1,0 +1,1 @@
+"""Structured pruning: scores from calibration activations, surgery, and the `prune` stage."""

@@ -1,0 +1,124 @@
+"""The `prune` stage: remove FFN channels, KV-head groups or whole decoder layers, driven by calibration text.
+
+How much goes is set by `target_params` (the fraction of the model's parameters to keep, embeddings
+included) or by `ratio` (the fraction of the method's structures to remove in every layer, or of the
+layers). The same number of channels / groups is removed from every layer, so the config stays a
+standard one; the FFN width is rounded down to a multiple of `multiple_of` (GGUF's blocks run along it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..data.textsets import calibration_samples
+from ..errors import CompressError
+from ..models.architectures import decoder_layers
+from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .scores import measure
+from .surgery import keep_ffn_channels, keep_head_groups, keep_layers
+
+UNITS = {"ffn": "FFN channels per layer", "heads": "KV-head groups per layer", "layers": "decoder layers"}
+
+
+class PruneConfig(StageConfig):
+    method: Literal["ffn", "heads", "layers"] = "ffn"
+    target_params: float | None = Field(None, gt=0, lt=1, description="fraction of the parameters to keep")
+    ratio: float | None = Field(None, ge=0, le=1, description="fraction of the method's structures to remove")
+    importance: Literal["activation", "magnitude", "random"] = Field(
+        "activation", description="activation-aware scores, weight magnitudes, or a seeded random baseline"
+    )
+    multiple_of: int = Field(64, ge=1, description="FFN width kept a multiple of this")
+    calibration_samples: int = Field(32, ge=1, description="calibration sequences for the scores")
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if (self.target_params is None) == (self.ratio is None):
+            raise ValueError("give exactly one of target_params (fraction of parameters to keep) or ratio")
+        return self
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _units(model: torch.nn.Module, method: str) -> tuple[int, int]:
+    """(structures available to this method, parameters each one removes from the whole model)."""
+    c = model.config
+    layers = decoder_layers(model)
+    if method == "ffn":
+        mlp = layers[0].mlp
+        per = sum(p.numel() for p in mlp.parameters()) // c.intermediate_size
+        return c.intermediate_size, per * len(layers)
+    if method == "heads":
+        attn = layers[0].self_attn
+        per = sum(p.numel() for n, p in attn.named_parameters() if "norm" not in n) // c.num_key_value_heads
+        return c.num_key_value_heads, per * len(layers)
+    return len(layers), sum(p.numel() for p in layers[0].parameters())
+
+
+def units_to_keep(config: PruneConfig, model: torch.nn.Module) -> int:
+    units, per_unit = _units(model, config.method)
+    total = parameter_count(model)
+    if config.ratio is not None:
+        remove = round(config.ratio * units)
+    else:
+        remove = math.ceil((1 - config.target_params) * total / per_unit)
+    if remove == 0:
+        return units
+    kept = units - remove
+    if config.method == "ffn":
+        kept = kept // config.multiple_of * config.multiple_of
+    if kept < 1:
+        most = (units - (config.multiple_of if config.method == "ffn" else 1)) * per_unit / total
+        amount = f"ratio {config.ratio}" if config.ratio is not None else f"target_params {config.target_params}"
+        raise CompressError(
+            f"prune: {amount} would remove all {units} {UNITS[config.method]}; method '{config.method}' can "
+            f"remove at most {max(most, 0):.1%} of the parameters"
+        )
+    if config.method == "heads":
+        c = model.config
+        heads = kept * c.num_attention_heads // c.num_key_value_heads
+        if c.hidden_size % heads:
+            raise CompressError(
+                f"prune: keeping {kept} KV-head groups leaves {heads} attention heads, which do not divide "
+                f"hidden_size {c.hidden_size}; transformers would refuse the checkpoint (choose another amount)"
+            )
+    return kept
+
+
+@register_stage("prune", PruneConfig, "structured pruning of FFN channels, KV-head groups or whole layers")
+def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
+    if state.qweights:
+        raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")
+    model = state.model
+    units, _ = _units(model, config.method)
+    kept = units_to_keep(config, model)
+    before = parameter_count(model)
+    details = {"method": config.method, "importance": config.importance, "units": UNITS[config.method],
+               "units_before": units, "units_after": kept, "parameters_before": before}
+    if kept < units:
+        recipe = ctx.recipe
+        data = recipe.data
+        samples = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in data.calibration],
+                                      config.calibration_samples, data.sequence_length, recipe.seed)
+        scores = measure(model, samples, config.importance, config.batch_size, recipe.seed)
+        if config.method == "layers":
+            ranked = sorted(range(units), key=lambda i: scores[i].influence)
+            keep = sorted(ranked[units - kept:])
+            state.model = keep_layers(model, keep)
+            details["removed_layers"] = sorted(ranked[: units - kept])
+            details["block_influence"] = [round(s.influence, 5) for s in scores]
+        else:
+            per_layer = [s.ffn if config.method == "ffn" else s.groups for s in scores]
+            keep = [torch.topk(s, kept).indices.sort().values for s in per_layer]
+            cut = keep_ffn_channels if config.method == "ffn" else keep_head_groups
+            state.model = cut(model, keep)
+    after = parameter_count(state.model)
+    details.update({"parameters_after": after, "parameters_kept": round(after / before, 4)})
+    return StageOutcome(state, details=details)

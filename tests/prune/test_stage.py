@@ -1,0 +1,87 @@
+import copy
+
+import pytest
+import torch
+
+from minicpm_compress.errors import CompressError
+from minicpm_compress.models.source import ModelSource
+from minicpm_compress.prune.stage import PruneConfig, apply_prune, parameter_count
+from minicpm_compress.recipe import build_recipe
+from minicpm_compress.stages import RunContext
+from minicpm_compress.state import ModelState
+
+from ..conftest import tiny_model
+
+IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _prune(model, tokenizer, **settings):
+    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    recipe = build_recipe(model="minicpm-smollm2", data={"sequence_length": 64}, stages=[{"prune": settings}])
+    outcome = apply_prune(PruneConfig(calibration_samples=4, **settings), state, RunContext(recipe))
+    return outcome.state.model, outcome.details
+
+
+@pytest.mark.parametrize("method", ["ffn", "heads", "layers"])
+def test_ratio_zero_is_the_identity(method, tokenizer):
+    model = tiny_model("minicpm")
+    before = copy.deepcopy(model)
+    pruned, details = _prune(model, tokenizer, method=method, ratio=0.0)
+    assert details["parameters_after"] == details["parameters_before"] == parameter_count(before)
+    with torch.no_grad():
+        assert torch.equal(pruned(IDS).logits, before(IDS).logits)
+
+
+@pytest.mark.parametrize("importance", ["activation", "magnitude"])
+def test_channels_that_contribute_least_are_the_ones_removed(importance, tokenizer):
+    model = tiny_model("llama")
+    quiet = torch.arange(0, 160, 5)[:32]  # 32 scattered channels whose output is nearly nothing
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, quiet] *= 1e-3
+    pruned, details = _prune(model, tokenizer, method="ffn", ratio=0.2, multiple_of=32, importance=importance)
+    assert details["units_after"] == 128 and pruned.config.intermediate_size == 128
+    kept_columns = {tuple(c.tolist()) for c in pruned.model.layers[0].mlp.down_proj.weight.T}
+    loud = [i for i in range(160) if i not in quiet.tolist()]
+    assert kept_columns == {tuple(model.model.layers[0].mlp.down_proj.weight[:, i].tolist()) for i in loud}
+    assert details["parameters_before"] - details["parameters_after"] == 2 * 32 * 3 * 64
+
+
+def test_the_layer_that_changes_the_hidden_state_least_is_removed(tokenizer):
+    model = tiny_model("minicpm", num_hidden_layers=4)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    pruned, details = _prune(model, tokenizer, method="layers", ratio=0.25)
+    assert details["removed_layers"] == [1] and pruned.config.num_hidden_layers == 3
+    assert min(details["block_influence"]) == details["block_influence"][1]
+
+
+def test_target_params_reaches_the_target_with_whole_kv_groups(tokenizer):
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    pruned, details = _prune(model, tokenizer, method="heads", target_params=0.99)
+    # the 49152 × 64 embedding dominates: 1% of all parameters is 3 of the 4 groups (12,288 parameters each)
+    assert details["parameters_kept"] <= 0.99 and details["units_after"] == 1
+    assert (pruned.config.num_key_value_heads, pruned.config.num_attention_heads) == (1, 2)
+    assert details["parameters_before"] - details["parameters_after"] == 3 * 12288
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "ffn", "ratio": 1.0}, "ratio 1.0 would remove all 160 FFN channels per layer"),
+    ({"method": "layers", "target_params": 0.1}, "method 'layers' can remove at most"),
+    ({"method": "heads", "ratio": 0.9}, "would remove all 2 KV-head groups per layer"),
+])
+def test_amounts_that_would_remove_everything_are_refused(settings, message, tokenizer):
+    with pytest.raises(CompressError, match=message):
+        _prune(tiny_model("llama"), tokenizer, **settings)
+
+
+def test_quantized_models_are_not_pruned(tokenizer):
+    from minicpm_compress.quant.qweight import QuantScheme, quantize
+
+    model = tiny_model("llama")
+    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"),
+                       {"x": quantize(torch.randn(4, 32), QuantScheme(group_size=32))})
+    recipe = build_recipe(model="minicpm-smollm2", stages=[{"prune": {"ratio": 0.1}}])
+    with pytest.raises(CompressError, match="prune before rtn/awq/qat"):
+        apply_prune(PruneConfig(ratio=0.1), state, RunContext(recipe))
