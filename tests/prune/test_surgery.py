@@ -74,3 +74,24 @@ def test_a_pruned_checkpoint_reloads_with_its_shapes_in_transformers_and_our_loa
         assert loaded.model.layers[1].mlp.down_proj.weight.shape == (64, 80)
         assert loaded.model.layers[1].self_attn.q_proj.weight.shape == (32, 64)
         torch.testing.assert_close(_logits(loaded), _logits(pruned), atol=1e-5, rtol=1e-5)
+
+
+def test_a_pruned_minicpm_computes_in_llama_cpp_like_in_torch(tmp_path, tokenizer):
+    """Fewer layers (scale_depth adjusted), narrower FFN, and head_dim no longer hidden / heads."""
+    from minicpm_compress.export.gguf import LlamaCppRunner, write_gguf
+    from minicpm_compress.models.source import ModelSource
+    from minicpm_compress.state import ModelState
+
+    model = tiny_model("minicpm", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    pruned = keep_layers(model, [0, 2])
+    pruned = keep_ffn_channels(pruned, [torch.arange(64, 160)] * 2)
+    pruned = keep_head_groups(pruned, [torch.tensor([2])] * 2)  # 2 heads × 16 = 32 ≠ hidden 64
+    save_checkpoint(pruned, tokenizer, tmp_path / "p")
+    loaded, tok = load_checkpoint(tmp_path / "p")
+    write_gguf(ModelState(loaded, tok, ModelSource("p", tmp_path / "p", "p")), tmp_path / "p.gguf", "F32")
+    runner = LlamaCppRunner(tmp_path / "p.gguf", 12)
+    try:
+        ours = runner.logits(IDS)
+    finally:
+        runner.close()
+    assert (ours - _logits(pruned)).abs().max().item() < 1e-2
