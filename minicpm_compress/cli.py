@@ -230,6 +230,34 @@ def qat(calibration, scale_lr, **options):
     _run(build_recipe(**fields), options["out"], options["overwrite"])
 
 
+@main.command()
+@_model_options
+@click.option("--method", type=click.Choice(["ffn", "heads", "layers"]), default="ffn", show_default=True,
+              help="FFN channels, KV-head groups (with their query heads), or whole decoder layers")
+@click.option("--target-params", type=float, default=None, help="fraction of the parameters to keep, e.g. 0.7")
+@click.option("--ratio", type=float, default=None, help="or: fraction of the method's structures to remove")
+@click.option("--importance", type=click.Choice(["activation", "magnitude", "random"]), default="activation",
+              show_default=True)
+@click.option("--heal-steps", type=int, default=0, show_default=True,
+              help="distillation steps after pruning (0: no healing; a recipe's heal stage sets the whole schedule)")
+@click.option("--heal-lr", type=float, default=5e-5, show_default=True)
+@_calibration_option
+@_reports_errors
+def prune(method, target_params, ratio, importance, heal_steps, heal_lr, calibration, **options):
+    """Structured pruning to a smaller dense checkpoint, optionally healed by distillation."""
+    from .recipe import build_recipe
+
+    settings = {"method": method, "importance": importance,
+                **({"target_params": target_params} if target_params is not None else {}),
+                **({"ratio": ratio} if ratio is not None else {})}
+    fields = _calibrated(_recipe_fields("prune", "prune", settings, options), calibration)
+    if heal_steps:  # the gate given on the command line then applies to the healed model
+        stages = fields["stages"]
+        gate = stages[1]["prune"].pop("gate", None)
+        stages.append({"heal": {"steps": heal_steps, "lr": heal_lr, **({"gate": gate} if gate else {})}})
+    _run(build_recipe(**fields), options["out"], options["overwrite"])
+
+
 @main.group()
 def export():
     """Write deployable artifacts (each measured in its own runtime) from a model or output folder."""

@@ -18,7 +18,7 @@ from ..data.textsets import calibration_samples
 from ..errors import CompressError
 from ..models.architectures import decoder_layers
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
-from .scores import measure
+from .scores import LayerScores, measure
 from .surgery import keep_ffn_channels, keep_head_groups, keep_layers
 
 UNITS = {"ffn": "FFN channels per layer", "heads": "KV-head groups per layer", "layers": "decoder layers"}
@@ -92,33 +92,41 @@ def units_to_keep(config: PruneConfig, model: torch.nn.Module) -> int:
     return kept
 
 
-@register_stage("prune", PruneConfig, "structured pruning of FFN channels, KV-head groups or whole layers")
-def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
-    if state.qweights:
-        raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")
-    model = state.model
+def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerScores] | None):
+    """The pruned model (a new one; `model` is left as it was) and what was removed.
+
+    `scores` (from prune.scores.measure) may be None when nothing is to be removed.
+    """
     units, _ = _units(model, config.method)
     kept = units_to_keep(config, model)
     before = parameter_count(model)
     details = {"method": config.method, "importance": config.importance, "units": UNITS[config.method],
                "units_before": units, "units_after": kept, "parameters_before": before}
-    if kept < units:
+    pruned = model
+    if kept < units and config.method == "layers":
+        ranked = sorted(range(units), key=lambda i: scores[i].influence)
+        pruned = keep_layers(model, sorted(ranked[units - kept:]))
+        details["removed_layers"] = sorted(ranked[: units - kept])
+        details["block_influence"] = [round(s.influence, 5) for s in scores]
+    elif kept < units:
+        per_layer = [s.ffn if config.method == "ffn" else s.groups for s in scores]
+        keep = [torch.topk(s, kept).indices.sort().values for s in per_layer]
+        pruned = (keep_ffn_channels if config.method == "ffn" else keep_head_groups)(model, keep)
+    after = parameter_count(pruned)
+    details.update({"parameters_after": after, "parameters_kept": round(after / before, 4)})
+    return pruned, details
+
+
+@register_stage("prune", PruneConfig, "structured pruning of FFN channels, KV-head groups or whole layers")
+def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
+    if state.qweights:
+        raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")
+    scores = None
+    if units_to_keep(config, state.model) < _units(state.model, config.method)[0]:
         recipe = ctx.recipe
         data = recipe.data
         samples = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in data.calibration],
                                       config.calibration_samples, data.sequence_length, recipe.seed)
-        scores = measure(model, samples, config.importance, config.batch_size, recipe.seed)
-        if config.method == "layers":
-            ranked = sorted(range(units), key=lambda i: scores[i].influence)
-            keep = sorted(ranked[units - kept:])
-            state.model = keep_layers(model, keep)
-            details["removed_layers"] = sorted(ranked[: units - kept])
-            details["block_influence"] = [round(s.influence, 5) for s in scores]
-        else:
-            per_layer = [s.ffn if config.method == "ffn" else s.groups for s in scores]
-            keep = [torch.topk(s, kept).indices.sort().values for s in per_layer]
-            cut = keep_ffn_channels if config.method == "ffn" else keep_head_groups
-            state.model = cut(model, keep)
-    after = parameter_count(state.model)
-    details.update({"parameters_after": after, "parameters_kept": round(after / before, 4)})
+        scores = measure(state.model, samples, config.importance, config.batch_size, recipe.seed)
+    state.model, details = prune_model(state.model, config, scores)
     return StageOutcome(state, details=details)
