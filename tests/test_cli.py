@@ -75,3 +75,20 @@ def test_export_gguf_from_an_output_folder(tmp_path, tiny_checkpoint):
     assert abs(export["metrics"]["kld"] - quantized["kld"]) < 0.25 * quantized["kld"] + 1e-3
     [artifact] = manifest["artifacts"]
     assert artifact["path"] == "model-Q4_0.gguf" and (tmp_path / "g/model-Q4_0.gguf").stat().st_size == artifact["bytes"]
+
+
+def test_ci_prune_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
+    """prune → heal → awq → gguf: a smaller dense checkpoint that still goes through every later stage."""
+    from minicpm_compress.models.checkpoint import read_config
+
+    result = _run("run", "recipes/ci-prune.yaml", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "p/manifest.json").read_text())
+    load, prune, heal, awq, gguf = manifest["stages"]
+    assert 0.88 < prune["details"]["parameters_kept"] <= 0.9
+    assert prune["details"]["units_after"] % 32 == 0 and prune["details"]["units_after"] < 1536
+    assert read_config(tmp_path / "p/model")["intermediate_size"] == prune["details"]["units_after"]
+    assert prune["metrics"]["ppl_increase"] > 0.01  # pruning costs something real
+    assert heal["metrics"]["kld"] < prune["metrics"]["kld"]
+    assert gguf["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
+    assert abs(gguf["metrics"]["ppl"] - awq["metrics"]["ppl"]) / awq["metrics"]["ppl"] < 0.02

@@ -31,7 +31,7 @@ class PruneConfig(StageConfig):
     importance: Literal["activation", "magnitude", "random"] = Field(
         "activation", description="activation-aware scores, weight magnitudes, or a seeded random baseline"
     )
-    multiple_of: int = Field(64, ge=1, description="FFN width kept a multiple of this")
+    multiple_of: int = Field(32, ge=1, description="FFN width kept a multiple of this (GGUF Q4_0/Q8_0 blocks are 32 wide)")
     calibration_samples: int = Field(32, ge=1, description="calibration sequences for the scores")
     batch_size: int = Field(8, ge=1)
 
