@@ -41,6 +41,8 @@ bench: install
 	$(BIN)/python bench/rtn_settings.py > out/bench-rtn.json
 	$(BIN)/python bench/awq.py > out/bench-awq.json
 	$(BIN)/python bench/gguf_int4.py > out/bench-gguf.json
+	$(BIN)/python bench/qat.py > out/bench-qat.json
+	$(BIN)/python bench/prune.py > out/bench-prune.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
