@@ -92,3 +92,24 @@ def test_ci_prune_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     assert heal["metrics"]["kld"] < prune["metrics"]["kld"]
     assert gguf["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
     assert abs(gguf["metrics"]["ppl"] - awq["metrics"]["ppl"]) / awq["metrics"]["ppl"] < 0.02
+
+
+def test_prune_and_qat_commands_compose(tmp_path, tiny_checkpoint):
+    source = tiny_checkpoint("minicpm")
+    result = _run("prune", "--model", source, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "give exactly one of target_params" in result.stderr
+    result = _run("prune", "--model", source, "--ratio", "0.4", "--heal-steps", "2", "--eval-tokens", "512",
+                  "--max-ppl-increase", "5", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.stderr
+    stages = json.loads((tmp_path / "p/manifest.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["load", "prune", "heal"]
+    assert stages[1]["details"]["units_after"] == 96 and stages[2]["gate"]["max_ppl_increase"] == 5.0 and stages[1]["gate"] is None
+    assert _run("rtn", "--model", tmp_path / "p", "--bits", "4", "--group-size", "32", "--symmetric",
+                "--eval-tokens", "512", "--out", tmp_path / "r").exit_code == 0
+    result = _run("qat", "--model", tmp_path / "r", "--bits", "4", "--group-size", "32", "--symmetric",
+                  "--steps", "2", "--batch-size", "1", "--sequence-length", "32", "--samples", "2",
+                  "--eval-tokens", "512", "--out", tmp_path / "q")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "q/manifest.json").read_text())
+    assert manifest["stages"][1]["details"]["initialised_from"] == {"given": 14, "rtn": 0}
+    assert manifest["reference"] == str(source.resolve())  # still measured against the unpruned original
