@@ -278,6 +278,23 @@ def export_gguf(type_, tokenizer_pre, **options):
     _run(recipe, options["out"], options["overwrite"])
 
 
+@export.command("onnx")
+@_model_options
+@click.option("--bits", type=click.Choice(["4", "8", "32"]), default="4", show_default=True,
+              help="MatMulNBits int4/int8 weights, or 32 for a float graph")
+@click.option("--block-size", type=int, default=32, show_default=True, help="MatMulNBits block size")
+@click.option("--int8", "int8", type=click.Choice(["matmulnbits", "dynamic"]), default="matmulnbits",
+              show_default=True, help="--bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization")
+@_reports_errors
+def export_onnx(bits, block_size, int8, **options):
+    """An ONNX decoder with KV cache (OUT/onnx-int4/ ...) for onnxruntime(-genai), measured in onnxruntime."""
+    from .recipe import build_recipe
+
+    settings = {"bits": int(bits), "block_size": block_size, "int8": int8}
+    recipe = build_recipe(**_recipe_fields(f"onnx-int{bits}", "onnx", settings, options))
+    _run(recipe, options["out"], options["overwrite"])
+
+
 @export.command("hf-awq")
 @_model_options
 @_reports_errors

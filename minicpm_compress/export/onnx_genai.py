@@ -1,0 +1,58 @@
+"""The files onnxruntime-genai needs next to model.onnx: genai_config.json and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import atomic
+
+
+def genai_config(model_config, tokenizer, context: int) -> dict:
+    c = model_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else c.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return {
+        "model": {
+            "type": "llama",  # onnxruntime-genai's generic decoder-only runner; the graph carries MiniCPM's scalings
+            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else c.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "vocab_size": c.vocab_size,
+            "context_length": context,
+            "decoder": {
+                "filename": "model.onnx",
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": head_dim,
+                "hidden_size": c.hidden_size,
+                "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads,
+                "num_hidden_layers": c.num_hidden_layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "past_present_share_buffer": False,
+        },
+    }
+
+
+def write_genai_files(state, folder: Path) -> None:
+    context = min(int(getattr(state.model.config, "max_position_embeddings", 2048) or 2048), 4096)
+    config = genai_config(state.model.config, state.tokenizer, context)
+    atomic.write_text(Path(folder) / "genai_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state.tokenizer.save_pretrained(str(folder))

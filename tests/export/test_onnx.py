@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+
+from minicpm_compress.export.onnx import OnnxConfig, OnnxRunner, fits_matmul_nbits, pack_matmul_nbits, write_onnx
+from minicpm_compress.models.architectures import quantizable_linears
+from minicpm_compress.models.source import ModelSource
+from minicpm_compress.quant.qweight import QuantScheme, quantize
+from minicpm_compress.state import ModelState
+
+from ..conftest import tiny_model
+
+SCHEMES = [
+    QuantScheme(bits=4, group_size=32, symmetric=True),
+    QuantScheme(bits=4, group_size=64),
+    QuantScheme(bits=4, group_size=None),
+    QuantScheme(bits=8, group_size=None, symmetric=True),
+    QuantScheme(bits=8, group_size=128),
+]
+
+
+def _single_node_session(packed: dict, n: int, k: int, bits: int, block: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MatMulNBits", ["A", *packed], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(v, name) for name, v in packed.items()])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_matmulnbits_holds_exactly_our_dequantized_weight(scheme):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 200) * 0.05  # 200 columns: a partial last block
+    q = quantize(weight, scheme)
+    session = _single_node_session(pack_matmul_nbits(q, 32), 24, 200, scheme.bits, 32)
+    through_onnxruntime = session.run(None, {"A": np.eye(200, dtype=np.float32)})[0]
+    assert np.array_equal(through_onnxruntime, q.dequantize().T.numpy())
+
+
+def test_layouts_that_do_not_fit_blocks_are_not_taken_for_lossless():
+    w = torch.randn(8, 64)
+    assert not fits_matmul_nbits(quantize(w, QuantScheme(bits=4, group_size=16)), 32)
+    assert not fits_matmul_nbits(quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float")), 32)
+    assert fits_matmul_nbits(quantize(w, QuantScheme(bits=4, group_size=64)), 32)
+
+
+@pytest.fixture(scope="module")
+def int4_folder(tmp_path_factory, tokenizer):
+    model = tiny_model("minicpm")
+    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=True)
+    state.qweights = {n: quantize(l.weight, scheme) for n, l in quantizable_linears(model).items()}
+    folder = tmp_path_factory.mktemp("onnx") / "onnx-int4"
+    paths = write_onnx(state, folder, OnnxConfig(bits=4))
+    return state, folder, paths
+
+
+def test_int4_graph_holds_our_codes_and_computes_like_the_gated_torch_model(int4_folder):
+    import onnx
+
+    state, folder, paths = int4_folder
+    assert paths == {"lossless": 14, "requantized": 0}
+    ops = [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 14
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gated = state.evaluated_model()(ids).logits
+    ours = OnnxRunner(folder / "model.onnx", state.model.config).logits(ids)
+    assert (ours - gated).abs().max().item() < 1e-4
+
+
+def test_kv_cache_decode_equals_full_recompute(int4_folder):
+    state, folder, _ = int4_folder
+    runner = OnnxRunner(folder / "model.onnx", state.model.config)
+    ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(1)).numpy()
+    full, _ = runner.run(ids)
+    prefix, cache = runner.run(ids[:, :5])
+    steps = [prefix]
+    for t in range(5, 9):  # one token at a time, feeding the cache back
+        logits, cache = runner.run(ids[:, t : t + 1], cache, t)
+        steps.append(logits)
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-5
+
+
+def test_onnxruntime_genai_generates_the_greedy_continuation(int4_folder):
+    import onnxruntime_genai as og
+
+    state, folder, _ = int4_folder
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    prompt = state.tokenizer("It is a truth universally acknowledged", add_special_tokens=False)["input_ids"]
+    assert list(tokenizer.encode("It is a truth universally acknowledged")) == prompt
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 8)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    generated = list(generator.get_sequence(0))
+    expected = list(prompt)  # greedy decoding with the gated torch model
+    fake = state.evaluated_model()
+    with torch.no_grad():
+        for _ in range(8):
+            expected.append(int(fake(torch.tensor([expected])).logits[0, -1].argmax()))
+    assert generated == expected
+    assert len(tokenizer.decode(generated)) > len("It is a truth universally acknowledged")
+
+
+def test_dynamic_int8_is_recorded_and_close_to_float(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    paths = write_onnx(state, tmp_path / "d", OnnxConfig(bits=8, int8="dynamic"))
+    assert paths == {"dynamic int8 (onnxruntime)": 14}
+    ids = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    ours = OnnxRunner(tmp_path / "d/model.onnx", model.config).logits(ids)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    assert (ours - ref).abs().max().item() < 0.1 * ref.abs().max().item()
