@@ -51,7 +51,7 @@ def one(model_name: str, setting: str, eval_tokens: int, samples: int, baseline_
         from minicpm_compress.data.textsets import calibration_samples
 
         d = recipe.data
-        calibration_samples(tokenizer, [(s.source, s.weight) for s in d.calibration], d.calibration_samples,
+        calibration_samples(tokenizer, d.calibration_sources(), d.calibration_samples,
                             d.sequence_length, recipe.seed)
         return {"peak_rss_mib": round(_peak_mib(), 1)}
     source = resolve_model(model_name)

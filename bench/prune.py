@@ -51,7 +51,7 @@ def main() -> None:
     model, tokenizer = load_checkpoint(source.checkpoint)
     recipe = build_recipe(model=args.model, stages=[{"heal": {}}])
     data = recipe.data
-    samples = calibration_samples(tokenizer, [(s.source, s.weight) for s in data.calibration], args.score_samples,
+    samples = calibration_samples(tokenizer, data.calibration_sources(), args.score_samples,
                                   data.sequence_length, recipe.seed)
     evaluator = Evaluator.against(model, evaluation_windows(tokenizer, ["austen-heldout"], args.eval_tokens, 512))
     levels = [float(x) for x in args.levels.split(",")]

@@ -51,6 +51,9 @@ class DataConfig(BaseModel):
             return [{"source": v} if isinstance(v, str) else v for v in value]
         return value
 
+    def calibration_sources(self) -> list[tuple[str, float]]:
+        return [(s.source, s.weight) for s in self.calibration]
+
 
 # One optional field per registered stage; a recipe's stage item sets exactly one of them.
 _StageItem = create_model(
@@ -145,7 +148,7 @@ def _explain(error: dict) -> str:
     if kind == "extra_forbidden":
         parent = loc[-2] if len(loc) > 1 and isinstance(loc[-2], int) and loc[0] == "stages" else None
         if parent is not None:
-            return f"unknown stage '{loc[-1]}' (known: {', '.join(STAGES)})"
+            return f"unknown stage '{loc[-1]}' (known: {', '.join(sorted(STAGES))})"
         return f"unknown key '{loc[-1]}'"
     if kind == "missing":
         return f"missing required key '{loc[-1]}'"

@@ -22,7 +22,6 @@ initializers), so nothing depends on exporter naming.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Literal

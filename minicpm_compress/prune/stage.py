@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..data.textsets import calibration_samples
 from ..errors import CompressError
 from ..models.architectures import decoder_layers
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
@@ -123,10 +122,7 @@ def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
         raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")
     scores = None
     if units_to_keep(config, state.model) < _units(state.model, config.method)[0]:
-        recipe = ctx.recipe
-        data = recipe.data
-        samples = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in data.calibration],
-                                      config.calibration_samples, data.sequence_length, recipe.seed)
-        scores = measure(state.model, samples, config.importance, config.batch_size, recipe.seed)
+        samples = ctx.calibration(state.tokenizer, config.calibration_samples)
+        scores = measure(state.model, samples, config.importance, config.batch_size, ctx.recipe.seed)
     state.model, details = prune_model(state.model, config, scores)
     return StageOutcome(state, details=details)

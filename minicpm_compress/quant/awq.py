@@ -28,7 +28,6 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from ..data.textsets import calibration_samples
 from ..errors import CompressError
 from ..layerwise import InputStatistics, first_layer_inputs, run_layer
 from ..models.architectures import architecture_of, decoder_layers
@@ -165,10 +164,8 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
 
 @register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search")
 def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
-    data = ctx.recipe.data
     scheme = config.scheme()
-    samples = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in data.calibration],
-                                  data.calibration_samples, data.sequence_length, ctx.recipe.seed)
+    samples = ctx.calibration(state.tokenizer)
     model = state.model
     arch = architecture_of(model)
     inputs = first_layer_inputs(model, samples, config.batch_size)

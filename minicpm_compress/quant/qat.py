@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..data.textsets import calibration_samples
 from ..models.architectures import quantizable_linears
 from ..models.checkpoint import model_fingerprint
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
@@ -109,8 +108,7 @@ def apply_qat(config: QATConfig, state, ctx: RunContext) -> StageOutcome:
     teacher = ctx.reference_model
     student = copy.deepcopy(state.model)  # the reference may be the very same model object
     wrapped, origins = attach_fake_quant(student, state.qweights, scheme)
-    tokens = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in recipe.data.calibration],
-                                 config.samples, config.sequence_length, recipe.seed)
+    tokens = ctx.calibration(state.tokenizer, config.samples, config.sequence_length)
     groups = [ParamGroup({f"{n}.weight": m.linear.weight for n, m in wrapped.items()}, config.lr)]
     if config.scale_lr:
         groups.append(ParamGroup({f"{n}.gain": m.gain for n, m in wrapped.items()}, config.scale_lr))

@@ -41,6 +41,14 @@ class RunContext:
     evaluator: "Evaluator | None" = None  # set by the load stage
     reference_model: Any = None  # the full-precision reference, kept for stages that re-measure
 
+    def calibration(self, tokenizer, n_samples: int | None = None, length: int | None = None):
+        """[n, length] calibration token ids from the recipe's calibration text (its defaults if not given)."""
+        from ..data.textsets import calibration_samples
+
+        data = self.recipe.data
+        return calibration_samples(tokenizer, data.calibration_sources(), n_samples or data.calibration_samples,
+                                   length or data.sequence_length, self.recipe.seed)
+
 
 @dataclass
 class StageOutcome:

@@ -146,7 +146,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, groups: list[Par
     teacher.eval()
     began = time.perf_counter()
     bar = progress(range(start, settings.steps), desc=desc, total=settings.steps, unit="step")
-    bar.update(start) if start else None
+    if start:
+        bar.update(start)
     for step in bar:
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * _lr_factor(step, settings.steps)

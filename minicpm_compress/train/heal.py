@@ -11,7 +11,6 @@ import copy
 
 from pydantic import Field
 
-from ..data.textsets import calibration_samples
 from ..errors import CompressError
 from ..models.checkpoint import model_fingerprint
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
@@ -30,8 +29,7 @@ def apply_heal(config: HealConfig, state, ctx: RunContext) -> StageOutcome:
     recipe = ctx.recipe
     teacher = ctx.reference_model
     student = copy.deepcopy(state.model) if state.model is teacher else state.model
-    tokens = calibration_samples(state.tokenizer, [(s.source, s.weight) for s in recipe.data.calibration],
-                                 config.samples, config.sequence_length, recipe.seed)
+    tokens = ctx.calibration(state.tokenizer, config.samples, config.sequence_length)
     params = {n: p for n, p in student.named_parameters() if n.startswith("model.layers.")}
     resume = checkpoint_path("heal", model_fingerprint(state.model), config.model_dump(mode="json", exclude={"gate"}),
                              recipe.seed, tokens)

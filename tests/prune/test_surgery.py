@@ -1,6 +1,5 @@
 """Cutting structures whose contribution is zero must not change the model's function."""
 
-import copy
 
 import pytest
 import torch
