@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/python bench/gguf_int4.py > out/bench-gguf.json
 	$(BIN)/python bench/qat.py > out/bench-qat.json
 	$(BIN)/python bench/prune.py > out/bench-prune.json
-	$(BIN)/python bench/onnx.py > out/bench-onnx.json
+	$(BIN)/python bench/onnx_export.py > out/bench-onnx.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

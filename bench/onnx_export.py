@@ -1,6 +1,6 @@
 """ONNX on the default model: file sizes, CPU decode tokens/s and held-out accuracy in onnxruntime.
 
-    .venv/bin/python bench/onnx.py [--eval-tokens 4096] [--decode-tokens 64] > onnx.json
+    .venv/bin/python bench/onnx_export.py [--eval-tokens 4096] [--decode-tokens 64] > onnx.json
 
 Variants: fp32; int8 weight-only MatMulNBits (our RTN int8 per-channel codes); int8 dynamic
 (onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes). Each is measured
