@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import CompressError
-from ..footprint import kv_cache_bytes
+from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..models.architectures import quantizable_linears
 from ..models.checkpoint import untied_state_dict
@@ -224,6 +224,7 @@ class OnnxConfig(StageConfig):
         "matmulnbits", description="bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization"
     )
     folder: str | None = Field(None, description="folder in the output (default onnx-int4 / onnx-int8 / onnx-fp32)")
+    context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
 
     @model_validator(mode="after")
     def _check(self):
@@ -283,7 +284,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
     size = (folder / "model.onnx").stat().st_size
     params = sum(p.numel() for p in untied_state_dict(state.model).values())
-    kv = kv_cache_bytes(state.model.config, 2048)
+    kv = kv_cache_bytes(state.model.config, config.context)
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
     details = {
         "summary": f"{folder.name}/model.onnx, {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
@@ -291,7 +292,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "int8": config.int8 if config.bits == 8 else None,
         "linears": paths,
         "bits_per_weight": round(size * 8 / params, 3),
-        "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": 2048, "total_bytes": size + kv},
+        "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},
         "measured": "in onnxruntime (CPUExecutionProvider)",
     }
     artifacts = [artifact_entry(ctx.out_dir, p, f"ONNX {kind}" if p.suffix == ".onnx" else "ONNX runtime config",
