@@ -3,7 +3,8 @@
     .venv/bin/python bench/onnx_export.py [--eval-tokens 4096] [--decode-tokens 64] > onnx.json
 
 Variants: fp32; int8 weight-only MatMulNBits (our RTN int8 per-channel codes); int8 dynamic
-(onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes). Each is measured
+(onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes); and both MatMulNBits
+variants again at accuracy_level 4 (int8 activations inside the matmul: faster, no longer exact). Each is measured
 against the float model, and the MatMulNBits ones also against the gated torch model they came from
 (the lossless check). Decode speed: batch 1, a 64-token prompt, then one token at a time with the cache.
 """
@@ -22,6 +23,8 @@ VARIANTS = {
     "int8-matmulnbits": ({"bits": 8}, {"bits": 8, "group_size": None, "symmetric": True}),
     "int8-dynamic": ({"bits": 8, "int8": "dynamic"}, None),
     "int4-matmulnbits": ({"bits": 4}, {"bits": 4, "group_size": 32, "symmetric": True}),
+    "int8-matmulnbits-acc4": ({"bits": 8, "accuracy_level": 4}, {"bits": 8, "group_size": None, "symmetric": True}),
+    "int4-matmulnbits-acc4": ({"bits": 4, "accuracy_level": 4}, {"bits": 4, "group_size": 32, "symmetric": True}),
 }
 
 

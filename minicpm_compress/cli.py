@@ -285,13 +285,31 @@ def export_gguf(type_, tokenizer_pre, **options):
 @click.option("--block-size", type=int, default=32, show_default=True, help="MatMulNBits block size")
 @click.option("--int8", "int8", type=click.Choice(["matmulnbits", "dynamic"]), default="matmulnbits",
               show_default=True, help="--bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="MatMulNBits compute precision: 0 exact (float activations), 4 int8 activations (faster)")
 @_reports_errors
-def export_onnx(bits, block_size, int8, **options):
+def export_onnx(bits, block_size, int8, accuracy_level, **options):
     """An ONNX decoder with KV cache (OUT/onnx-int4/ ...) for onnxruntime(-genai), measured in onnxruntime."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "block_size": block_size, "int8": int8}
+    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "accuracy_level": accuracy_level}
     recipe = build_recipe(**_recipe_fields(f"onnx-int{bits}", "onnx", settings, options))
+    _run(recipe, options["out"], options["overwrite"])
+
+
+@export.command("coreml")
+@_model_options
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="int4 blocks or int8 weights (the model's own codes when they fit, else RTN)")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size for linears quantized here")
+@click.option("--context", type=int, default=None, help="KV-cache state length, longest prompt + output (default 2048)")
+@_reports_errors
+def export_coreml(bits, block_size, context, **options):
+    """A stateful Core ML decoder (OUT/coreml-int4/model.mlpackage, iOS 18), its weights read back and measured."""
+    from .recipe import build_recipe
+
+    settings = {"bits": int(bits), "block_size": block_size, **({"context": context} if context else {})}
+    recipe = build_recipe(**_recipe_fields(f"coreml-int{bits}", "coreml", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 
 

@@ -35,8 +35,9 @@ from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..models.architectures import quantizable_linears
 from ..models.checkpoint import untied_state_dict
-from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
+from ..quant.qweight import QuantizedWeight, QuantScheme
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .weights import export_weights
 
 MS_DOMAIN = "com.microsoft"
 
@@ -141,8 +142,13 @@ def _key(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def to_matmul_nbits(path: Path, weights: dict[str, tuple[torch.Tensor, QuantizedWeight]], block_size: int) -> int:
-    """Replace the MatMul of every linear in `weights` (name → (float weight, quantized weight)) in place."""
+def to_matmul_nbits(path: Path, weights: dict[str, tuple[torch.Tensor, QuantizedWeight]], block_size: int,
+                    accuracy_level: int = 0) -> int:
+    """Replace the MatMul of every linear in `weights` (name → (float weight, quantized weight)) in place.
+
+    accuracy_level is MatMulNBits' lowest allowed compute precision: 0 leaves it to onnxruntime (float
+    activations on CPU), 4 lets it quantize activations to int8 (faster, no longer exact).
+    """
     import onnx
     from onnx import helper, numpy_helper
 
@@ -164,7 +170,7 @@ def to_matmul_nbits(path: Path, weights: dict[str, tuple[torch.Tensor, Quantized
         nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *(f"{name}.{part}" for part in packed)], list(node.output),
             name=f"{name}.MatMulNBits", domain=MS_DOMAIN, K=weight.shape[1], N=weight.shape[0],
-            bits=q.scheme.bits, block_size=block_size,
+            bits=q.scheme.bits, block_size=block_size, accuracy_level=accuracy_level,
         ))
         replaced[name] = node.input[1]
     missing = sorted(set(weights) - set(replaced))
@@ -223,6 +229,9 @@ class OnnxConfig(StageConfig):
     int8: Literal["matmulnbits", "dynamic"] = Field(
         "matmulnbits", description="bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization"
     )
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0, description="MatMulNBits compute precision: 0 float activations (exact), 4 int8 activations (faster)"
+    )
     folder: str | None = Field(None, description="folder in the output (default onnx-int4 / onnx-int8 / onnx-fp32)")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
 
@@ -231,21 +240,6 @@ class OnnxConfig(StageConfig):
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError("block_size must be 16, 32, 64, 128 or 256")
         return self
-
-
-def _layer_weights(state, bits: int, block_size: int) -> tuple[dict, dict[str, int]]:
-    """name → (float weight, quantized weight) for MatMulNBits, and how many took each path."""
-    scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=True)
-    weights, paths = {}, {"lossless": 0, "requantized": 0}
-    for name, linear in quantizable_linears(state.model).items():
-        q = state.qweights.get(name)
-        if q is not None and q.scheme.bits == bits and fits_matmul_nbits(q, block_size):
-            paths["lossless"] += 1
-        else:
-            q = quantize(linear.weight, scheme)
-            paths["requantized"] += 1
-        weights[name] = (linear.weight, q)
-    return weights, paths
 
 
 def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
@@ -266,8 +260,10 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
         dynamic.replace(path)
         paths = {"dynamic int8 (onnxruntime)": len(quantizable_linears(state.model))}
     else:
-        weights, paths = _layer_weights(state, config.bits, config.block_size)
-        to_matmul_nbits(path, weights, config.block_size)
+        scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
+        weights, paths = export_weights(
+            state, scheme, lambda q: q.scheme.bits == config.bits and fits_matmul_nbits(q, config.block_size))
+        to_matmul_nbits(path, weights, config.block_size, config.accuracy_level)
     write_genai_files(state, folder)
     return paths
 
@@ -290,6 +286,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "summary": f"{folder.name}/model.onnx, {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
         "bits": config.bits, "block_size": config.block_size,
         "int8": config.int8 if config.bits == 8 else None,
+        "accuracy_level": config.accuracy_level if config.bits != 32 else None,
         "linears": paths,
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},

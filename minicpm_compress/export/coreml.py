@@ -1,0 +1,387 @@
+"""Core ML export: a stateful (iOS 18 / macOS 15) decoder mlpackage whose linears hold our quantized codes.
+
+The program comes from coremltools' torch converter (mlprogram, float16 compute) applied to the model
+itself behind a small wrapper, so MiniCPM's muP scalings are in the graph:
+
+  inputs   input_ids [1, S] int32, causal_mask [1, 1, S, P+S] float16 (0 = attend, -inf/-1e4 = masked)
+  states   key_cache, value_cache [layers, 1, kv_heads, context, head_dim] float16 (Core ML states)
+  output   logits [1, S, vocab] float16
+
+The cache length P is the mask's last dimension minus S, so an app prefills a prompt (S = prompt
+length, P = 0) and then decodes one token at a time (S = 1) against the same state. The explicit mask
+keeps transformers' mask code out of the traced graph.
+
+Weights (recorded per path in the manifest):
+  * lossless: every decoder linear whose quantized weight fits (same bits, symmetric or integer zero
+    points, groups that divide the row) becomes a `constexpr_blockwise_shift_scale` holding **our**
+    codes, float16 scales and zero points (the group size is the block size);
+  * requantized: other linears are quantized by the project's quantizer (RTN) first, to int4 blocks of
+    `block_size` or int8 per channel (symmetric).
+Embeddings and norms stay float16.
+
+Checked on Linux without a Mac: the saved mlpackage is read back (spec + weight blob), its blockwise
+constants dequantized, loaded into the torch model and evaluated ("weights read back"), and every
+quantized weight must equal our codes × scales exactly. Core ML predictions need macOS.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from transformers.cache_utils import Cache
+
+from ..errors import CompressError
+from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
+from ..manifest import artifact_entry
+from ..models.checkpoint import untied_state_dict
+from ..quant.qweight import QuantizedWeight, QuantScheme
+from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .weights import export_weights
+
+PACKAGE_NAME = "model.mlpackage"
+QUANTIZED_OP = "constexpr_blockwise_shift_scale"
+MASKED = -1e4  # float16-safe "do not attend" value for causal masks
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class _StateSliceCache(Cache):
+    """A transformers cache that writes each layer's new keys/values into the wrapper's state buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: int, end: int):
+        self.keys, self.values, self.past, self.end = keys, values, past, end
+        self.layers = []
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        self.keys[layer_idx, :, :, self.past:self.end] = key_states
+        self.values[layer_idx, :, :, self.past:self.end] = value_states
+        return self.keys[layer_idx, :, :, :self.end], self.values[layer_idx, :, :, :self.end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.end, 0
+
+
+class StatefulDecoder(torch.nn.Module):
+    """(input_ids, causal_mask) → logits, with the KV cache held in two registered buffers (Core ML states)."""
+
+    def __init__(self, model: torch.nn.Module, context: int):
+        super().__init__()
+        self.model = model
+        c = model.config
+        shape = (c.num_hidden_layers, 1, c.num_key_value_heads, context, _head_dim(c))
+        self.register_buffer("key_cache", torch.zeros(shape))
+        self.register_buffer("value_cache", torch.zeros(shape))
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        end = causal_mask.shape[-1]
+        past = end - input_ids.shape[-1]
+        positions = torch.arange(past, end).unsqueeze(0)
+        cache = _StateSliceCache(self.key_cache, self.value_cache, past, end)
+        out = self.model(input_ids=input_ids, attention_mask=causal_mask, position_ids=positions,
+                         cache_position=positions[0], past_key_values=cache, use_cache=True)
+        return out.logits
+
+
+def causal_mask(seq: int, past: int = 0) -> torch.Tensor:
+    """The additive mask for `seq` new tokens after `past` cached ones: [1, 1, seq, past + seq]."""
+    mask = torch.full((seq, past + seq), MASKED)
+    return torch.triu(mask, diagonal=past + 1)[None, None]
+
+
+# --- coremltools on this stack -------------------------------------------------------------------------
+
+_COMPAT_DONE = False
+
+
+def _coremltools():
+    """Import coremltools and fix its int()/bool() converters for numpy >= 2.3 (once).
+
+    coremltools 9.0 folds `int(tensor)` with `int(array)`, which numpy 2.3 rejects for 1-element arrays
+    ("only 0-dimensional arrays can be converted to Python scalars"); the fix takes the element first.
+    """
+    global _COMPAT_DONE
+    import coremltools as ct
+
+    if not _COMPAT_DONE:
+        from coremltools.converters.mil import Builder as mb
+        from coremltools.converters.mil.frontend.torch import ops
+        from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+        def scalar_cast(dtype, dtype_name):
+            def convert(context, node):
+                x = ops._get_inputs(context, node, expected=1)[0]
+                if x.can_be_folded_to_const() and not isinstance(x.val, dtype):
+                    value = dtype(np.asarray(x.val).reshape(-1)[0])
+                    context.add(mb.const(val=value, name=node.name), node.name)
+                else:
+                    ops._cast(context, node, dtype, dtype_name)
+            return convert
+
+        register_torch_op(scalar_cast(int, "int32"), torch_alias=["int"], override=True)
+        register_torch_op(scalar_cast(bool, "bool"), torch_alias=["bool"], override=True)
+        _COMPAT_DONE = True
+    return ct
+
+
+def _conversion_error(e: Exception) -> CompressError:
+    """One line naming the torch op coremltools could not convert (its messages are pages long)."""
+    text = str(e).strip()
+    op = re.search(r"op '([^']+)'", text) or re.search(r"convert function for op '?([\w.:]+)", text)
+    first = text.splitlines()[0] if text else type(e).__name__
+    if op:
+        return CompressError(f"coreml: coremltools cannot convert op '{op.group(1)}': {first}")
+    return CompressError(f"coreml: conversion failed: {first}")
+
+
+def convert_program(module: torch.nn.Module, example: tuple, inputs: list, states: list, outputs: list):
+    """Trace `module` and convert it to a float16 iOS 18 MIL program (not yet serialized)."""
+    ct = _coremltools()
+    from coremltools.converters.mil import Builder as mb
+
+    mb.name_count.clear()  # op names come from a process-wide counter: start every conversion like the first
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(module.eval(), example)
+        return ct.convert(traced, inputs=inputs, outputs=outputs, states=states or None,
+                          minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+                          convert_to="milinternal")
+    except CompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - coremltools raises bare RuntimeError/ValueError/NotImplementedError
+        raise _conversion_error(e) from None
+
+
+def decoder_program(model: torch.nn.Module, context: int):
+    """The stateful decoder of `model` as a MIL program with KV-cache states of `context` tokens."""
+    ct = _coremltools()
+    wrapper = StatefulDecoder(model.eval(), context)
+    seq, end = ct.RangeDim(1, context, default=1), ct.RangeDim(1, context, default=1)
+    example = (torch.zeros(1, 4, dtype=torch.int32), causal_mask(4, 2).to(torch.float32))
+    states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(wrapper.key_cache.shape), dtype=np.float16),
+                           name=name) for name in ("key_cache", "value_cache")]
+    inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
+              ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=np.float16)]
+    return convert_program(wrapper, example, inputs, states, [ct.TensorType(name="logits", dtype=np.float16)])
+
+
+# --- our codes as Core ML blockwise constants ---------------------------------------------------------------
+
+def fits_coreml(q: QuantizedWeight, bits: int) -> bool:
+    s = q.scheme
+    return s.bits == bits and (s.symmetric or s.zero_point == "int") and q.shape[1] % q.group_size == 0
+
+
+def blockwise_constants(q: QuantizedWeight) -> dict[str, np.ndarray]:
+    """data / scale / offset for constexpr_blockwise_shift_scale: scale · (data − offset) = q.dequantize()."""
+    from coremltools.converters.mil.mil import types
+
+    if not fits_coreml(q, q.scheme.bits):
+        raise ValueError(f"{q.scheme.describe()} with {q.shape[1]} columns has no Core ML blockwise layout")
+    bits, symmetric = q.scheme.bits, q.scheme.symmetric
+    builtin = {(4, True): types.int4, (4, False): types.uint4, (8, True): types.int8, (8, False): types.uint8}
+    dtype = types.nptype_from_builtin(builtin[bits, symmetric])
+    out = {"data": q.codes.numpy().astype(dtype), "scale": q.scales.numpy().astype(np.float16)}
+    if not symmetric:
+        out["offset"] = q.zeros.numpy().astype(dtype)
+    return out
+
+
+def constant_name(linear: str) -> str:
+    """The name of the blockwise constant holding `linear`'s weight (the saved program allows no dots)."""
+    return linear.replace(".", "_") + "_weight_quantized"
+
+
+def _weight_key(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float16).tobytes()).hexdigest()
+
+
+def quantize_linears(prog, weights: dict[str, tuple[torch.Tensor, QuantizedWeight]]) -> int:
+    """Swap the float16 weight constant of every linear in `weights` for our blockwise constant, in place."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.converters.mil.mil.scope import ScopeInfo
+
+    by_value = {_weight_key(w.detach().numpy()): name for name, (w, _) in weights.items()}
+    replaced = set()
+    func = prog.functions["main"]
+    with func:
+        for op in list(func.find_ops(op_type="linear")):
+            const = op.weight.op
+            name = by_value.get(_weight_key(op.weight.val)) if const.op_type == "const" else None
+            if name is None or name in replaced:
+                continue
+            with mb.scope(*(ScopeInfo(source=k, data=v) for k, v in op.scopes.items())):  # keep the linear's scopes
+                new = mb.constexpr_blockwise_shift_scale(**blockwise_constants(weights[name][1]),
+                                                         name=constant_name(name), before_op=op)
+            op.enclosing_block.replace_uses_of_var_after_op(anchor_op=new.op, old_var=op.weight, new_var=new,
+                                                            no_check_var_types=True)
+            replaced.add(name)
+    missing = sorted(set(weights) - replaced)
+    if missing:
+        raise CompressError(f"coreml: no linear with the weight of '{missing[0]}' in the converted program "
+                            f"({len(missing)} linears unmatched)")
+    PASS_REGISTRY["common::dead_code_elimination"](prog)
+    return len(replaced)
+
+
+# --- writing and reading mlpackages --------------------------------------------------------------------------
+
+def _make_deterministic(package: Path) -> None:
+    """Same program, same bytes: no conversion date, map fields in key order, item ids from their paths.
+
+    coremltools stamps the date into the metadata, serializes protobuf maps in no fixed order and names
+    the package's items with random UUIDs.
+    """
+    from coremltools.proto import Model_pb2
+
+    spec_path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    spec.description.metadata.userDefined.pop("com.github.apple.coremltools.conversion_date", None)
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    renamed = {}
+    for old, item in manifest["itemInfoEntries"].items():
+        digest = hashlib.sha256(item["path"].encode()).hexdigest().upper()
+        renamed[old] = f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")  # as Core ML itself writes it
+
+
+def save_package(prog, path: Path, description: str, metadata: dict[str, str]) -> None:
+    ct = _coremltools()
+    try:
+        mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                             compute_precision=ct.precision.FLOAT16, pass_pipeline=ct.PassPipeline.EMPTY,
+                             skip_model_load=True)
+    except Exception as e:  # noqa: BLE001
+        raise _conversion_error(e) from None
+    mlmodel.short_description = description
+    mlmodel.user_defined_metadata.update(metadata)
+    if path.exists():
+        shutil.rmtree(path)
+    mlmodel.save(str(path))
+    _make_deterministic(path)
+
+
+def read_program(path: Path):
+    """The saved package's MIL program, constants and weight blob included (works without macOS)."""
+    ct = _coremltools()
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = mlmodel.get_spec()
+    return load(spec, spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
+
+
+def read_back_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every blockwise constant in the package dequantized in float32 (by op name), and the op counts."""
+    prog = read_program(path)
+    weights, ops = {}, {}
+    for op in prog.functions["main"].operations:
+        ops[op.op_type] = ops.get(op.op_type, 0) + 1
+        if op.op_type == QUANTIZED_OP:
+            data = op.data.val.astype(np.float32)
+            scale = op.scale.val.astype(np.float32)
+            offset = op.offset.val.astype(np.float32) if op.offset is not None else np.zeros_like(scale)
+            blocks = [d // s for d, s in zip(data.shape, scale.shape)]
+            expand = lambda t: np.repeat(np.repeat(t, blocks[0], 0), blocks[1], 1)  # noqa: E731
+            weights[op.name] = torch.from_numpy(expand(scale) * (data - expand(offset)))
+    return weights, ops
+
+
+class CoreMLConfig(StageConfig):
+    bits: Literal[4, 8] = Field(4, description="4: int4 blocks, 8: int8 (per channel when requantized)")
+    block_size: int = Field(32, description="int4 block size for linears quantized here (multiple of 8)")
+    context: int = Field(DEFAULT_CONTEXT, ge=16, description="KV-cache state length: the longest prompt + output")
+    folder: str | None = Field(None, description="folder in the output (default coreml-int4 / coreml-int8)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.block_size < 8 or self.block_size % 8:
+            raise ValueError("block_size must be a multiple of 8")
+        return self
+
+    def requantize_scheme(self) -> QuantScheme:
+        return QuantScheme(bits=self.bits, group_size=self.block_size if self.bits == 4 else None, symmetric=True)
+
+
+def write_coreml(state, folder: Path, config: CoreMLConfig) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
+    """Write model.mlpackage (+ tokenizer files) into `folder`; return the weights written and path counts."""
+    weights, paths = export_weights(state, config.requantize_scheme(), lambda q: fits_coreml(q, config.bits))
+    prog = decoder_program(state.model, config.context)
+    quantize_linears(prog, weights)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = state.model.config
+    metadata = {"producer": "minicpm-compress", "architecture": c.model_type, "bits": str(config.bits),
+                "context": str(config.context), "inputs": "input_ids [1,S] int32; causal_mask [1,1,S,P+S] float16",
+                "states": "key_cache, value_cache [layers,1,kv_heads,context,head_dim] float16"}
+    save_package(prog, folder / PACKAGE_NAME, f"{c.model_type} decoder, int{config.bits} weights, stateful KV cache",
+                 metadata)
+    state.tokenizer.save_pretrained(str(folder))
+    return {name: q for name, (_, q) in weights.items()}, paths
+
+
+def read_back_model(model: torch.nn.Module, stored: dict[str, torch.Tensor],
+                    weights_expected: dict[str, QuantizedWeight], package: Path) -> torch.nn.Module:
+    """A copy of `model` holding the weights read back; every one must equal our dequantized weight."""
+    missing = sorted(n for n in weights_expected if constant_name(n) not in stored)
+    if missing:
+        raise CompressError(f"coreml: {package.name} has no quantized weight for '{missing[0]}'")
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, q in weights_expected.items():
+            weight = stored[constant_name(name)]
+            if not torch.equal(weight, q.dequantize()):
+                raise CompressError(f"coreml: weight of '{name}' read back from {package.name} differs from "
+                                    "the quantized weight written")
+            model.get_submodule(name).weight.copy_(weight)
+    return model.eval()
+
+
+@register_stage("coreml", CoreMLConfig, "export a stateful Core ML mlpackage (iOS 18) with blockwise int4/int8 weights",
+                transforms=False)
+def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
+    kind = f"int{config.bits}"
+    folder = ctx.out_dir / (config.folder or f"coreml-{kind}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    weights, paths = write_coreml(state, folder, config)
+    package = folder / PACKAGE_NAME
+    stored, ops = read_back_weights(package)
+    model = read_back_model(state.model, stored, weights, package)
+    metrics = ctx.evaluator.measure(model, desc=f"evaluate coreml {kind} weights read back")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    params = sum(p.numel() for p in untied_state_dict(state.model).values())
+    kv = kv_cache_bytes(state.model.config, config.context)
+    path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
+    details = {
+        "summary": f"{folder.name}/{PACKAGE_NAME}, {size * 8 / params:.2f} bits/weight, {path_text}, weights read back",
+        "bits": config.bits, "block_size": config.block_size, "context": config.context,
+        "linears": paths, "quantized_constants": ops.get(QUANTIZED_OP, 0),
+        "bits_per_weight": round(size * 8 / params, 3),
+        "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,
+                         "total_bytes": size + kv},
+        "measured": "weights read back from the mlpackage, evaluated in torch (float32); not on-device predictions",
+    }
+    artifacts = [artifact_entry(ctx.out_dir, p, "Core ML mlpackage" if PACKAGE_NAME in p.parts else "tokenizer",
+                                config.bits if p.name == "weight.bin" else None) for p in files]
+    return StageOutcome(state, metrics, details, artifacts)

@@ -1,0 +1,165 @@
+import hashlib
+import sys
+
+import pytest
+import torch
+
+from minicpm_compress.errors import CompressError
+from minicpm_compress.export.coreml import (
+    PACKAGE_NAME,
+    QUANTIZED_OP,
+    CoreMLConfig,
+    StatefulDecoder,
+    _coremltools,
+    blockwise_constants,
+    causal_mask,
+    constant_name,
+    convert_program,
+    fits_coreml,
+    read_back_model,
+    read_back_weights,
+    read_program,
+    write_coreml,
+)
+from minicpm_compress.models.architectures import quantizable_linears
+from minicpm_compress.models.source import ModelSource
+from minicpm_compress.quant.qweight import QuantScheme, quantize
+from minicpm_compress.state import ModelState
+
+from ..conftest import tiny_model
+
+
+def _state(tokenizer, scheme: QuantScheme | None, every: int = 1):
+    model = tiny_model("minicpm")
+    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    if scheme:
+        state.qweights = {n: quantize(l.weight, scheme)
+                          for i, (n, l) in enumerate(quantizable_linears(model).items()) if i % every == 0}
+    return state
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=4, group_size=32, symmetric=True), QuantScheme(bits=4, group_size=64),
+                                    QuantScheme(bits=8, group_size=None, symmetric=True), QuantScheme(bits=8, group_size=32)],
+                         ids=lambda s: s.describe())
+def test_blockwise_constants_are_our_codes_scales_and_zero_points(scheme):
+    q = quantize(torch.randn(24, 128) * 0.05, scheme)
+    c = blockwise_constants(q)
+    data, scale = torch.from_numpy(c["data"].astype("float32")), torch.from_numpy(c["scale"].astype("float32"))
+    offset = torch.from_numpy(c["offset"].astype("float32")) if "offset" in c else torch.zeros_like(scale)
+    block = 128 // scale.shape[1]
+    dequantized = scale.repeat_interleave(block, 1) * (data - offset.repeat_interleave(block, 1))
+    assert torch.equal(dequantized, q.dequantize())
+    from coremltools.converters.mil.mil import types
+
+    expected = {(4, True): "int4", (4, False): "uint4", (8, True): "int8", (8, False): "uint8"}
+    assert types.builtin_to_string(types.numpy_type_to_builtin_type(c["data"].dtype)) == expected[
+        scheme.bits, scheme.symmetric]
+
+
+def test_layouts_without_a_blockwise_form_are_not_taken_for_lossless():
+    w = torch.randn(8, 96)
+    assert not fits_coreml(quantize(w, QuantScheme(bits=4, group_size=64)), 4)  # 96 columns: a partial block
+    assert not fits_coreml(quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float")), 4)
+    assert not fits_coreml(quantize(w, QuantScheme(bits=8, group_size=32)), 4)
+    assert fits_coreml(quantize(w, QuantScheme(bits=4, group_size=None)), 4)
+
+
+def test_stateful_decoder_token_by_token_equals_full_recompute():
+    model = tiny_model("minicpm")
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        decoder = StatefulDecoder(model, context=16)
+        steps = [decoder(ids[:, :5].int(), causal_mask(5))]
+        for i in range(5, 9):
+            steps.append(decoder(ids[:, i:i + 1].int(), causal_mask(1, past=i)))
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def int4_package(tmp_path_factory, tokenizer):
+    # every second linear carries int4 g32 codes (lossless); the rest are quantized by the exporter
+    state = _state(tokenizer, QuantScheme(bits=4, group_size=32, symmetric=True), every=2)
+    folder = tmp_path_factory.mktemp("coreml") / "coreml-int4"
+    weights, paths = write_coreml(state, folder, CoreMLConfig(bits=4, context=32))
+    return state, folder, weights, paths
+
+
+def test_int4_package_holds_exactly_our_codes(int4_package):
+    from coremltools.converters.mil.mil import types
+
+    state, folder, weights, paths = int4_package
+    assert paths == {"lossless": 7, "requantized": 7}
+    stored, ops = read_back_weights(folder / PACKAGE_NAME)
+    assert ops[QUANTIZED_OP] == 14 and ops["linear"] == 15  # 14 decoder linears + the tied lm_head
+    assert {"read_state", "coreml_update_state", "slice_update"} <= set(ops)  # the KV cache is a Core ML state
+    program = read_program(folder / PACKAGE_NAME)
+    stored_types = {op.data.dtype for op in program.functions["main"].find_ops(op_type=QUANTIZED_OP)}
+    assert [types.builtin_to_string(t) for t in stored_types] == ["int4"]  # packed 4-bit, not widened
+    for name, q in weights.items():
+        assert torch.equal(stored[constant_name(name)], q.dequantize()), name
+        if name in state.qweights:
+            assert q is state.qweights[name]
+    assert all(q.scheme == QuantScheme(bits=4, group_size=32, symmetric=True) for q in weights.values())
+    read_back = read_back_model(state.model, stored, weights, folder / PACKAGE_NAME)
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        state.qweights = weights
+        assert torch.equal(read_back(ids).logits, state.evaluated_model()(ids).logits)
+
+
+def test_a_changed_weight_is_caught_on_read_back(int4_package):
+    state, folder, weights, _ = int4_package
+    stored, _ = read_back_weights(folder / PACKAGE_NAME)
+    name = next(iter(weights))
+    stored[constant_name(name)] = stored[constant_name(name)] * 1.001
+    with pytest.raises(CompressError, match=name.replace(".", r"\.")):
+        read_back_model(state.model, stored, weights, folder / PACKAGE_NAME)
+
+
+def test_package_is_byte_identical_when_written_again(int4_package, tmp_path):
+    state, folder, _, _ = int4_package
+    write_coreml(state, tmp_path / "again", CoreMLConfig(bits=4, context=32))
+
+    def digests(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert digests(folder) == digests(tmp_path / "again")
+
+
+def test_int8_asymmetric_codes_keep_their_zero_points(tokenizer, tmp_path):
+    state = _state(tokenizer, QuantScheme(bits=8, group_size=None))
+    weights, paths = write_coreml(state, tmp_path / "c8", CoreMLConfig(bits=8, context=32))
+    assert paths == {"lossless": 14, "requantized": 0}
+    stored, _ = read_back_weights(tmp_path / "c8" / PACKAGE_NAME)
+    for name, q in state.qweights.items():
+        assert torch.equal(stored[constant_name(name)], q.dequantize())
+
+
+def test_conversion_errors_name_the_op():
+    ct = _coremltools()
+
+    class Unsupported(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.erfinv(x) + 1
+
+    with pytest.raises(CompressError, match="cannot convert op 'erfinv'"):
+        convert_program(Unsupported(), (torch.rand(2, 3),), [ct.TensorType(name="x", shape=(2, 3))], [],
+                        [ct.TensorType(name="y")])
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions run only on macOS")
+def test_predictions_on_macos_match_torch(int4_package):  # pragma: no cover - needs a Mac
+    import numpy as np
+
+    ct = _coremltools()
+    state, folder, weights, _ = int4_package
+    mlmodel = ct.models.MLModel(str(folder / PACKAGE_NAME))
+    kv = mlmodel.make_state()
+    ids = np.random.default_rng(0).integers(0, 1000, (1, 8)).astype(np.int32)
+    out = mlmodel.predict({"input_ids": ids, "causal_mask": causal_mask(8).numpy().astype(np.float16)}, state=kv)
+    state.qweights = weights
+    with torch.no_grad():
+        expected = state.evaluated_model()(torch.from_numpy(ids).long()).logits
+    assert (torch.from_numpy(out["logits"].astype(np.float32)).argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
