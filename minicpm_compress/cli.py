@@ -303,12 +303,15 @@ def export_onnx(bits, block_size, int8, accuracy_level, **options):
               help="int4 blocks or int8 weights (the model's own codes when they fit, else RTN)")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size for linears quantized here")
 @click.option("--context", type=int, default=None, help="KV-cache state length, longest prompt + output (default 2048)")
+@click.option("--embeddings", type=click.Choice(["int8", "float16"]), default="int8", show_default=True,
+              help="token embedding (and untied lm_head) storage")
 @_reports_errors
-def export_coreml(bits, block_size, context, **options):
+def export_coreml(bits, block_size, context, embeddings, **options):
     """A stateful Core ML decoder (OUT/coreml-int4/model.mlpackage, iOS 18), its weights read back and measured."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "block_size": block_size, **({"context": context} if context else {})}
+    settings = {"bits": int(bits), "block_size": block_size, "embeddings": embeddings,
+                **({"context": context} if context else {})}
     recipe = build_recipe(**_recipe_fields(f"coreml-int{bits}", "coreml", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 

@@ -33,27 +33,36 @@ def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     assert "awq" in result.stdout and "status: PASSED" in result.stdout
     stages = json.loads((tmp_path / "ci/manifest.json").read_text())["stages"]
     names = [s["name"] for s in stages]
-    assert names == ["load", "rtn", "onnx", "rtn", "awq", "hf_awq", "gguf", "gguf", "qat", "gguf", "onnx", "evaluate"]
-    int8, onnx8, int4, awq, exported, q4_0, q8_0, qat, qat_q4_0, onnx4, zh = (s["metrics"] for s in stages[1:])
+    assert names == ["load", "rtn", "onnx", "coreml", "rtn", "awq", "hf_awq", "gguf", "gguf", "qat", "gguf", "onnx",
+                     "coreml", "evaluate"]
+    int8, onnx8, coreml8, int4, awq, exported, q4_0, q8_0, qat, qat_q4_0, onnx4, coreml4, zh = (
+        s["metrics"] for s in stages[1:])
     assert abs(int8["ppl_increase"]) < 0.02 and int8["top1"] > 0.9
     assert int4["ppl_increase"] > 0.05 and int4["kld"] > 10 * int8["kld"]
     assert awq["kld"] < int4["kld"] and awq["ppl_increase"] < int4["ppl_increase"]
     assert abs(exported["ppl"] - awq["ppl"]) / awq["ppl"] < 0.005
     # GGUF, measured in llama.cpp: Q4_0 holds the AWQ codes themselves, Q8_0 is requantized from float
-    assert stages[6]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
+    assert stages[7]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
     assert abs(q4_0["ppl"] - awq["ppl"]) / awq["ppl"] < 0.02 and q4_0["kld"] < 1.1 * awq["kld"]
-    assert q8_0["ppl_increase"] < 0.02 and stages[7]["details"]["tensors"]["requantized"] == 210
+    assert q8_0["ppl_increase"] < 0.02 and stages[8]["details"]["tensors"]["requantized"] == 210
     # QAT starts from every AWQ weight; six short steps must not make it worse; its codes export losslessly
-    assert stages[8]["details"]["initialised_from"] == {"given": 210, "rtn": 0}
+    assert stages[9]["details"]["initialised_from"] == {"given": 210, "rtn": 0}
     assert qat["kld"] < 1.02 * awq["kld"]
-    assert stages[9]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
+    assert stages[10]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
     assert abs(qat_q4_0["ppl"] - qat["ppl"]) / qat["ppl"] < 0.02
     # ONNX in onnxruntime: our int8 and int4 codes as MatMulNBits, measuring like the gated torch models
     assert stages[2]["details"]["linears"] == {"lossless": 210, "requantized": 0}
-    assert stages[10]["details"]["linears"] == {"lossless": 210, "requantized": 0}
+    assert stages[11]["details"]["linears"] == {"lossless": 210, "requantized": 0}
     assert abs(onnx8["ppl"] - int8["ppl"]) / int8["ppl"] < 0.002 and abs(onnx8["kld"] - int8["kld"]) < 1e-3
     assert abs(onnx4["ppl"] - qat["ppl"]) / qat["ppl"] < 0.002 and abs(onnx4["kld"] - qat["kld"]) < 2e-3
     assert (tmp_path / "ci/onnx-int4/genai_config.json").is_file() and (tmp_path / "ci/onnx-int4/tokenizer.json").is_file()
+    # Core ML: the same codes as blockwise constants (+ an int8 embedding), read back and measured in torch
+    for index, gated, metrics in ((3, int8, coreml8), (12, qat, coreml4)):
+        details = stages[index]["details"]
+        assert details["linears"] == {"lossless": 210, "requantized": 0, "embedding int8 per row": 1}
+        assert details["quantized_constants"] == 211 and "read back" in details["measured"]
+        assert abs(metrics["ppl"] - gated["ppl"]) / gated["ppl"] < 0.01 and metrics["kld"] < gated["kld"] + 0.01
+    assert details["bits_per_weight"] < 5.5 and (tmp_path / "ci/coreml-int4/model.mlpackage/Manifest.json").is_file()
     assert zh["tokens"] == 1022 and zh["ref_ppl"] != stages[0]["metrics"]["ref_ppl"]
 
 

@@ -17,7 +17,8 @@ Weights (recorded per path in the manifest):
     codes, float16 scales and zero points (the group size is the block size);
   * requantized: other linears are quantized by the project's quantizer (RTN) first, to int4 blocks of
     `block_size` or int8 per channel (symmetric).
-Embeddings and norms stay float16.
+The token embedding (and an untied lm_head) is quantized here to int8 per row unless `embeddings:
+float16`; norms stay float16.
 
 Checked on Linux without a Mac: the saved mlpackage is read back (spec + weight blob), its blockwise
 constants dequantized, loaded into the torch model and evaluated ("weights read back"), and every
@@ -43,13 +44,15 @@ from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..models.checkpoint import untied_state_dict
-from ..quant.qweight import QuantizedWeight, QuantScheme
+from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .weights import export_weights
 
 PACKAGE_NAME = "model.mlpackage"
 QUANTIZED_OP = "constexpr_blockwise_shift_scale"
 MASKED = -1e4  # float16-safe "do not attend" value for causal masks
+FLOAT16_MAX = 65504.0
+SQUARE_LIMIT = 256.0  # RMSNorm squares its input: in float16, x * x overflows once |x| reaches this
 
 
 def _head_dim(config) -> int:
@@ -147,8 +150,9 @@ def _conversion_error(e: Exception) -> CompressError:
     return CompressError(f"coreml: conversion failed: {first}")
 
 
-def convert_program(module: torch.nn.Module, example: tuple, inputs: list, states: list, outputs: list):
-    """Trace `module` and convert it to a float16 iOS 18 MIL program (not yet serialized)."""
+def convert_program(module: torch.nn.Module, example: tuple, inputs: list, states: list, outputs: list,
+                    precision: str = "float16"):
+    """Trace `module` and convert it to an iOS 18 MIL program computing in `precision` (not yet serialized)."""
     ct = _coremltools()
     from coremltools.converters.mil import Builder as mb
 
@@ -157,7 +161,7 @@ def convert_program(module: torch.nn.Module, example: tuple, inputs: list, state
         with torch.no_grad():
             traced = torch.jit.trace(module.eval(), example)
         return ct.convert(traced, inputs=inputs, outputs=outputs, states=states or None,
-                          minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+                          minimum_deployment_target=ct.target.iOS18, compute_precision=_precision(ct, precision),
                           convert_to="milinternal")
     except CompressError:
         raise
@@ -165,7 +169,11 @@ def convert_program(module: torch.nn.Module, example: tuple, inputs: list, state
         raise _conversion_error(e) from None
 
 
-def decoder_program(model: torch.nn.Module, context: int):
+def _precision(ct, precision: str):
+    return {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[precision]
+
+
+def decoder_program(model: torch.nn.Module, context: int, precision: str = "float16"):
     """The stateful decoder of `model` as a MIL program with KV-cache states of `context` tokens."""
     ct = _coremltools()
     wrapper = StatefulDecoder(model.eval(), context)
@@ -175,7 +183,8 @@ def decoder_program(model: torch.nn.Module, context: int):
                            name=name) for name in ("key_cache", "value_cache")]
     inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
               ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=np.float16)]
-    return convert_program(wrapper, example, inputs, states, [ct.TensorType(name="logits", dtype=np.float16)])
+    logits = ct.TensorType(name="logits", dtype=np.float16 if precision == "float16" else np.float32)
+    return convert_program(wrapper, example, inputs, states, [logits], precision)
 
 
 # --- our codes as Core ML blockwise constants ---------------------------------------------------------------
@@ -185,7 +194,7 @@ def fits_coreml(q: QuantizedWeight, bits: int) -> bool:
     return s.bits == bits and (s.symmetric or s.zero_point == "int") and q.shape[1] % q.group_size == 0
 
 
-def blockwise_constants(q: QuantizedWeight) -> dict[str, np.ndarray]:
+def blockwise_constants(q: QuantizedWeight, scale_dtype=np.float16) -> dict[str, np.ndarray]:
     """data / scale / offset for constexpr_blockwise_shift_scale: scale · (data − offset) = q.dequantize()."""
     from coremltools.converters.mil.mil import types
 
@@ -194,7 +203,7 @@ def blockwise_constants(q: QuantizedWeight) -> dict[str, np.ndarray]:
     bits, symmetric = q.scheme.bits, q.scheme.symmetric
     builtin = {(4, True): types.int4, (4, False): types.uint4, (8, True): types.int8, (8, False): types.uint8}
     dtype = types.nptype_from_builtin(builtin[bits, symmetric])
-    out = {"data": q.codes.numpy().astype(dtype), "scale": q.scales.numpy().astype(np.float16)}
+    out = {"data": q.codes.numpy().astype(dtype), "scale": q.scales.numpy().astype(scale_dtype)}
     if not symmetric:
         out["offset"] = q.zeros.numpy().astype(dtype)
     return out
@@ -209,31 +218,37 @@ def _weight_key(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float16).tobytes()).hexdigest()
 
 
-def quantize_linears(prog, weights: dict[str, tuple[torch.Tensor, QuantizedWeight]]) -> int:
-    """Swap the float16 weight constant of every linear in `weights` for our blockwise constant, in place."""
+def quantize_constants(prog, weights: dict[str, tuple[torch.Tensor, QuantizedWeight]]) -> int:
+    """Swap each weight constant equal to a weight in `weights` for our blockwise constant, in place.
+
+    Constants are matched by value (the converter names them after module paths, but nothing should
+    depend on that); every use of the constant is rewired, so a tied embedding serves its gather and lm_head.
+    """
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-    from coremltools.converters.mil.mil.scope import ScopeInfo
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
     by_value = {_weight_key(w.detach().numpy()): name for name, (w, _) in weights.items()}
-    replaced = set()
+    replaced = {}
     func = prog.functions["main"]
     with func:
-        for op in list(func.find_ops(op_type="linear")):
-            const = op.weight.op
-            name = by_value.get(_weight_key(op.weight.val)) if const.op_type == "const" else None
-            if name is None or name in replaced:
+        for op in list(func.find_ops(op_type="const")):
+            value = op.outputs[0].val
+            name = by_value.get(_weight_key(value)) if getattr(value, "ndim", 0) == 2 else None
+            if name is None:
                 continue
-            with mb.scope(*(ScopeInfo(source=k, data=v) for k, v in op.scopes.items())):  # keep the linear's scopes
-                new = mb.constexpr_blockwise_shift_scale(**blockwise_constants(weights[name][1]),
-                                                         name=constant_name(name), before_op=op)
-            op.enclosing_block.replace_uses_of_var_after_op(anchor_op=new.op, old_var=op.weight, new_var=new,
-                                                            no_check_var_types=True)
-            replaced.add(name)
-    missing = sorted(set(weights) - replaced)
+            if name not in replaced:
+                scopes = [ScopeInfo(source=k, data=v) for k, v in op.scopes.items()
+                          if k != ScopeSource.COREMLTOOLS_GRAPH_PASS]  # keep the module names
+                with mb.scope(*scopes):
+                    replaced[name] = mb.constexpr_blockwise_shift_scale(
+                        **blockwise_constants(weights[name][1], value.dtype), name=constant_name(name), before_op=op)
+            op.enclosing_block.replace_uses_of_var_after_op(anchor_op=replaced[name].op, old_var=op.outputs[0],
+                                                            new_var=replaced[name], no_check_var_types=True)
+    missing = sorted(set(weights) - set(replaced))
     if missing:
-        raise CompressError(f"coreml: no linear with the weight of '{missing[0]}' in the converted program "
-                            f"({len(missing)} linears unmatched)")
+        raise CompressError(f"coreml: no constant with the weight of '{missing[0]}' in the converted program "
+                            f"({len(missing)} weights unmatched)")
     PASS_REGISTRY["common::dead_code_elimination"](prog)
     return len(replaced)
 
@@ -265,11 +280,11 @@ def _make_deterministic(package: Path) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")  # as Core ML itself writes it
 
 
-def save_package(prog, path: Path, description: str, metadata: dict[str, str]) -> None:
+def save_package(prog, path: Path, description: str, metadata: dict[str, str], precision: str = "float16") -> None:
     ct = _coremltools()
     try:
         mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                             compute_precision=ct.precision.FLOAT16, pass_pipeline=ct.PassPipeline.EMPTY,
+                             compute_precision=_precision(ct, precision), pass_pipeline=ct.PassPipeline.EMPTY,
                              skip_model_load=True)
     except Exception as e:  # noqa: BLE001
         raise _conversion_error(e) from None
@@ -307,10 +322,62 @@ def read_back_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, in
     return weights, ops
 
 
+def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
+    """The largest |value| entering any RMSNorm and leaving any linear over `ids`, with the module's name."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    peaks = {"norm_input": {"module": None, "peak": 0.0}, "linear_output": {"module": None, "peak": 0.0}}
+
+    def hook(kind: str, name: str):
+        def record(module, inputs, output):
+            value = (inputs[0] if kind == "norm_input" else output).detach().abs().max().item()
+            if value > peaks[kind]["peak"]:
+                peaks[kind] = {"module": name, "peak": round(value, 3)}
+        return record
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(hook("linear_output", name)))
+        elif isinstance(module, LlamaRMSNorm) or type(module).__name__.endswith("RMSNorm"):
+            handles.append(module.register_forward_hook(hook("norm_input", name)))
+    try:
+        with torch.no_grad():
+            for chunk in ids.split(batch_size):
+                model(chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peaks
+
+
+def float16_overflow(peaks: dict[str, dict]) -> str | None:
+    """Why float16 compute would overflow on these activations (naming the module), or None."""
+    linear, norm = peaks["linear_output"], peaks["norm_input"]
+    if linear["peak"] >= FLOAT16_MAX:
+        return f"'{linear['module']}' outputs values up to {linear['peak']:.0f} (float16 max {FLOAT16_MAX:.0f})"
+    if norm["peak"] >= SQUARE_LIMIT:
+        return (f"'{norm['module']}' squares inputs up to {norm['peak']:.0f} "
+                f"(float16 x*x overflows from {SQUARE_LIMIT:.0f})")
+    return None
+
+
+def embedding_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module name → weight of the token embedding, and of the lm_head when it is not tied to it."""
+    found = {}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and all(module.weight is not w for w in found.values()):
+            found[next(n for n, m in model.named_modules() if m is module)] = module.weight
+    return found
+
+
 class CoreMLConfig(StageConfig):
     bits: Literal[4, 8] = Field(4, description="4: int4 blocks, 8: int8 (per channel when requantized)")
     block_size: int = Field(32, description="int4 block size for linears quantized here (multiple of 8)")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="KV-cache state length: the longest prompt + output")
+    embeddings: Literal["int8", "float16"] = Field(
+        "int8", description="token embedding (and untied lm_head): int8 per row (RTN here), or float16"
+    )
     folder: str | None = Field(None, description="folder in the output (default coreml-int4 / coreml-int8)")
 
     @model_validator(mode="after")
@@ -323,18 +390,24 @@ class CoreMLConfig(StageConfig):
         return QuantScheme(bits=self.bits, group_size=self.block_size if self.bits == 4 else None, symmetric=True)
 
 
-def write_coreml(state, folder: Path, config: CoreMLConfig) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
+def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["float16", "float32"]
+                 ) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
     """Write model.mlpackage (+ tokenizer files) into `folder`; return the weights written and path counts."""
     weights, paths = export_weights(state, config.requantize_scheme(), lambda q: fits_coreml(q, config.bits))
-    prog = decoder_program(state.model, config.context)
-    quantize_linears(prog, weights)
+    if config.embeddings == "int8":
+        for name, weight in embedding_matrices(state.model).items():
+            weights[name] = (weight, quantize(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
+            paths["embedding int8 per row"] = paths.get("embedding int8 per row", 0) + 1
+    prog = decoder_program(state.model, config.context, precision)
+    quantize_constants(prog, weights)
     folder.mkdir(parents=True, exist_ok=True)
     c = state.model.config
     metadata = {"producer": "minicpm-compress", "architecture": c.model_type, "bits": str(config.bits),
+                "precision": precision,
                 "context": str(config.context), "inputs": "input_ids [1,S] int32; causal_mask [1,1,S,P+S] float16",
                 "states": "key_cache, value_cache [layers,1,kv_heads,context,head_dim] float16"}
     save_package(prog, folder / PACKAGE_NAME, f"{c.model_type} decoder, int{config.bits} weights, stateful KV cache",
-                 metadata)
+                 metadata, precision)
     state.tokenizer.save_pretrained(str(folder))
     return {name: q for name, (_, q) in weights.items()}, paths
 
@@ -363,7 +436,14 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     folder = ctx.out_dir / (config.folder or f"coreml-{kind}")
     if folder.exists():
         shutil.rmtree(folder)
-    weights, paths = write_coreml(state, folder, config)
+    peaks = activation_peaks(state.evaluated_model(), ctx.calibration(state.tokenizer, n_samples=8))
+    problem = float16_overflow(peaks)
+    precision = config.precision
+    if precision == "auto":
+        precision = "float32" if problem else "float16"
+    elif precision == "float16" and problem:
+        raise CompressError(f"coreml: float16 compute would overflow: {problem}; use precision float32 (or auto)")
+    weights, paths = write_coreml(state, folder, config, precision)
     package = folder / PACKAGE_NAME
     stored, ops = read_back_weights(package)
     model = read_back_model(state.model, stored, weights, package)
@@ -374,8 +454,10 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     kv = kv_cache_bytes(state.model.config, config.context)
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
     details = {
-        "summary": f"{folder.name}/{PACKAGE_NAME}, {size * 8 / params:.2f} bits/weight, {path_text}, weights read back",
+        "summary": f"{folder.name}/{PACKAGE_NAME}, {size * 8 / params:.2f} bits/weight, {path_text}, "
+                   f"{precision} compute, weights read back",
         "bits": config.bits, "block_size": config.block_size, "context": config.context,
+        "precision": precision, "float16_check": {**peaks, "overflow": problem},
         "linears": paths, "quantized_constants": ops.get(QUANTIZED_OP, 0),
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,

@@ -8,14 +8,17 @@ from minicpm_compress.errors import CompressError
 from minicpm_compress.export.coreml import (
     PACKAGE_NAME,
     QUANTIZED_OP,
+    SQUARE_LIMIT,
     CoreMLConfig,
     StatefulDecoder,
     _coremltools,
+    activation_peaks,
     blockwise_constants,
     causal_mask,
     constant_name,
     convert_program,
     fits_coreml,
+    float16_overflow,
     read_back_model,
     read_back_weights,
     read_program,
@@ -29,8 +32,8 @@ from minicpm_compress.state import ModelState
 from ..conftest import tiny_model
 
 
-def _state(tokenizer, scheme: QuantScheme | None, every: int = 1):
-    model = tiny_model("minicpm")
+def _state(tokenizer, scheme: QuantScheme | None, every: int = 1, **overrides):
+    model = tiny_model("minicpm", **overrides)
     state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
     if scheme:
         state.qweights = {n: quantize(l.weight, scheme)
@@ -81,7 +84,7 @@ def int4_package(tmp_path_factory, tokenizer):
     # every second linear carries int4 g32 codes (lossless); the rest are quantized by the exporter
     state = _state(tokenizer, QuantScheme(bits=4, group_size=32, symmetric=True), every=2)
     folder = tmp_path_factory.mktemp("coreml") / "coreml-int4"
-    weights, paths = write_coreml(state, folder, CoreMLConfig(bits=4, context=32))
+    weights, paths = write_coreml(state, folder, CoreMLConfig(bits=4, context=32), "float16")
     return state, folder, weights, paths
 
 
@@ -89,18 +92,23 @@ def test_int4_package_holds_exactly_our_codes(int4_package):
     from coremltools.converters.mil.mil import types
 
     state, folder, weights, paths = int4_package
-    assert paths == {"lossless": 7, "requantized": 7}
+    assert paths == {"lossless": 7, "requantized": 7, "embedding int8 per row": 1}
     stored, ops = read_back_weights(folder / PACKAGE_NAME)
-    assert ops[QUANTIZED_OP] == 14 and ops["linear"] == 15  # 14 decoder linears + the tied lm_head
+    # 14 decoder linears + the embedding, which the gather and the tied lm_head (15th linear) share
+    assert ops[QUANTIZED_OP] == 15 and ops["linear"] == 15
     assert {"read_state", "coreml_update_state", "slice_update"} <= set(ops)  # the KV cache is a Core ML state
     program = read_program(folder / PACKAGE_NAME)
-    stored_types = {op.data.dtype for op in program.functions["main"].find_ops(op_type=QUANTIZED_OP)}
-    assert [types.builtin_to_string(t) for t in stored_types] == ["int4"]  # packed 4-bit, not widened
+    stored_types = {op.name: types.builtin_to_string(op.data.dtype)
+                    for op in program.functions["main"].find_ops(op_type=QUANTIZED_OP)}
+    assert stored_types.pop(constant_name("model.embed_tokens")) == "int8"
+    assert set(stored_types.values()) == {"int4"}  # packed 4-bit, not widened
     for name, q in weights.items():
         assert torch.equal(stored[constant_name(name)], q.dequantize()), name
         if name in state.qweights:
             assert q is state.qweights[name]
-    assert all(q.scheme == QuantScheme(bits=4, group_size=32, symmetric=True) for q in weights.values())
+    assert weights["model.embed_tokens"].scheme == QuantScheme(bits=8, group_size=None, symmetric=True)
+    assert all(q.scheme == QuantScheme(bits=4, group_size=32, symmetric=True)
+               for name, q in weights.items() if name != "model.embed_tokens")
     read_back = read_back_model(state.model, stored, weights, folder / PACKAGE_NAME)
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
@@ -119,7 +127,7 @@ def test_a_changed_weight_is_caught_on_read_back(int4_package):
 
 def test_package_is_byte_identical_when_written_again(int4_package, tmp_path):
     state, folder, _, _ = int4_package
-    write_coreml(state, tmp_path / "again", CoreMLConfig(bits=4, context=32))
+    write_coreml(state, tmp_path / "again", CoreMLConfig(bits=4, context=32), "float16")
 
     def digests(root):
         return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -129,12 +137,41 @@ def test_package_is_byte_identical_when_written_again(int4_package, tmp_path):
 
 
 def test_int8_asymmetric_codes_keep_their_zero_points(tokenizer, tmp_path):
-    state = _state(tokenizer, QuantScheme(bits=8, group_size=None))
-    weights, paths = write_coreml(state, tmp_path / "c8", CoreMLConfig(bits=8, context=32))
+    state = _state(tokenizer, QuantScheme(bits=8, group_size=None), tie_word_embeddings=False)
+    weights, paths = write_coreml(state, tmp_path / "c8", CoreMLConfig(bits=8, context=32, embeddings="float16"), "float32")
     assert paths == {"lossless": 14, "requantized": 0}
-    stored, _ = read_back_weights(tmp_path / "c8" / PACKAGE_NAME)
+    stored, ops = read_back_weights(tmp_path / "c8" / PACKAGE_NAME)
+    assert ops[QUANTIZED_OP] == 14  # embedding and the untied lm_head left unquantized
     for name, q in state.qweights.items():
         assert torch.equal(stored[constant_name(name)], q.dequantize())
+    program = read_program(tmp_path / "c8" / PACKAGE_NAME)  # float32 compute: float32 scales, float32 logits
+    assert {str(op.scale.val.dtype) for op in program.functions["main"].find_ops(op_type=QUANTIZED_OP)} == {"float32"}
+    from coremltools.converters.mil.mil import types
+
+    assert types.builtin_to_string(program.functions["main"].outputs[0].dtype) == "fp32"
+
+
+def test_float16_check_names_the_module_that_would_overflow():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 1000, (2, 16))
+    peaks = activation_peaks(model, ids)
+    assert 0 < peaks["norm_input"]["peak"] < SQUARE_LIMIT and float16_overflow(peaks) is None
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e5)
+    peaks = activation_peaks(model, ids)
+    assert peaks["linear_output"]["module"] == "model.layers.0.mlp.down_proj"
+    assert "'model.layers.0.mlp.down_proj' outputs values up to" in float16_overflow(peaks)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e-2)  # fits float16, but its square does not
+    assert "squares inputs" in float16_overflow(activation_peaks(model, ids))
+
+
+def test_untied_lm_head_gets_its_own_int8_constant(tokenizer, tmp_path):
+    state = _state(tokenizer, None, tie_word_embeddings=False)
+    weights, paths = write_coreml(state, tmp_path / "c4", CoreMLConfig(bits=4, context=32), "float16")
+    assert paths == {"lossless": 0, "requantized": 14, "embedding int8 per row": 2}
+    stored, _ = read_back_weights(tmp_path / "c4" / PACKAGE_NAME)
+    assert torch.equal(stored[constant_name("lm_head")], weights["lm_head"].dequantize())
 
 
 def test_conversion_errors_name_the_op():
