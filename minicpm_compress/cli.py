@@ -305,12 +305,14 @@ def export_onnx(bits, block_size, int8, accuracy_level, **options):
 @click.option("--context", type=int, default=None, help="KV-cache state length, longest prompt + output (default 2048)")
 @click.option("--embeddings", type=click.Choice(["int8", "float16"]), default="int8", show_default=True,
               help="token embedding (and untied lm_head) storage")
+@click.option("--precision", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
+              help="compute precision; auto: float16 unless the measured activations would overflow it")
 @_reports_errors
-def export_coreml(bits, block_size, context, embeddings, **options):
+def export_coreml(bits, block_size, context, embeddings, precision, **options):
     """A stateful Core ML decoder (OUT/coreml-int4/model.mlpackage, iOS 18), its weights read back and measured."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "block_size": block_size, "embeddings": embeddings,
+    settings = {"bits": int(bits), "block_size": block_size, "embeddings": embeddings, "precision": precision,
                 **({"context": context} if context else {})}
     recipe = build_recipe(**_recipe_fields(f"coreml-int{bits}", "coreml", settings, options))
     _run(recipe, options["out"], options["overwrite"])

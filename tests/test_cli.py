@@ -1,5 +1,6 @@
 import json
 
+import torch
 from click.testing import CliRunner
 
 from minicpm_compress.cli import main
@@ -91,6 +92,44 @@ def test_export_gguf_from_an_output_folder(tmp_path, tiny_checkpoint):
     assert abs(export["metrics"]["kld"] - quantized["kld"]) < 0.25 * quantized["kld"] + 1e-3
     [artifact] = manifest["artifacts"]
     assert artifact["path"] == "model-Q4_0.gguf" and (tmp_path / "g/model-Q4_0.gguf").stat().st_size == artifact["bytes"]
+
+
+def test_export_coreml_from_an_output_folder(tmp_path, tiny_checkpoint):
+    source = tiny_checkpoint("minicpm")
+    assert _run("rtn", "--model", source, "--bits", "8", "--eval-tokens", "512", "--out", tmp_path / "q").exit_code == 0
+    result = _run("export", "coreml", "--model", tmp_path / "q", "--bits", "8", "--context", "64",
+                  "--eval-tokens", "512", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "c/manifest.json").read_text())
+    details, metrics = manifest["stages"][1]["details"], manifest["stages"][1]["metrics"]
+    assert details["linears"] == {"lossless": 14, "requantized": 0, "embedding int8 per row": 1}
+    assert details["precision"] == "float16" and details["float16_check"]["overflow"] is None
+    quantized = json.loads((tmp_path / "q/manifest.json").read_text())["stages"][1]["metrics"]
+    assert abs(metrics["ppl"] - quantized["ppl"]) / quantized["ppl"] < 0.01  # + the int8 embedding only
+    paths = {a["path"] for a in manifest["artifacts"]}
+    assert "coreml-int8/model.mlpackage/Data/com.apple.CoreML/weights/weight.bin" in paths
+    assert "coreml-int8/tokenizer.json" in paths
+
+
+def test_export_coreml_refuses_float16_that_would_overflow(tmp_path, tokenizer):
+    from minicpm_compress.models.checkpoint import save_checkpoint
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e5)  # a "massive activation" beyond float16
+    save_checkpoint(model, tokenizer, tmp_path / "loud")
+    forced = _run("export", "coreml", "--model", tmp_path / "loud", "--precision", "float16", "--context", "64",
+                  "--eval-tokens", "512", "--out", tmp_path / "c16")
+    assert forced.exit_code != 0 and not (tmp_path / "c16").exists()
+    assert "'model.layers.0.mlp.down_proj' outputs values up to" in forced.stderr
+    assert forced.stderr.strip().splitlines()[-1].startswith("error: coreml: float16 compute would overflow")
+    auto = _run("export", "coreml", "--model", tmp_path / "loud", "--context", "64", "--eval-tokens", "512",
+                "--out", tmp_path / "c32")
+    assert auto.exit_code == 0, auto.stderr
+    details = json.loads((tmp_path / "c32/manifest.json").read_text())["stages"][1]["details"]
+    assert details["precision"] == "float32" and "down_proj" in details["float16_check"]["overflow"]
 
 
 def test_ci_prune_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):

@@ -12,9 +12,9 @@ length, P = 0) and then decodes one token at a time (S = 1) against the same sta
 keeps transformers' mask code out of the traced graph.
 
 Weights (recorded per path in the manifest):
-  * lossless: every decoder linear whose quantized weight fits (same bits, symmetric or integer zero
-    points, groups that divide the row) becomes a `constexpr_blockwise_shift_scale` holding **our**
-    codes, float16 scales and zero points (the group size is the block size);
+  * lossless: every decoder linear whose quantized weight fits (same bits; symmetric or integer zero
+    points; any group size) becomes a `constexpr_blockwise_shift_scale` holding **our** codes, scales
+    and zero points (block = gcd(group, row); a group spanning several blocks repeats its scale);
   * requantized: other linears are quantized by the project's quantizer (RTN) first, to int4 blocks of
     `block_size` or int8 per channel (symmetric).
 The token embedding (and an untied lm_head) is quantized here to int8 per row unless `embeddings:
@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -191,21 +192,28 @@ def decoder_program(model: torch.nn.Module, context: int, precision: str = "floa
 
 def fits_coreml(q: QuantizedWeight, bits: int) -> bool:
     s = q.scheme
-    return s.bits == bits and (s.symmetric or s.zero_point == "int") and q.shape[1] % q.group_size == 0
+    return s.bits == bits and (s.symmetric or s.zero_point == "int")
 
 
 def blockwise_constants(q: QuantizedWeight, scale_dtype=np.float16) -> dict[str, np.ndarray]:
-    """data / scale / offset for constexpr_blockwise_shift_scale: scale · (data − offset) = q.dequantize()."""
+    """data / scale / offset for constexpr_blockwise_shift_scale: scale · (data − offset) = q.dequantize().
+
+    Core ML blocks must divide the row, so the block is gcd(group, row); a group holding several blocks
+    repeats its scale (e.g. groups of 128 on 576-wide rows become blocks of 64, exactly).
+    """
     from coremltools.converters.mil.mil import types
 
     if not fits_coreml(q, q.scheme.bits):
-        raise ValueError(f"{q.scheme.describe()} with {q.shape[1]} columns has no Core ML blockwise layout")
+        raise ValueError(f"{q.scheme.describe()} has no Core ML blockwise form (float zero points)")
     bits, symmetric = q.scheme.bits, q.scheme.symmetric
+    cols = q.shape[1]
+    block = math.gcd(min(q.group_size, cols), cols)
+    which = (np.arange(cols // block) * block) // q.group_size  # the group each block lies in
     builtin = {(4, True): types.int4, (4, False): types.uint4, (8, True): types.int8, (8, False): types.uint8}
     dtype = types.nptype_from_builtin(builtin[bits, symmetric])
-    out = {"data": q.codes.numpy().astype(dtype), "scale": q.scales.numpy().astype(scale_dtype)}
+    out = {"data": q.codes.numpy().astype(dtype), "scale": q.scales.numpy()[:, which].astype(scale_dtype)}
     if not symmetric:
-        out["offset"] = q.zeros.numpy().astype(dtype)
+        out["offset"] = q.zeros.numpy()[:, which].astype(dtype)
     return out
 
 
@@ -377,6 +385,9 @@ class CoreMLConfig(StageConfig):
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="KV-cache state length: the longest prompt + output")
     embeddings: Literal["int8", "float16"] = Field(
         "int8", description="token embedding (and untied lm_head): int8 per row (RTN here), or float16"
+    )
+    precision: Literal["auto", "float16", "float32"] = Field(
+        "auto", description="compute precision; auto: float16 (Neural Engine) unless the measured activations overflow it"
     )
     folder: str | None = Field(None, description="folder in the output (default coreml-int4 / coreml-int8)")
 

@@ -42,14 +42,16 @@ def _state(tokenizer, scheme: QuantScheme | None, every: int = 1, **overrides):
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme(bits=4, group_size=32, symmetric=True), QuantScheme(bits=4, group_size=64),
+                                    QuantScheme(bits=4, group_size=128, symmetric=True),  # 192 columns: 1.5 groups
                                     QuantScheme(bits=8, group_size=None, symmetric=True), QuantScheme(bits=8, group_size=32)],
                          ids=lambda s: s.describe())
 def test_blockwise_constants_are_our_codes_scales_and_zero_points(scheme):
-    q = quantize(torch.randn(24, 128) * 0.05, scheme)
+    q = quantize(torch.randn(24, 192) * 0.05, scheme)
     c = blockwise_constants(q)
     data, scale = torch.from_numpy(c["data"].astype("float32")), torch.from_numpy(c["scale"].astype("float32"))
     offset = torch.from_numpy(c["offset"].astype("float32")) if "offset" in c else torch.zeros_like(scale)
-    block = 128 // scale.shape[1]
+    assert 192 % scale.shape[1] == 0
+    block = 192 // scale.shape[1]
     dequantized = scale.repeat_interleave(block, 1) * (data - offset.repeat_interleave(block, 1))
     assert torch.equal(dequantized, q.dequantize())
     from coremltools.converters.mil.mil import types
@@ -61,7 +63,7 @@ def test_blockwise_constants_are_our_codes_scales_and_zero_points(scheme):
 
 def test_layouts_without_a_blockwise_form_are_not_taken_for_lossless():
     w = torch.randn(8, 96)
-    assert not fits_coreml(quantize(w, QuantScheme(bits=4, group_size=64)), 4)  # 96 columns: a partial block
+    assert fits_coreml(quantize(w, QuantScheme(bits=4, group_size=64)), 4)  # 96 columns: blocks of 32
     assert not fits_coreml(quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float")), 4)
     assert not fits_coreml(quantize(w, QuantScheme(bits=8, group_size=32)), 4)
     assert fits_coreml(quantize(w, QuantScheme(bits=4, group_size=None)), 4)
