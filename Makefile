@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/qat.py > out/bench-qat.json
 	$(BIN)/python bench/prune.py > out/bench-prune.json
 	$(BIN)/python bench/onnx_export.py > out/bench-onnx.json
+	$(BIN)/python bench/coreml_export.py > out/bench-coreml.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

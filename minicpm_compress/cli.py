@@ -303,7 +303,7 @@ def export_onnx(bits, block_size, int8, accuracy_level, **options):
               help="int4 blocks or int8 weights (the model's own codes when they fit, else RTN)")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size for linears quantized here")
 @click.option("--context", type=int, default=None, help="KV-cache state length, longest prompt + output (default 2048)")
-@click.option("--embeddings", type=click.Choice(["int8", "float16"]), default="int8", show_default=True,
+@click.option("--embeddings", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
               help="token embedding (and untied lm_head) storage")
 @click.option("--precision", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
               help="compute precision; auto: float16 unless the measured activations would overflow it")

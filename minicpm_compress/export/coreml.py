@@ -1,11 +1,15 @@
 """Core ML export: a stateful (iOS 18 / macOS 15) decoder mlpackage whose linears hold our quantized codes.
 
-The program comes from coremltools' torch converter (mlprogram, float16 compute) applied to the model
+The program comes from coremltools' torch converter (mlprogram) applied to the model
 itself behind a small wrapper, so MiniCPM's muP scalings are in the graph:
 
-  inputs   input_ids [1, S] int32, causal_mask [1, 1, S, P+S] float16 (0 = attend, -inf/-1e4 = masked)
+  inputs   input_ids [1, S] int32, causal_mask [1, 1, S, P+S] float16 (0 = attend, -1e4 = masked)
   states   key_cache, value_cache [layers, 1, kv_heads, context, head_dim] float16 (Core ML states)
-  output   logits [1, S, vocab] float16
+  output   logits [1, S, vocab] (float16, or float32 with float32 compute)
+
+Compute precision: float16 (what the Neural Engine runs) only when a range check on calibration text
+passes: no linear output at or above float16's 65,504 and no RMSNorm input at or above 256 (the norm
+squares it). Otherwise float32 (CPU/GPU), or an error if float16 was asked for.
 
 The cache length P is the mask's last dimension minus S, so an app prefills a prompt (S = prompt
 length, P = 0) and then decodes one token at a time (S = 1) against the same state. The explicit mask
@@ -18,7 +22,7 @@ Weights (recorded per path in the manifest):
   * requantized: other linears are quantized by the project's quantizer (RTN) first, to int4 blocks of
     `block_size` or int8 per channel (symmetric).
 The token embedding (and an untied lm_head) is quantized here to int8 per row unless `embeddings:
-float16`; norms stay float16.
+float`; norms stay float.
 
 Checked on Linux without a Mac: the saved mlpackage is read back (spec + weight blob), its blockwise
 constants dequantized, loaded into the torch model and evaluated ("weights read back"), and every
@@ -331,10 +335,11 @@ def read_back_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, in
 
 
 def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
-    """The largest |value| entering any RMSNorm and leaving any linear over `ids`, with the module's name."""
+    """The largest |value| entering any RMSNorm, leaving any linear, and leaving k_proj/v_proj (what the
+    float16 KV-cache states hold) over `ids`, each with its module's name."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    peaks = {"norm_input": {"module": None, "peak": 0.0}, "linear_output": {"module": None, "peak": 0.0}}
+    peaks = {kind: {"module": None, "peak": 0.0} for kind in ("norm_input", "linear_output", "kv_output")}
 
     def hook(kind: str, name: str):
         def record(module, inputs, output):
@@ -347,6 +352,8 @@ def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_hook(hook("linear_output", name)))
+            if name.endswith(("k_proj", "v_proj")):
+                handles.append(module.register_forward_hook(hook("kv_output", name)))
         elif isinstance(module, LlamaRMSNorm) or type(module).__name__.endswith("RMSNorm"):
             handles.append(module.register_forward_hook(hook("norm_input", name)))
     try:
@@ -383,8 +390,8 @@ class CoreMLConfig(StageConfig):
     bits: Literal[4, 8] = Field(4, description="4: int4 blocks, 8: int8 (per channel when requantized)")
     block_size: int = Field(32, description="int4 block size for linears quantized here (multiple of 8)")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="KV-cache state length: the longest prompt + output")
-    embeddings: Literal["int8", "float16"] = Field(
-        "int8", description="token embedding (and untied lm_head): int8 per row (RTN here), or float16"
+    embeddings: Literal["int8", "float"] = Field(
+        "int8", description="token embedding (and untied lm_head): int8 per row (RTN here), or float (compute precision)"
     )
     precision: Literal["auto", "float16", "float32"] = Field(
         "auto", description="compute precision; auto: float16 (Neural Engine) unless the measured activations overflow it"
@@ -454,6 +461,9 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
         precision = "float32" if problem else "float16"
     elif precision == "float16" and problem:
         raise CompressError(f"coreml: float16 compute would overflow: {problem}; use precision float32 (or auto)")
+    if peaks["kv_output"]["peak"] >= FLOAT16_MAX:  # Core ML states are float16 whatever the compute precision
+        raise CompressError(f"coreml: '{peaks['kv_output']['module']}' outputs {peaks['kv_output']['peak']:.0f}, "
+                            "beyond the float16 KV-cache state")
     weights, paths = write_coreml(state, folder, config, precision)
     package = folder / PACKAGE_NAME
     stored, ops = read_back_weights(package)

@@ -140,7 +140,7 @@ def test_package_is_byte_identical_when_written_again(int4_package, tmp_path):
 
 def test_int8_asymmetric_codes_keep_their_zero_points(tokenizer, tmp_path):
     state = _state(tokenizer, QuantScheme(bits=8, group_size=None), tie_word_embeddings=False)
-    weights, paths = write_coreml(state, tmp_path / "c8", CoreMLConfig(bits=8, context=32, embeddings="float16"), "float32")
+    weights, paths = write_coreml(state, tmp_path / "c8", CoreMLConfig(bits=8, context=32, embeddings="float"), "float32")
     assert paths == {"lossless": 14, "requantized": 0}
     stored, ops = read_back_weights(tmp_path / "c8" / PACKAGE_NAME)
     assert ops[QUANTIZED_OP] == 14  # embedding and the untied lm_head left unquantized
@@ -158,6 +158,8 @@ def test_float16_check_names_the_module_that_would_overflow():
     ids = torch.randint(0, 1000, (2, 16))
     peaks = activation_peaks(model, ids)
     assert 0 < peaks["norm_input"]["peak"] < SQUARE_LIMIT and float16_overflow(peaks) is None
+    assert peaks["kv_output"]["module"].endswith(("k_proj", "v_proj"))
+    assert 0 < peaks["kv_output"]["peak"] <= peaks["linear_output"]["peak"]
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(1e5)
     peaks = activation_peaks(model, ids)
