@@ -63,7 +63,9 @@ def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
         assert details["linears"] == {"lossless": 210, "requantized": 0, "embedding int8 per row": 1}
         assert details["quantized_constants"] == 211 and "read back" in details["measured"]
         assert abs(metrics["ppl"] - gated["ppl"]) / gated["ppl"] < 0.01 and metrics["kld"] < gated["kld"] + 0.01
-    assert details["bits_per_weight"] < 5.5 and (tmp_path / "ci/coreml-int4/model.mlpackage/Manifest.json").is_file()
+    # this model's massive activations overflow float16: float32 compute is chosen (float32 scales: 5.72 bits/weight)
+    assert details["precision"] == "float32" and "down_proj" in details["float16_check"]["overflow"]
+    assert details["bits_per_weight"] < 6 and (tmp_path / "ci/coreml-int4/model.mlpackage/Manifest.json").is_file()
     assert zh["tokens"] == 1022 and zh["ref_ppl"] != stages[0]["metrics"]["ref_ppl"]
 
 
