@@ -59,7 +59,8 @@ def test_a_crash_leaves_no_output_and_keeps_the_old_one(tmp_path, tiny_checkpoin
 
 
 def test_same_recipe_twice_gives_identical_manifests_and_artifacts(tmp_path, tiny_checkpoint):
-    recipe = _recipe(tmp_path, tiny_checkpoint("minicpm"), "  - rtn: {bits: 4, group_size: 32, symmetric: true}\n")
+    recipe = _recipe(tmp_path, tiny_checkpoint("minicpm"), "  - rtn: {bits: 4, group_size: 32, symmetric: true}\n"
+                                                            "  - coreml: {bits: 4, context: 32}\n")
     manifests = []
     for name in ("a", "b"):
         assert _run("run", recipe, "--out", tmp_path / name).exit_code == 0
@@ -68,7 +69,9 @@ def test_same_recipe_twice_gives_identical_manifests_and_artifacts(tmp_path, tin
             stage.pop("wall_s")
         manifests.append(manifest)
     assert manifests[0] == manifests[1]
-    assert {a["path"] for a in manifests[0]["artifacts"]} >= {"model/model.safetensors", "quantized.safetensors"}
+    assert {a["path"] for a in manifests[0]["artifacts"]} >= {
+        "model/model.safetensors", "quantized.safetensors", "coreml-int4/model.mlpackage/Manifest.json",
+        "coreml-int4/model.mlpackage/Data/com.apple.CoreML/model.mlmodel"}
     assert (tmp_path / "a/report.md").read_text().split("## Recipe")[1] == (tmp_path / "b/report.md").read_text().split("## Recipe")[1]
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -122,6 +123,8 @@ def _coremltools():
     ("only 0-dimensional arrays can be converted to Python scalars"); the fix takes the element first.
     """
     global _COMPAT_DONE
+    # its import warns that torch 2.13 is untested and, off macOS, that the prediction library is missing
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
     import coremltools as ct
 
     if not _COMPAT_DONE:
