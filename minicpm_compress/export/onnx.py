@@ -286,7 +286,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "summary": f"{folder.name}/model.onnx, {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
         "bits": config.bits, "block_size": config.block_size,
         "int8": config.int8 if config.bits == 8 else None,
-        "accuracy_level": config.accuracy_level if config.bits != 32 else None,
+        "accuracy_level": config.accuracy_level if "lossless" in paths else None,  # MatMulNBits graphs only
         "linears": paths,
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},
