@@ -117,12 +117,18 @@ def test_dynamic_int8_is_recorded_and_close_to_float(tmp_path, tokenizer):
     state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
     paths = write_onnx(state, tmp_path / "d", OnnxConfig(bits=8, int8="dynamic"))
     assert paths == {"dynamic int8 (onnxruntime)": 14}
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "d/model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 14  # every decoder linear; attention and the tied lm_head stay float
     ids = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids).logits
     ours = OnnxRunner(tmp_path / "d/model.onnx", model.config).logits(ids)
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
-    assert (ours - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    # onnxruntime's int8 kernels differ by CPU (AVX2 without VNNI sums pairs in int16): the largest error
+    # measured 0.106 × max|logit| on such a CPU and under 0.1 × on CI's; wrong weights give ~1×
+    assert (ours - ref).abs().max().item() < 0.2 * ref.abs().max().item()
 
 
 def test_accuracy_level_4_is_written_and_stays_close(tmp_path, int4_folder):
