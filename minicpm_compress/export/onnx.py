@@ -241,6 +241,11 @@ class OnnxConfig(StageConfig):
             raise ValueError("block_size must be 16, 32, 64, 128 or 256")
         return self
 
+    @property
+    def matmul_nbits(self) -> bool:
+        """Whether the graph's linears are MatMulNBits (not a float graph, not onnxruntime's dynamic int8)."""
+        return self.bits != 32 and not (self.bits == 8 and self.int8 == "dynamic")
+
 
 def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
     """Write model.onnx (+ genai_config.json and tokenizer files) into `folder`; return the path counts."""
@@ -249,9 +254,14 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     export_float(state.model, path)
-    if config.bits == 32:
+    if config.matmul_nbits:
+        scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
+        weights, paths = export_weights(
+            state, scheme, lambda q: q.scheme.bits == config.bits and fits_matmul_nbits(q, config.block_size))
+        to_matmul_nbits(path, weights, config.block_size, config.accuracy_level)
+    elif config.bits == 32:
         paths = {"float": len(quantizable_linears(state.model))}
-    elif config.bits == 8 and config.int8 == "dynamic":
+    else:  # int8: dynamic
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         dynamic = folder / ".model.dynamic.onnx"
@@ -259,11 +269,6 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
                          extra_options={"MatMulConstBOnly": True})
         dynamic.replace(path)
         paths = {"dynamic int8 (onnxruntime)": len(quantizable_linears(state.model))}
-    else:
-        scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
-        weights, paths = export_weights(
-            state, scheme, lambda q: q.scheme.bits == config.bits and fits_matmul_nbits(q, config.block_size))
-        to_matmul_nbits(path, weights, config.block_size, config.accuracy_level)
     write_genai_files(state, folder)
     return paths
 
@@ -286,7 +291,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "summary": f"{folder.name}/model.onnx, {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
         "bits": config.bits, "block_size": config.block_size,
         "int8": config.int8 if config.bits == 8 else None,
-        "accuracy_level": config.accuracy_level if "lossless" in paths else None,  # MatMulNBits graphs only
+        "accuracy_level": config.accuracy_level if config.matmul_nbits else None,
         "linears": paths,
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},

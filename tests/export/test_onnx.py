@@ -1,4 +1,5 @@
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -62,8 +63,6 @@ def int4_folder(tmp_path_factory, tokenizer):
 
 
 def test_int4_graph_holds_our_codes_and_computes_like_the_gated_torch_model(int4_folder):
-    import onnx
-
     state, folder, paths = int4_folder
     assert paths == {"lossless": 14, "requantized": 0}
     ops = [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]
@@ -117,8 +116,6 @@ def test_dynamic_int8_is_recorded_and_close_to_float(tmp_path, tokenizer):
     state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
     paths = write_onnx(state, tmp_path / "d", OnnxConfig(bits=8, int8="dynamic"))
     assert paths == {"dynamic int8 (onnxruntime)": 14}
-    import onnx
-
     ops = [n.op_type for n in onnx.load(str(tmp_path / "d/model.onnx")).graph.node]
     assert ops.count("MatMulInteger") == 14  # every decoder linear; attention and the tied lm_head stay float
     ids = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(2))
@@ -132,8 +129,6 @@ def test_dynamic_int8_is_recorded_and_close_to_float(tmp_path, tokenizer):
 
 
 def test_accuracy_level_4_is_written_and_stays_close(tmp_path, int4_folder):
-    import onnx
-
     state, _, _ = int4_folder
     write_onnx(state, tmp_path / "a4", OnnxConfig(bits=4, accuracy_level=4))
     nodes = [n for n in onnx.load(str(tmp_path / "a4/model.onnx")).graph.node if n.op_type == "MatMulNBits"]
@@ -146,3 +141,10 @@ def test_accuracy_level_4_is_written_and_stays_close(tmp_path, int4_folder):
     # int8 activations: no longer exact, but close
     assert 0 < (ours - gated).abs().max().item() < 0.05 * gated.abs().max().item()
     assert (ours.argmax(-1) == gated.argmax(-1)).float().mean() >= 0.75  # a random tiny model: near-ties
+
+
+@pytest.mark.parametrize("settings, expected", [({"bits": 4}, True), ({"bits": 8}, True),
+                                                ({"bits": 8, "int8": "dynamic"}, False), ({"bits": 32}, False),
+                                                ({"bits": 4, "int8": "dynamic"}, True)])  # int8 ignored at 4 bits
+def test_only_matmul_nbits_graphs_take_an_accuracy_level(settings, expected):
+    assert OnnxConfig(**settings).matmul_nbits is expected
