@@ -55,13 +55,13 @@ def one(model_name: str, setting: str, eval_tokens: int, samples: int, baseline_
                             d.sequence_length, recipe.seed)
         return {"peak_rss_mib": round(_peak_mib(), 1)}
     source = resolve_model(model_name)
-    awq_state = ModelState(copy.deepcopy(model), tokenizer, source)
+    awq_state = ModelState.of(copy.deepcopy(model), tokenizer, source)
     before = _peak_mib()
     start = time.perf_counter()
     apply_awq(AWQConfig(**SETTINGS[setting]), awq_state, RunContext(recipe))
     awq_s = time.perf_counter() - start
     peak = _peak_mib()
-    rtn_state = ModelState(model, tokenizer, source)
+    rtn_state = ModelState.of(model, tokenizer, source)
     apply_rtn(RTNConfig(**SETTINGS[setting]), rtn_state, None)
     windows = evaluation_windows(tokenizer, ["austen-heldout"], eval_tokens, 512)
     evaluator = Evaluator.against(model, windows)

@@ -67,7 +67,7 @@ def main() -> None:
                "float16_check": {**peaks, "overflow": problem}, "precision": precision, "variants": {}}
     for name in args.variants.split(","):
         settings, scheme = VARIANTS[name]
-        state = ModelState(copy.deepcopy(model), tokenizer, source)
+        state = ModelState.of(copy.deepcopy(model), tokenizer, source)
         s = QuantScheme(**scheme)
         state.qweights = {n: quantize(l.weight, s) for n, l in quantizable_linears(state.model).items()}
         with tempfile.TemporaryDirectory() as tmp:

@@ -40,8 +40,8 @@ def main() -> None:
     windows = evaluation_windows(tokenizer, ["austen-heldout"], args.eval_tokens, 512)
     evaluator = Evaluator.against(model, windows)
     source = resolve_model(args.model)
-    float_state = ModelState(model, tokenizer, source)
-    awq_state = ModelState(copy.deepcopy(model), tokenizer, source)
+    float_state = ModelState.of(model, tokenizer, source)
+    awq_state = ModelState.of(copy.deepcopy(model), tokenizer, source)
     recipe = build_recipe(model=args.model, data={"calibration_samples": args.calibration_samples},
                           stages=[{"awq": {}}])
     start = time.perf_counter()

@@ -69,7 +69,7 @@ def main() -> None:
                "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(), "variants": {}}
     for name in args.variants.split(","):
         settings, scheme = VARIANTS[name]
-        state = ModelState(copy.deepcopy(model), tokenizer, source)
+        state = ModelState.of(copy.deepcopy(model), tokenizer, source)
         if scheme:
             s = QuantScheme(**scheme)
             state.qweights = {n: quantize(l.weight, s) for n, l in quantizable_linears(state.model).items()}

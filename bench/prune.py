@@ -63,7 +63,7 @@ def main() -> None:
     results["scoring_wall_s"] = round(time.perf_counter() - start, 1)
 
     def heal(pruned):
-        state = ModelState(copy.deepcopy(pruned), tokenizer, source)
+        state = ModelState.of(copy.deepcopy(pruned), tokenizer, source)
         config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=2, sequence_length=256, samples=128)
         t = time.perf_counter()
         out = apply_heal(config, state, RunContext(recipe, reference_model=model))

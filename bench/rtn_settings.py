@@ -51,7 +51,7 @@ def main() -> None:
         ref_s = time.perf_counter() - start
         rows = []
         for scheme in SCHEMES:
-            state = ModelState(model, tokenizer, resolve_model(name))
+            state = ModelState.of(model, tokenizer, resolve_model(name))
             start = time.perf_counter()
             apply_rtn(RTNConfig(**scheme.model_dump()), state, None)
             quant_s = time.perf_counter() - start

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .quant.qweight import QuantizedWeight
+
+if TYPE_CHECKING:
+    from .state import ModelState
 
 DEFAULT_CONTEXT = 2048
 
@@ -13,7 +18,7 @@ def quantized_bytes(q: QuantizedWeight) -> int:
     """Packed codes, float16 scales, and zero points (packed integers or float16 offsets)."""
     groups = q.scales.numel()
     zeros = 0 if q.zeros is None else (groups * 2 if q.scheme.zero_point == "float" else groups * q.scheme.bits / 8)
-    return int(q.codes.numel() * q.scheme.bits / 8 + groups * 2 + zeros)
+    return int(q.packed.numel() + groups * 2 + zeros)
 
 
 def kv_cache_bytes(config, context: int = DEFAULT_CONTEXT) -> int:
@@ -22,17 +27,12 @@ def kv_cache_bytes(config, context: int = DEFAULT_CONTEXT) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * 2
 
 
-def memory_estimate(model: torch.nn.Module, qweights: dict[str, QuantizedWeight],
-                    context: int = DEFAULT_CONTEXT) -> dict:
+def memory_estimate(state: "ModelState", context: int = DEFAULT_CONTEXT) -> dict:
     """Bytes of weights (quantized linears as stored, everything else float16) and of a float16 KV cache."""
-    quantized_params = {f"{name}.weight" for name in qweights}
-    seen, other = set(), 0
-    for name, p in model.named_parameters():  # named_parameters yields tied tensors once
-        if name not in quantized_params and id(p) not in seen:
-            seen.add(id(p))
-            other += p.numel() * 2
-    weights = sum(quantized_bytes(q) for q in qweights.values()) + other
-    kv = kv_cache_bytes(model.config, context)
+    quantized_params = {f"{name}.weight" for name in state.qweights}
+    other = sum(torch.Size(state.weights.shape(n)).numel() * 2 for n in state.weights.names() if n not in quantized_params)
+    weights = sum(quantized_bytes(q) for q in state.qweights.values()) + other
+    kv = kv_cache_bytes(state.config, context)
     return {
         "weights_bytes": weights,
         "kv_cache_bytes": kv,

@@ -1,17 +1,25 @@
-"""Walk a decoder layer by layer over calibration samples.
+"""Walk a decoder layer by layer over token windows (calibration samples or held-out text).
 
-Only one decoder layer's activations are held at a time: the hidden states entering the current layer
-for every sample (samples × tokens × hidden floats) plus what the caller accumulates from them. The
-inputs of layer 0 are captured from the model's own forward, so everything before the first layer
-(MiniCPM's embedding scale included) is applied exactly as at inference.
+Only one decoder layer's weights and activations are held at a time: the hidden states entering the
+current layer for every window (windows × tokens × hidden floats) plus what the caller accumulates from
+them. The inputs of layer 0 are captured from the model's own forward (run on a skeleton whose layers
+are not materialised), so everything before the first layer (MiniCPM's embedding scale included) is
+applied exactly as at inference. Evaluation, the reference statistics, AWQ and pruning scores all walk
+the model this way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from .models.architectures import decoder_layers
+from .progress import progress
+
+if TYPE_CHECKING:
+    from .state import ModelState
 
 
 class _Stop(Exception):
@@ -44,6 +52,24 @@ def first_layer_inputs(model: torch.nn.Module, samples: torch.Tensor, batch_size
     finally:
         handle.remove()
     return captured
+
+
+def state_layer_inputs(state: "ModelState", samples: torch.Tensor, batch_size: int) -> LayerInputs:
+    """The inputs of layer 0 for `samples`, from a state whose layers stay unmaterialised."""
+    with state.modules("model.embed_tokens") as skeleton:
+        return first_layer_inputs(skeleton, samples.to(state.device), batch_size)
+
+
+def head_inputs(state: "ModelState", windows: torch.Tensor, batch_size: int, quantized: bool,
+                desc: str = "layers") -> list[torch.Tensor]:
+    """The output head's input (final norm output) for every batch of `windows`, one layer at a time."""
+    inputs = state_layer_inputs(state, windows, batch_size)
+    for index in progress(range(state.num_layers), desc=desc, total=state.num_layers, unit="layer"):
+        with state.layer(index, quantized) as layer:
+            inputs = run_layer(layer, inputs)
+    with state.modules("model.norm") as model:
+        with torch.inference_mode():
+            return [model.model.norm(h) for h in inputs.hidden]
 
 
 def run_layer(layer: torch.nn.Module, inputs: LayerInputs) -> LayerInputs:

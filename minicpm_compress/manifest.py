@@ -1,10 +1,15 @@
 """manifest.json and the output folder: one record of the run, written atomically.
 
-An output folder that holds a model is itself a valid `--model`:
-    model/                   float checkpoint the quantized weights were derived from
-    quantized.safetensors    quantized weights (codes, scales, zero points; see quant/qweight.py)
-    manifest.json            settings, metrics, gates, artifacts (sha256), memory estimate
+An output folder that holds a model is itself a valid `--model`. It stores only what changed against
+its source checkpoint, which the manifest names (path and sha256 of its weights):
+    config.json              the model's config (pruning changes it)
+    modified.safetensors     float tensors a stage changed (healed/pruned layers, AWQ-folded norms) and
+                             AWQ's column/row scale vectors; absent when nothing changed
+    quantized.safetensors    quantized weights (packed codes, scales, zero points; see quant/qweight.py)
+    manifest.json            source, settings, metrics, gates, artifacts (sha256), memory estimate
     report.md                the same, for people
+A model loaded with --trust-remote-code has no streamable source; its folder holds the whole float
+checkpoint under model/ instead.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from . import __version__, atomic
 from .models.checkpoint import WEIGHTS_NAME, save_checkpoint
-from .models.source import MANIFEST_NAME, MODEL_SUBDIR, QWEIGHTS_NAME
+from .models.source import CONFIG_NAME, MANIFEST_NAME, MODEL_SUBDIR, MODIFIED_NAME, QWEIGHTS_NAME
+from .models.tensors import CheckpointTensors
 from .quant.qweight import save_qweights
 
 if TYPE_CHECKING:
@@ -37,24 +43,40 @@ def artifact_entry(root: Path, path: Path, fmt: str, bits: int | None) -> dict:
     }
 
 
+def source_entry(state: "ModelState") -> dict | None:
+    """The source checkpoint an output folder refers to, or None when the state has none to refer to."""
+    base = state.weights.base
+    if not isinstance(base, CheckpointTensors):
+        return None
+    return {"checkpoint": str(base.folder.resolve()), "weights_sha256": base.fingerprint()}
+
+
 def write_model(state: "ModelState", root: Path) -> list[dict]:
     """The composable part of an output folder; returns its artifact entries."""
-    save_checkpoint(state.model, state.tokenizer, root / MODEL_SUBDIR)
+    from .models.checkpoint import config_dict
+
     artifacts = []
-    for path in sorted((root / MODEL_SUBDIR).iterdir()):
-        if path.name == WEIGHTS_NAME:
-            artifacts.append(artifact_entry(root, path, "safetensors float32 checkpoint", 32))
-        else:
-            artifacts.append(artifact_entry(root, path, "checkpoint metadata", None))
+    if source_entry(state) is None:
+        save_checkpoint(state.model, state.tokenizer, root / MODEL_SUBDIR)
+        for path in sorted((root / MODEL_SUBDIR).iterdir()):
+            fmt = "safetensors float32 checkpoint" if path.name == WEIGHTS_NAME else "checkpoint metadata"
+            artifacts.append(artifact_entry(root, path, fmt, 32 if path.name == WEIGHTS_NAME else None))
+    else:
+        atomic.write_text(root / CONFIG_NAME, json.dumps(config_dict(state.config), indent=2, sort_keys=True) + "\n")
+        artifacts.append(artifact_entry(root, root / CONFIG_NAME, "model config", None))
+        if state.weights.changed():
+            state.weights.save_changes(root / MODIFIED_NAME)
+            artifacts.append(artifact_entry(root, root / MODIFIED_NAME,
+                                            "minicpm-compress modified float tensors and scale vectors", 32))
     if state.qweights:
         save_qweights(state.qweights, root / QWEIGHTS_NAME)
         bits = sorted({q.scheme.bits for q in state.qweights.values()})
         artifacts.append(artifact_entry(root, root / QWEIGHTS_NAME,
-                                   "minicpm-compress quantized weights (codes unpacked, one per byte)", max(bits)))
+                                        "minicpm-compress quantized weights (codes packed at their bit width)", max(bits)))
     return artifacts
 
 
-def build_manifest(record: "RunRecord", artifacts: list[dict]) -> dict:
+def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | None = None) -> dict:
     import torch
     import transformers
 
@@ -64,6 +86,7 @@ def build_manifest(record: "RunRecord", artifacts: list[dict]) -> dict:
         "status": "failed" if record.failed else "passed",
         "model": load.details.get("model"),
         "reference": load.details.get("reference"),
+        **({"source": source} if source else {}),
         "recipe": record.recipe.resolved(),
         "stages": [
             {
@@ -94,7 +117,7 @@ def write_outputs(record: "RunRecord", state: "ModelState | None", root: Path) -
 
     artifacts = [a for s in record.stages for a in s.artifacts]
     artifacts += write_model(state, root) if state is not None else []
-    manifest = build_manifest(record, artifacts)
+    manifest = build_manifest(record, artifacts, source_entry(state) if state is not None else None)
     atomic.write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     atomic.write_text(root / REPORT_NAME, render_report(manifest))
     return manifest

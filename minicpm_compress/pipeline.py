@@ -60,7 +60,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
             start = time.perf_counter()
             outcome = stage.handler(config, state, ctx)
             state = outcome.state
-            metrics = outcome.metrics or ctx.evaluator.measure(state.evaluated_model(), desc=f"evaluate {name}")
+            metrics = outcome.metrics or ctx.evaluator.measure(state, desc=f"evaluate {name}")
             gate = config.gate
             stage_record = StageRecord(
                 index, name, config.model_dump(mode="json", exclude={"gate"}), outcome.details, metrics,
@@ -73,7 +73,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
             if stage_record.failures:
                 break
         if not record.failed:
-            record.memory = memory_estimate(state.model, state.qweights)
+            record.memory = memory_estimate(state)
         write_outputs(record, state if transformed and not record.failed else None, tmp)
     if record.failed:
         s = record.failed

@@ -13,7 +13,7 @@ Unknown keys, wrong types and missing files are errors that name the file, line 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -71,6 +71,9 @@ class Recipe(BaseModel):
     model: str
     reference: str | None = Field(None, description="full-precision reference; default: the model's own origin")
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="compute device (auto: CUDA, then MPS, then CPU)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of materialised layers")
+    memory_check: bool = Field(True, description="refuse a stage whose memory estimate exceeds available RAM")
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[_StageItem] = Field(min_length=1)
 

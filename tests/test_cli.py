@@ -74,7 +74,11 @@ def test_rtn_command_writes_a_composable_folder(tmp_path, tiny_checkpoint):
     result = _run("rtn", "--model", tiny_checkpoint("qwen3"), "--bits", "4", "--group-size", "32",
                   "--eval-tokens", "512", "--out", out)
     assert result.exit_code == 0, result.stderr
-    assert (out / "model/config.json").is_file() and (out / "quantized.safetensors").is_file()
+    assert (out / "config.json").is_file() and (out / "quantized.safetensors").is_file()
+    # rtn changes no float tensor: the folder references its source instead of copying it
+    assert not (out / "model").exists() and not (out / "modified.safetensors").exists()
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert source["checkpoint"] == str(tiny_checkpoint("qwen3").resolve()) and len(source["weights_sha256"]) == 64
     assert "int4 g32 asym" in result.stdout
 
 
@@ -144,7 +148,7 @@ def test_ci_prune_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     load, prune, heal, awq, gguf = manifest["stages"]
     assert 0.88 < prune["details"]["parameters_kept"] <= 0.9
     assert prune["details"]["units_after"] % 32 == 0 and prune["details"]["units_after"] < 1536
-    assert read_config(tmp_path / "p/model")["intermediate_size"] == prune["details"]["units_after"]
+    assert read_config(tmp_path / "p")["intermediate_size"] == prune["details"]["units_after"]
     assert prune["metrics"]["ppl_increase"] > 0.01  # pruning costs something real
     assert heal["metrics"]["kld"] < prune["metrics"]["kld"]
     assert gguf["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}

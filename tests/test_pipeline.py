@@ -69,9 +69,10 @@ def test_same_recipe_twice_gives_identical_manifests_and_artifacts(tmp_path, tin
             stage.pop("wall_s")
         manifests.append(manifest)
     assert manifests[0] == manifests[1]
-    assert {a["path"] for a in manifests[0]["artifacts"]} >= {
-        "model/model.safetensors", "quantized.safetensors", "coreml-int4/model.mlpackage/Manifest.json",
-        "coreml-int4/model.mlpackage/Data/com.apple.CoreML/model.mlmodel"}
+    paths = {a["path"] for a in manifests[0]["artifacts"]}
+    assert paths >= {"config.json", "quantized.safetensors", "coreml-int4/model.mlpackage/Manifest.json",
+                     "coreml-int4/model.mlpackage/Data/com.apple.CoreML/model.mlmodel"}
+    assert not any(p.startswith("model/") for p in paths)  # the float model is referenced, not copied
     assert (tmp_path / "a/report.md").read_text().split("## Recipe")[1] == (tmp_path / "b/report.md").read_text().split("## Recipe")[1]
 
 

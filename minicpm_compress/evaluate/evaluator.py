@@ -6,7 +6,7 @@ import torch
 
 from ..models.checkpoint import model_fingerprint
 from .metrics import Metrics, ReferenceStats, cached_reference_stats, compare
-from .runners import Runner, TorchRunner
+from .runners import Runner, StreamedRunner, TorchRunner
 
 
 class Evaluator:
@@ -16,12 +16,26 @@ class Evaluator:
         self.batch_size = batch_size
 
     @classmethod
-    def against(cls, reference_model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> "Evaluator":
-        """An evaluator whose reference is `reference_model` (its statistics come from the cache when known)."""
-        fingerprint = model_fingerprint(reference_model)
-        stats = cached_reference_stats(fingerprint, windows, lambda: reference_model, batch_size)
+    def against(cls, reference, windows: torch.Tensor, batch_size: int = 4) -> "Evaluator":
+        """An evaluator whose reference is `reference`, a ModelState (walked layer by layer) or a module; its
+        statistics come from the cache when known."""
+        from ..state import ModelState
+
+        if isinstance(reference, ModelState):
+            fingerprint = "state:" + reference.fingerprint()
+        else:
+            fingerprint = model_fingerprint(reference)
+        stats = cached_reference_stats(fingerprint, windows, lambda: reference, batch_size)
         return cls(windows, stats, batch_size)
 
-    def measure(self, subject: Runner | torch.nn.Module, desc: str = "evaluate") -> Metrics:
-        runner = TorchRunner(subject) if isinstance(subject, torch.nn.Module) else subject
+    def measure(self, subject, desc: str = "evaluate") -> Metrics:
+        """Metrics of a runner, a module, or a ModelState as deployed (quantized linears dequantized)."""
+        from ..state import ModelState
+
+        if isinstance(subject, ModelState):
+            runner = StreamedRunner(subject, quantized=True)
+        elif isinstance(subject, torch.nn.Module):
+            runner = TorchRunner(subject)
+        else:
+            runner = subject
         return compare(runner, self.windows, self.reference, self.batch_size, desc)

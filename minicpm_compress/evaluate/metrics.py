@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from .. import atomic
 from ..cache import cache_dir
 from ..progress import progress
-from .runners import Runner, TorchRunner
+from .runners import Runner, TorchRunner, logit_batches
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 @dataclass
@@ -60,10 +60,12 @@ class Metrics:
 def _log_probs(runner: Runner, windows: torch.Tensor, batch_size: int, desc: str):
     """Yield (window slice, log-probs [B, seq-1, V], next-token targets [B, seq-1])."""
     with progress(total=windows.numel(), desc=desc, unit="tok") as bar:
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size]
-            logp = torch.log_softmax(runner.logits(ids)[:, :-1].float(), dim=-1)
+        start = 0
+        for logits in logit_batches(runner, windows, batch_size):
+            ids = windows[start : start + logits.shape[0]]
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             yield slice(start, start + ids.shape[0]), logp, ids[:, 1:]
+            start += ids.shape[0]
             bar.update(ids.numel())
 
 
@@ -71,21 +73,43 @@ def _nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def reference_stats(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> ReferenceStats:
-    """Run the full-precision `model` once over `windows`, keeping its head inputs and NLLs."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("output heads with a bias are not supported by the reference cache")
+def reference_stats(subject, windows: torch.Tensor, batch_size: int = 4) -> ReferenceStats:
+    """Run the full-precision model (a ModelState, streamed, or a module) once over `windows`, keeping its
+    head inputs and NLLs."""
+    from ..state import ModelState
+
     captured = []
-    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0][:, :-1].detach().float()))
+    if isinstance(subject, ModelState):
+        from ..layerwise import head_inputs
+
+        if "lm_head.bias" in subject.weights:
+            raise ValueError("output heads with a bias are not supported by the reference cache")
+        head_weight, hook = subject.tensor(subject.head_name()), None
+
+        class _Capture:  # the head inputs of a layer walk, kept, and the logits they give
+            def batches(self, windows, batch_size):
+                for h in head_inputs(subject, windows, batch_size, quantized=False, desc="reference layers"):
+                    h = h.float().cpu()
+                    captured.append(h[:, :-1])
+                    yield h @ head_weight.T
+
+        runner = _Capture()
+    else:
+        head = subject.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("output heads with a bias are not supported by the reference cache")
+        head_weight = head.weight.detach().float().clone()
+        hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0][:, :-1].detach().float()))
+        runner = TorchRunner(subject)
     try:
         nll, hidden = [], []
-        for _sl, logp, targets in _log_probs(TorchRunner(model), windows, batch_size, "reference"):
+        for _sl, logp, targets in _log_probs(runner, windows, batch_size, "reference"):
             nll.append(_nll(logp, targets))
             hidden.append(captured.pop())
     finally:
-        hook.remove()
-    return ReferenceStats(torch.cat(hidden).contiguous(), head.weight.detach().float().clone(), torch.cat(nll))
+        if hook is not None:
+            hook.remove()
+    return ReferenceStats(torch.cat(hidden).contiguous(), head_weight, torch.cat(nll))
 
 
 def compare(runner: Runner, windows: torch.Tensor, ref: ReferenceStats, batch_size: int = 4,
@@ -107,7 +131,7 @@ def reference_metrics(ref: ReferenceStats) -> Metrics:
     return Metrics(ppl=ref.ppl, kld=0.0, top1=1.0, ref_ppl=ref.ppl, tokens=ref.nll.numel())
 
 
-def cached_reference_stats(fingerprint: str, windows: torch.Tensor, load_model, batch_size: int = 4) -> ReferenceStats:
+def cached_reference_stats(fingerprint: str, windows: torch.Tensor, load_subject, batch_size: int = 4) -> ReferenceStats:
     """Reference statistics for (model fingerprint, windows), computed once and kept in the cache."""
     h = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint}:{tuple(windows.shape)}:".encode())
     h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
@@ -115,6 +139,6 @@ def cached_reference_stats(fingerprint: str, windows: torch.Tensor, load_model, 
     if path.is_file():
         t = load_file(str(path))
         return ReferenceStats(t["hidden"], t["head"], t["nll"])
-    stats = reference_stats(load_model(), windows, batch_size)
+    stats = reference_stats(load_subject(), windows, batch_size)
     atomic.save_safetensors({"hidden": stats.hidden, "head": stats.head, "nll": stats.nll}, path)
     return stats

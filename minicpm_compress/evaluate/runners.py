@@ -6,9 +6,12 @@ Exporters add runners for their runtimes (llama.cpp, onnxruntime, Core ML read-b
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..state import ModelState
 
 
 class Runner(Protocol):
@@ -16,6 +19,36 @@ class Runner(Protocol):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids → [batch, seq, vocab] float32 logits."""
+
+
+def logit_batches(runner: Runner, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """[batch, seq, vocab] logits for consecutive batches of `windows`; a runner may walk all windows at once."""
+    if hasattr(runner, "batches"):
+        yield from runner.batches(windows, batch_size)
+        return
+    for start in range(0, windows.shape[0], batch_size):
+        yield runner.logits(windows[start : start + batch_size])
+
+
+class StreamedRunner:
+    """A model state run layer by layer over all windows (never the whole model in memory)."""
+
+    name = "torch"
+
+    def __init__(self, state: "ModelState", quantized: bool = True):
+        self.state = state
+        self.quantized = quantized
+
+    def batches(self, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        from ..layerwise import head_inputs
+
+        hidden = head_inputs(self.state, windows, batch_size, self.quantized)
+        with self.state.modules("lm_head") as model, torch.inference_mode():
+            for h in hidden:
+                yield model.lm_head(h).float().cpu()
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(self.batches(input_ids, input_ids.shape[0])))
 
 
 class TorchRunner:

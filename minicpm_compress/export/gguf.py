@@ -82,10 +82,6 @@ def rope_permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def _permute_rows(q: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
-    return QuantizedWeight(q.codes[index], q.scales[index], None if q.zeros is None else q.zeros[index], q.scheme)
-
-
 def _bpe_vocabulary(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     """Byte-level BPE (tokenizer.json): tokens, types and merges; model `gpt2` with an explicit pre-tokenizer."""
     import gguf
@@ -157,13 +153,29 @@ def _tokenizer_metadata(writer, tokenizer, folder: Path | None, vocab_size: int,
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def _gguf_bytes(shape: tuple[int, ...], type_name: str) -> int:
+    import gguf
+
+    numel = torch.Size(shape).numel()
+    if type_name == "F32":
+        return numel * 4
+    if type_name == "F16":
+        return numel * 2
+    block, size = gguf.GGML_QUANT_SIZES[_ggml_type(type_name)]
+    return numel // block * size
+
+
 def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = None) -> dict:
-    """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES); return how tensors were stored."""
+    """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES); return how tensors were stored.
+
+    Streamed: the tensor directory is written first from shapes alone, then each tensor is read from the
+    state, converted and appended, one at a time.
+    """
     import gguf
 
     from ..models.minicpm import mup_scales
 
-    c = state.model.config
+    c = state.config
     if c.model_type not in ("llama", "mistral", "minicpm"):
         raise CompressError(f"gguf: model_type '{c.model_type}' is not supported yet (llama, mistral, minicpm)")
     arch = "minicpm" if c.model_type == "minicpm" else "llama"
@@ -197,42 +209,58 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
 
     paths = {"lossless": 0, "requantized": 0, "float": 0}
     quantized_type = file_type not in ("F32", "F16")
-    for key, tensor in untied_state_dict(state.model).items():
+    plan = []  # (key, GGUF name, how, target type, shape)
+    for key in untied_state_dict(state.skeleton()):
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise CompressError(f"gguf: no GGUF name for tensor '{key}'")
+        shape = state.weights.shape(key)
         linear = key.removesuffix(".weight")
-        heads = c.num_attention_heads if key.endswith("q_proj.weight") else (
-            c.num_key_value_heads if key.endswith("k_proj.weight") else None)
-        index = rope_permutation(tensor.shape[0], heads) if heads else None
         q = state.qweights.get(linear)
         if q is not None and is_lossless(q, file_type):
-            writer.add_tensor(gguf_name, pack_lossless(_permute_rows(q, index) if heads else q, file_type),
-                              raw_dtype=_ggml_type(file_type))
+            plan.append((key, gguf_name, "lossless", file_type, shape))
             paths["lossless"] += 1
             continue
-        data = tensor.detach().to(torch.float32)
-        data = data[index] if heads else data
-        array = data.numpy()
-        if tensor.dim() == 1:
-            writer.add_tensor(gguf_name, array)  # norms stay F32
+        if len(shape) == 1:
+            plan.append((key, gguf_name, "norm", "F32", shape))  # norms stay F32
             continue
         is_linear = linear in state.qweights or key.endswith("_proj.weight")
         target = file_type if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
         if is_linear:
             paths["requantized" if quantized_type else "float"] += 1
-        if target not in ("F32", "F16") and array.shape[1] % 32:
-            raise CompressError(f"gguf: '{key}' has {array.shape[1]} input columns, not a multiple of the 32-wide "
+        if target not in ("F32", "F16") and shape[1] % 32:
+            raise CompressError(f"gguf: '{key}' has {shape[1]} input columns, not a multiple of the 32-wide "
                                 f"{target} blocks; export as F16")
-        if target == "F32":
-            writer.add_tensor(gguf_name, array)
-        elif target == "F16":
-            writer.add_tensor(gguf_name, array.astype(np.float16))
+        plan.append((key, gguf_name, "convert", target, shape))
+
+    for key, gguf_name, how, target, shape in plan:
+        if target in ("F32", "F16"):
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if target == "F32" else np.float16),
+                                   _gguf_bytes(shape, target))
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, _ggml_type(target)), raw_dtype=_ggml_type(target))
+            nbytes = _gguf_bytes(shape, target)
+            writer.add_tensor_info(gguf_name, (shape[0], nbytes // shape[0]), np.dtype(np.uint8), nbytes,
+                                   raw_dtype=_ggml_type(target))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for key, gguf_name, how, target, shape in plan:
+        heads = c.num_attention_heads if key.endswith("q_proj.weight") else (
+            c.num_key_value_heads if key.endswith("k_proj.weight") else None)
+        index = rope_permutation(shape[0], heads) if heads else None
+        if how == "lossless":
+            q = state.qweights[key.removesuffix(".weight")]
+            writer.write_tensor_data(pack_lossless(q.rows(index) if heads else q, target))
+            continue
+        data = state.tensor(key)
+        array = (data[index] if heads else data).numpy()
+        if target == "F32":
+            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
+        elif target == "F16":
+            writer.write_tensor_data(array.astype(np.float16))
+        else:
+            writer.write_tensor_data(gguf.quants.quantize(array, _ggml_type(target)))
+        del data, array
     writer.close()
     return paths
 
@@ -305,8 +333,8 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
     finally:
         runner.close()
     size = path.stat().st_size
-    params = sum(p.numel() for p in untied_state_dict(state.model).values())
-    kv = kv_cache_bytes(state.model.config, config.context)
+    params = state.parameter_count()
+    kv = kv_cache_bytes(state.config, config.context)
     copied = paths.get("lossless", 0)
     details = {
         "summary": f"{path.name}, {size * 8 / params:.2f} bits/weight"

@@ -70,8 +70,16 @@ def architecture_of(model_or_config) -> Architecture:
         ) from None
 
 
+LAYERS_PATH = "model.layers"
+
+
+def layer_prefix(index: int) -> str:
+    """Parameter-path prefix of decoder layer `index`."""
+    return f"{LAYERS_PATH}.{index}"
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return model.model.layers
+    return model.get_submodule(LAYERS_PATH)
 
 
 def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -80,5 +88,5 @@ def quantizable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     found = {}
     for i, layer in enumerate(decoder_layers(model)):
         for name in arch.linears:
-            found[f"model.layers.{i}.{name}"] = layer.get_submodule(name)
+            found[f"{layer_prefix(i)}.{name}"] = layer.get_submodule(name)
     return found

@@ -11,14 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from .. import atomic
 from ..errors import CompressError
 from .architectures import ARCHITECTURES
-
-WEIGHTS_NAME = "model.safetensors"
+from .tensors import FLOAT_DTYPES, WEIGHTS_NAME, CheckpointTensors
 
 
 def read_config(folder: Path) -> dict:
@@ -34,46 +30,10 @@ def read_config(folder: Path) -> dict:
     return raw
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CompressError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    if not allow_pickle:
-        raise CompressError(
-            f"{path}: pickle weights are refused by default (they can run code); convert to safetensors "
-            "or pass --allow-pickle"
-        )
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, single-file or sharded (via its index.json)."""
-    folder = Path(folder)
-    for index_name, reader in (
-        ("model.safetensors.index.json", _read_safetensors),
-        ("pytorch_model.bin.index.json", lambda p: _read_pickle(p, allow_pickle)),
-    ):
-        index_path = folder / index_name
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CompressError(f"{index_path}: not a valid shard index (needs a 'weight_map' object)") from None
-            tensors: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (folder / shard).is_file():
-                    raise CompressError(f"{index_path}: shard '{shard}' listed but missing")
-                tensors.update(reader(folder / shard))
-            return tensors
-    if (folder / WEIGHTS_NAME).is_file():
-        return _read_safetensors(folder / WEIGHTS_NAME)
-    if (folder / "pytorch_model.bin").is_file():
-        return _read_pickle(folder / "pytorch_model.bin", allow_pickle)
-    raise CompressError(f"{folder}: no weights found (expected {WEIGHTS_NAME} or a sharded index)")
+    """All tensors of a checkpoint folder, single-file or sharded, in their own dtypes (small models only)."""
+    tensors = CheckpointTensors(folder, allow_pickle)
+    return {name: tensors.get(name) for name in tensors.names()}
 
 
 def load_tokenizer(folder: Path):
@@ -85,47 +45,50 @@ def load_tokenizer(folder: Path):
         raise CompressError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def load_checkpoint(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """(float32 model in eval mode, tokenizer) from a checkpoint folder."""
-    folder = Path(folder)
-    raw = read_config(folder)
-    if trust_remote_code:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32)
-        return model.eval(), load_tokenizer(folder)
+def supported_config(folder: Path, raw: dict | None = None):
+    """The typed config of a checkpoint folder whose model_type this package implements."""
+    raw = raw or read_config(folder)
     arch = ARCHITECTURES.get(raw["model_type"])
     if arch is None:
         raise CompressError(
-            f"{folder / 'config.json'}: model_type '{raw['model_type']}' is not supported "
+            f"{Path(folder) / 'config.json'}: model_type '{raw['model_type']}' is not supported "
             f"(supported: {', '.join(sorted(ARCHITECTURES))}; other types need --trust-remote-code)"
         )
-    config = arch.config_class.from_dict({k: v for k, v in raw.items() if k not in ("auto_map", "architectures")})
-    tensors = read_weights(folder, allow_pickle)
-    model = arch.model_class(config)
-    load_state(model, tensors, source=folder)
-    return model.eval(), load_tokenizer(folder)
+    settings = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures")}
+    try:
+        return arch.config_class.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise CompressError(f"{Path(folder) / 'config.json'}: invalid settings ({str(e).splitlines()[0]})") from None
 
 
-def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy `tensors` into `model` (as float32), naming any missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
-    for name, tensor in tensors.items():
+def check_tensors(weights, skeleton: torch.nn.Module, source) -> None:
+    """Every parameter the config expects is present with its shape and a float dtype; nothing else is."""
+    expected = {n: tuple(p.shape) for n, p in untied_state_dict(skeleton).items()}
+    for name in weights.names():
         if name not in expected:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            raise CompressError(f"{source}: unexpected tensor '{name}' for {model.config.model_type}")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CompressError(f"{source}: unexpected tensor '{name}' for {skeleton.config.model_type}")
+        if weights.shape(name) != expected[name]:
             raise CompressError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+                f"{source}: tensor '{name}' has shape {weights.shape(name)}, config expects {expected[name]}"
             )
-    missing = [n for n in expected if n not in tensors and n not in tied]
+        if name not in weights.overrides and weights.base.dtype(name) not in FLOAT_DTYPES:
+            raise CompressError(f"{source}: tensor '{name}' is {weights.base.dtype(name)}, expected a float dtype")
+    missing = [n for n in expected if n not in weights]
     if missing:
         raise CompressError(f"{source}: missing tensor '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-    with torch.no_grad():
-        model.load_state_dict({k: v.float() for k, v in tensors.items() if k in expected}, strict=False)
-    model.float()
+
+
+def load_checkpoint(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """(whole float32 model in eval mode, tokenizer) from a checkpoint folder (small models; see ModelState)."""
+    from ..state import ModelState
+    from .source import ModelSource
+
+    folder = Path(folder)
+    state = ModelState.open(ModelSource(str(folder), folder, str(folder)), allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+    return state.model, state.tokenizer
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: dict[str, torch.Tensor] | None = None,
@@ -137,9 +100,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: di
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    for key in ("transformers_version", "_name_or_path", "quantization_config", "auto_map"):
-        config.pop(key, None)
+    config = config_dict(model.config)
     config["dtype"] = "float32"
     config.update(config_updates or {})
     atomic.write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -154,6 +115,14 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: di
         spm = Path(getattr(tokenizer, "vocab_file", None) or "")
         if spm.suffix == ".model" and spm.is_file() and not (folder / "tokenizer.model").is_file():
             atomic.write_bytes(folder / "tokenizer.model", spm.read_bytes())
+
+
+def config_dict(config) -> dict:
+    """A config as written to config.json (without the keys that name a writer, a path or remote code)."""
+    d = config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "quantization_config", "auto_map"):
+        d.pop(key, None)
+    return d
 
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

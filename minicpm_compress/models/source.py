@@ -10,30 +10,46 @@ from ..errors import CompressError
 from .builtin import BUILTIN_MODELS, builtin_path
 
 MANIFEST_NAME = "manifest.json"
-MODEL_SUBDIR = "model"
+MODEL_SUBDIR = "model"  # output folders of earlier versions held a whole float checkpoint here
 QWEIGHTS_NAME = "quantized.safetensors"
+MODIFIED_NAME = "modified.safetensors"
+CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
 class ModelSource:
     spec: str  # what the user wrote
-    checkpoint: Path  # the float checkpoint folder
+    checkpoint: Path  # the source checkpoint folder: weights (read lazily) and tokenizer
     reference: str  # the original full-precision model (built-in name or folder)
     qweights: Path | None = None  # quantized weights of an output folder, if any
+    modified: Path | None = None  # float tensors (and AWQ scale vectors) an output folder changed
+    config: Path | None = None  # the model's config.json when it is not the checkpoint's (output folders)
+    weights_sha256: str | None = None  # what the source checkpoint's weights must hash to (output folders)
 
 
 def resolve_model(spec: str) -> ModelSource:
     if spec in BUILTIN_MODELS:
         return ModelSource(spec, builtin_path(spec), spec)
     folder = Path(spec)
-    if (folder / MANIFEST_NAME).is_file() and (folder / MODEL_SUBDIR / "config.json").is_file():
+    if (folder / MANIFEST_NAME).is_file():
         try:
             manifest = json.loads((folder / MANIFEST_NAME).read_text())
             reference = manifest["reference"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            origin = manifest.get("source")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise CompressError(f"{folder / MANIFEST_NAME}: not a minicpm-compress manifest (no 'reference')") from None
         qweights = folder / QWEIGHTS_NAME
-        return ModelSource(spec, folder / MODEL_SUBDIR, reference, qweights if qweights.is_file() else None)
+        qweights = qweights if qweights.is_file() else None
+        if isinstance(origin, dict) and (folder / CONFIG_NAME).is_file():
+            checkpoint = Path(str(origin.get("checkpoint")))
+            if not (checkpoint / CONFIG_NAME).is_file():
+                raise CompressError(f"{folder / MANIFEST_NAME}: source checkpoint {checkpoint} is missing (moved or "
+                                    "deleted?); output folders hold only what changed and need it")
+            modified = folder / MODIFIED_NAME
+            return ModelSource(spec, checkpoint, reference, qweights, modified if modified.is_file() else None,
+                               folder / CONFIG_NAME, origin.get("weights_sha256"))
+        if (folder / MODEL_SUBDIR / CONFIG_NAME).is_file():
+            return ModelSource(spec, folder / MODEL_SUBDIR, reference, qweights)
     if (folder / "config.json").is_file():
         return ModelSource(spec, folder, str(folder))
     if folder.exists():

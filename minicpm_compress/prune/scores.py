@@ -14,12 +14,15 @@ One layer-by-layer pass over the calibration samples (see layerwise.py) gives, p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..layerwise import InputStatistics, first_layer_inputs, run_layer
-from ..models.architectures import decoder_layers
+from ..layerwise import InputStatistics, run_layer, state_layer_inputs
 from ..progress import progress
+
+if TYPE_CHECKING:
+    from ..state import ModelState
 
 
 @dataclass
@@ -67,30 +70,36 @@ def block_influence(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> 
     return 1.0 - total / count
 
 
-def measure(model: torch.nn.Module, samples: torch.Tensor, importance: str, batch_size: int,
+def measure(state: "ModelState", samples: torch.Tensor, importance: str, batch_size: int,
             seed: int) -> list[LayerScores]:
-    """Scores of every decoder layer's structures (calibration activations are always used for influence)."""
-    config = model.config
-    inputs = first_layer_inputs(model, samples, batch_size)
+    """Scores of every decoder layer's structures, one layer in memory at a time (calibration activations
+    are always used for influence)."""
+    config = state.config
+    inputs = state_layer_inputs(state, samples, batch_size)
     generator = torch.Generator().manual_seed(seed)
     scores = []
-    layers = decoder_layers(model)
-    for layer in progress(layers, desc="prune: scoring", total=len(layers), unit="layer"):
-        stats = InputStatistics({n: layer.get_submodule(n) for n in ("mlp.down_proj", "self_attn.o_proj")})
-        try:
-            outputs = run_layer(layer, inputs)
-        finally:
-            stats.close()
-        if importance == "activation":
-            ffn, groups = activation_scores(layer, config, stats)
-        elif importance == "magnitude":
-            ffn, groups = weight_scores(layer, config)
-        else:
-            ffn = torch.rand(config.intermediate_size, generator=generator)
-            groups = torch.rand(config.num_key_value_heads, generator=generator)
-        influence = block_influence(inputs.hidden, outputs.hidden)
-        if importance == "random":
-            influence = torch.rand(1, generator=generator).item()
-        scores.append(LayerScores(ffn, groups, influence))
+    for index in progress(range(state.num_layers), desc="prune: scoring", total=state.num_layers, unit="layer"):
+        with state.layer(index) as layer:
+            stats = InputStatistics({n: layer.get_submodule(n) for n in ("mlp.down_proj", "self_attn.o_proj")})
+            try:
+                outputs = run_layer(layer, inputs)
+            finally:
+                stats.close()
+            scores.append(_layer_scores(layer, config, stats, importance, generator, inputs, outputs))
         inputs = outputs
     return scores
+
+
+def _layer_scores(layer, config, stats, importance, generator, inputs, outputs) -> LayerScores:
+    """One layer's scores from its input statistics and the hidden states entering and leaving it."""
+    if importance == "activation":
+        ffn, groups = activation_scores(layer, config, stats)
+    elif importance == "magnitude":
+        ffn, groups = weight_scores(layer, config)
+    else:
+        ffn = torch.rand(config.intermediate_size, generator=generator)
+        groups = torch.rand(config.num_key_value_heads, generator=generator)
+    influence = block_influence(inputs.hidden, outputs.hidden)
+    if importance == "random":
+        influence = torch.rand(1, generator=generator).item()
+    return LayerScores(ffn, groups, influence)

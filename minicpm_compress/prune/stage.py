@@ -123,6 +123,6 @@ def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
     scores = None
     if units_to_keep(config, state.model) < _units(state.model, config.method)[0]:
         samples = ctx.calibration(state.tokenizer, config.calibration_samples)
-        scores = measure(state.model, samples, config.importance, config.batch_size, ctx.recipe.seed)
+        scores = measure(state, samples, config.importance, config.batch_size, ctx.recipe.seed)
     state.model, details = prune_model(state.model, config, scores)
     return StageOutcome(state, details=details)

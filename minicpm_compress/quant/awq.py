@@ -29,8 +29,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import CompressError
-from ..layerwise import InputStatistics, first_layer_inputs, run_layer
-from ..models.architectures import architecture_of, decoder_layers
+from ..layerwise import InputStatistics, run_layer, state_layer_inputs
+from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .qweight import QuantScheme, QuantizedWeight, group_view, quantize
@@ -80,6 +80,7 @@ def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor
     candidates = torch.stack(candidates)
     errors = []
     gram = gram.float()
+    chunk = max(1, min(chunk, (512 << 20) // max(1, weight.numel() * 4)))  # bound the candidates' memory
     for start in range(0, len(candidates), chunk):
         part = candidates[start : start + chunk]
         errors.append(output_error(weight.unsqueeze(0) - _effective(weight, part, scheme), gram))
@@ -126,10 +127,21 @@ def _fold(prev: torch.nn.Module, linears: list[torch.nn.Linear], scales: torch.T
             linear.weight.mul_(scales.unsqueeze(0))
 
 
+def _record_fold(weights, prefix: str, group, prev: torch.nn.Module, scales: torch.Tensor) -> None:
+    """The same fold as scale vectors in the state's weights (the same float operations, in the same order)."""
+    weights.divide_rows(f"{prefix}.{group.prev}.weight", scales)
+    if getattr(prev, "bias", None) is not None:
+        weights.divide_rows(f"{prefix}.{group.prev}.bias", scales)
+    for name in group.linears:
+        weights.scale_columns(f"{prefix}.{name}.weight", scales)
+
+
 def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch, config: AWQConfig,
-              scheme: QuantScheme) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Scale, clip and quantize one decoder layer in place; return its quantized weights and a summary."""
-    grams = {name: stats.gram[name] for name in stats.gram}
+              scheme: QuantScheme, weights=None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Scale, clip and quantize one decoder layer in place (recording the folds in `weights` if given);
+    return its quantized weights and a summary. `stats` covers the first linear of each scaling group:
+    the group's linears share its input."""
+    grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
     alphas, gains, skipped = [], [], []
     for group in arch.scaling_groups:
         prev = layer.get_submodule(group.prev)
@@ -143,6 +155,8 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         weight = torch.cat([l.weight.detach() for l in linears])
         scales, alpha, gain = search_scales(weight, grams[first], stats.mean_abs(first), scheme, config.grid)
         _fold(prev, linears, scales)
+        if weights is not None:
+            _record_fold(weights, prefix, group, prev, scales)
         for name in group.linears:  # inputs of these linears are now x / s
             grams[name] = grams[first] / scales.double().outer(scales.double())
         alphas.append(alpha)
@@ -156,7 +170,7 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         if config.clip and not name.endswith(("q_proj", "k_proj")):
             clip = search_clip(weight, grams[name], scheme, config.clip_grid, config.max_shrink)
         q = quantize(weight, scheme, clip)
-        qweights[f"{prefix}.{name}"] = q
+        qweights[f"{prefix}.{name}"] = q.to("cpu")
         reference = output_error(weight, grams[name].float()).item()
         errors[f"{prefix}.{name}"] = output_error(weight - q.dequantize(), grams[name].float()).item() / max(reference, 1e-30)
     return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors}
@@ -166,18 +180,19 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
 def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
     scheme = config.scheme()
     samples = ctx.calibration(state.tokenizer)
-    model = state.model
-    arch = architecture_of(model)
-    inputs = first_layer_inputs(model, samples, config.batch_size)
+    arch = state.arch
+    firsts = [g.linears[0] for g in arch.scaling_groups]  # one input statistic per distinct input
+    inputs = state_layer_inputs(state, samples, config.batch_size)
     qweights, alphas, gains, skipped, errors = {}, [], [], set(), {}
-    layers = decoder_layers(model)
-    for index, layer in enumerate(progress(layers, desc="awq", total=len(layers), unit="layer")):
-        stats = InputStatistics({n: layer.get_submodule(n) for n in arch.linears})
-        try:
-            outputs = run_layer(layer, inputs)  # float outputs: the next layer's inputs
-        finally:
-            stats.close()
-        layer_q, summary = awq_layer(layer, f"model.layers.{index}", stats, arch, config, scheme)
+    for index in progress(range(state.num_layers), desc="awq", total=state.num_layers, unit="layer"):
+        with state.layer(index) as layer:
+            layer.float()
+            stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
+            try:
+                outputs = run_layer(layer, inputs)  # float outputs: the next layer's inputs
+            finally:
+                stats.close()
+            layer_q, summary = awq_layer(layer, layer_prefix(index), stats, arch, config, scheme, state.weights)
         qweights.update(layer_q)
         alphas += summary["alphas"]
         gains += summary["gains"]
@@ -185,11 +200,11 @@ def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
         errors.update(summary["errors"])
         inputs = outputs
         del stats
+    state.weights_changed()
 
     int8 = sorted(errors, key=errors.get, reverse=True)[: config.int8_linears]
     for name in int8:
-        weight = model.get_submodule(name).weight.detach()
-        qweights[name] = quantize(weight, scheme.model_copy(update={"bits": 8}))
+        qweights[name] = quantize(state.tensor(f"{name}.weight"), scheme.model_copy(update={"bits": 8}))
     if not qweights:
         raise CompressError("awq: the model has no decoder linears to quantize")
     state.qweights = qweights

@@ -20,14 +20,12 @@ would carry over; the fake quantizer here is the project's own quantizer with a 
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from ..models.architectures import quantizable_linears
-from ..models.checkpoint import model_fingerprint
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from ..train.distill import DistillSettings, ParamGroup, checkpoint_path, distill
 from .qweight import MIN_SCALE, QuantizedWeight, QuantScheme, encode, fake_quantize, quantize
@@ -105,15 +103,15 @@ def detach_fake_quant(model: torch.nn.Module, wrapped: dict[str, FakeQuantLinear
 def apply_qat(config: QATConfig, state, ctx: RunContext) -> StageOutcome:
     recipe = ctx.recipe
     scheme = config.scheme()
-    teacher = ctx.reference_model
-    student = copy.deepcopy(state.model)  # the reference may be the very same model object
+    teacher = ctx.teacher()
+    student = state.materialize()  # the whole float model: training cannot stream (see README)
     wrapped, origins = attach_fake_quant(student, state.qweights, scheme)
     tokens = ctx.calibration(state.tokenizer, config.samples, config.sequence_length)
     groups = [ParamGroup({f"{n}.weight": m.linear.weight for n, m in wrapped.items()}, config.lr)]
     if config.scale_lr:
         groups.append(ParamGroup({f"{n}.gain": m.gain for n, m in wrapped.items()}, config.scale_lr))
     resume = checkpoint_path(
-        "qat", model_fingerprint(state.model), config.model_dump(mode="json", exclude={"gate"}), recipe.seed,
+        "qat", state.fingerprint(), config.model_dump(mode="json", exclude={"gate"}), recipe.seed,
         tokens, *[m.initial_scales for m in wrapped.values()],
     )
     log = distill(student, teacher, groups, tokens, config, recipe.seed, resume=resume, desc="qat")

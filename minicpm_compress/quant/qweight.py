@@ -15,7 +15,6 @@ of the group size the last group is narrower.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,7 @@ from .. import atomic
 from ..errors import CompressError
 
 MIN_SCALE = 1e-5
-FILE_FORMAT = "minicpm-compress-qweights/1"
+FILE_FORMAT = "minicpm-compress-qweights/2"  # /2: 4-bit codes packed two per byte
 
 
 class QuantScheme(BaseModel):
@@ -59,20 +58,44 @@ class QuantScheme(BaseModel):
         return f"int{self.bits} {group} {kind}"
 
 
-@dataclass
 class QuantizedWeight:
-    codes: torch.Tensor  # [out, in]
-    scales: torch.Tensor  # [out, n_groups] float32, float16-exact
-    zeros: torch.Tensor | None  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
-    scheme: QuantScheme
+    """One linear's quantized weight. Codes are held packed at their bit width (two int4 codes per byte,
+    low nibble first, each row padded to whole bytes); `codes` unpacks them on demand."""
+
+    __slots__ = ("packed", "cols", "scales", "zeros", "scheme")
+
+    def __init__(self, codes: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 scheme: QuantScheme, *, packed: torch.Tensor | None = None, cols: int | None = None):
+        if packed is None:
+            packed, cols = pack_codes(codes, scheme), codes.shape[1]
+        self.packed = packed  # uint8 [out, ceil(cols / 2)] for 4 bits; the int8/uint8 codes for 8 bits
+        self.cols = int(cols)
+        self.scales = scales  # [out, n_groups] float32, float16-exact
+        self.zeros = zeros  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
+        self.scheme = scheme
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """[out, in] integer codes: int8 for symmetric schemes, uint8 otherwise."""
+        return unpack_codes(self.packed, self.cols, self.scheme)
 
     @property
     def group_size(self) -> int:
-        return self.scheme.group_size or self.codes.shape[1]
+        return self.scheme.group_size or self.cols
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return (self.packed.shape[0], self.cols)
+
+    def to(self, device) -> "QuantizedWeight":
+        zeros = None if self.zeros is None else self.zeros.to(device)
+        return QuantizedWeight(None, self.scales.to(device), zeros, self.scheme, packed=self.packed.to(device),
+                               cols=self.cols)
+
+    def rows(self, index: torch.Tensor) -> "QuantizedWeight":
+        """The same weight with its output rows reordered or selected by `index`."""
+        return QuantizedWeight(None, self.scales[index], None if self.zeros is None else self.zeros[index],
+                               self.scheme, packed=self.packed[index], cols=self.cols)
 
     def dequantize(self) -> torch.Tensor:
         codes = self.codes.to(torch.float32)
@@ -83,6 +106,25 @@ class QuantizedWeight:
         if self.scheme.zero_point == "float":
             return codes * scales + zeros
         return (codes - zeros) * scales
+
+
+def pack_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Codes [out, in] → their storage: 8-bit codes as they are, 4-bit codes two per byte (low nibble first)."""
+    if scheme.bits == 8:
+        return codes.contiguous()
+    nib = codes.to(torch.uint8) & 0x0F  # two's complement nibble for symmetric codes
+    if nib.shape[1] % 2:
+        nib = torch.cat([nib, torch.zeros_like(nib[:, :1])], dim=1)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, cols: int, scheme: QuantScheme) -> torch.Tensor:
+    if scheme.bits == 8:
+        return packed
+    nib = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)[:, :cols]
+    if scheme.symmetric:
+        return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend the nibble
+    return nib.contiguous()
 
 
 def per_column(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
@@ -186,15 +228,17 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
 
 
 def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:
-    """One safetensors file: `<name>.codes|scales|zeros` tensors, schemes in the header metadata."""
+    """One safetensors file: `<name>.codes` (packed), `.scales` (float16), `.zeros`; schemes and widths in
+    the header metadata."""
     tensors, schemes = {}, {}
     for name in sorted(qweights):
         q = qweights[name]
-        tensors[f"{name}.codes"] = q.codes.contiguous()
-        tensors[f"{name}.scales"] = q.scales.contiguous()
+        tensors[f"{name}.codes"] = q.packed.contiguous()
+        tensors[f"{name}.scales"] = q.scales.to(torch.float16).contiguous()  # float16-exact by construction
         if q.zeros is not None:
-            tensors[f"{name}.zeros"] = q.zeros.contiguous()
-        schemes[name] = q.scheme.model_dump()
+            zeros = q.zeros if q.zeros.dtype == torch.uint8 else q.zeros.to(torch.float16)
+            tensors[f"{name}.zeros"] = zeros.contiguous()
+        schemes[name] = {**q.scheme.model_dump(), "cols": q.cols}
     # One metadata key: safetensors writes its metadata map in no fixed order, and artifacts must be
     # byte-identical from run to run.
     header = json.dumps({"format": FILE_FORMAT, "schemes": schemes}, sort_keys=True)
@@ -212,11 +256,14 @@ def load_qweights(path: Path) -> dict[str, QuantizedWeight]:
         raise CompressError(f"{path}: not a {FILE_FORMAT} file (format '{meta.get('format')}')")
     out = {}
     for name, scheme in meta["schemes"].items():
+        scheme = dict(scheme)
+        cols = scheme.pop("cols")
         try:
-            out[name] = QuantizedWeight(
-                tensors[f"{name}.codes"], tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"),
-                QuantScheme(**scheme),
-            )
+            zeros = tensors.get(f"{name}.zeros")
+            if zeros is not None and zeros.dtype != torch.uint8:
+                zeros = zeros.float()  # float offsets, stored as float16 (exact)
+            out[name] = QuantizedWeight(None, tensors[f"{name}.scales"].float(), zeros, QuantScheme(**scheme),
+                                        packed=tensors[f"{name}.codes"], cols=cols)
         except KeyError as e:
             raise CompressError(f"{path}: missing tensor {e.args[0]}") from None
     return out

@@ -1,8 +1,7 @@
-"""The `rtn` stage: round-to-nearest quantization of every decoder-layer linear."""
+"""The `rtn` stage: round-to-nearest quantization of every decoder-layer linear, one weight at a time."""
 
 from __future__ import annotations
 
-from ..models.architectures import quantizable_linears
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .qweight import QuantScheme, quantize
@@ -15,9 +14,9 @@ class RTNConfig(QuantScheme, StageConfig):
 @register_stage("rtn", RTNConfig, "round-to-nearest weight quantization of every decoder linear")
 def apply_rtn(config: RTNConfig, state, ctx: RunContext) -> StageOutcome:
     scheme = config.scheme()
-    linears = quantizable_linears(state.model)
+    names = state.linear_names()
     state.qweights = {
-        name: quantize(linear.weight, scheme)
-        for name, linear in progress(linears.items(), desc="rtn", total=len(linears), unit="linear")
+        name: quantize(state.tensor(f"{name}.weight").to(state.device), scheme).to("cpu")
+        for name in progress(names, desc="rtn", total=len(names), unit="linear")
     }
-    return StageOutcome(state, details={"scheme": scheme.describe(), "quantized_linears": len(linears)})
+    return StageOutcome(state, details={"scheme": scheme.describe(), "quantized_linears": len(names)})

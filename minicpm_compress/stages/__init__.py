@@ -39,7 +39,14 @@ class RunContext:
     recipe: "Recipe"
     out_dir: "Path | None" = None  # the (staging) output folder exporters write their artifacts into
     evaluator: "Evaluator | None" = None  # set by the load stage
-    reference_model: Any = None  # the full-precision reference, kept for stages that re-measure
+    reference: "ModelState | None" = None  # the full-precision reference's state (set by the load stage)
+    reference_model: Any = None  # its whole float model, once a stage needed one (qat, heal)
+
+    def teacher(self):
+        """The reference as a whole float model (materialised on first use: training stages need it)."""
+        if self.reference_model is None:
+            self.reference_model = self.reference.model
+        return self.reference_model
 
     def calibration(self, tokenizer, n_samples: int | None = None, length: int | None = None):
         """[n, length] calibration token ids from the recipe's calibration text (its defaults if not given)."""

@@ -21,6 +21,6 @@ def apply_evaluate(config: EvaluateConfig, state, ctx: RunContext) -> StageOutco
     data = ctx.recipe.data
     sets = config.evaluation or data.evaluation
     windows = evaluation_windows(state.tokenizer, sets, config.eval_tokens or data.eval_tokens, data.eval_window)
-    evaluator = Evaluator.against(ctx.reference_model, windows, data.eval_batch_size)
+    evaluator = Evaluator.against(ctx.reference, windows, data.eval_batch_size)
     details = {"summary": f"on {', '.join(sets)} ({windows.numel()} tokens; own reference)", "evaluation": sets}
-    return StageOutcome(state, evaluator.measure(state.evaluated_model()), details)
+    return StageOutcome(state, evaluator.measure(state), details)

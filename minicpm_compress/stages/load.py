@@ -1,16 +1,15 @@
-"""The `load` stage: read the model (and any quantized weights), and set up the evaluator's reference."""
+"""The `load` stage: open the model (and any quantized weights) lazily, and set up the evaluator's reference."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..data.textsets import evaluation_windows
+from ..devices import compute_device
 from ..errors import CompressError
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.metrics import reference_metrics
-from ..models.checkpoint import load_checkpoint
 from ..models.source import resolve_model
-from ..quant.qweight import load_qweights
 from ..state import ModelState
 from . import RunContext, StageConfig, StageOutcome, register_stage
 
@@ -28,28 +27,32 @@ def reference_spec(spec: str) -> str:
 @register_stage("load", LoadConfig, "load the model and measure it against the full-precision reference", transforms=False)
 def apply_load(config: LoadConfig, _state, ctx: RunContext) -> StageOutcome:
     recipe = ctx.recipe
+    device, dtype = compute_device(recipe.device, recipe.dtype)
+    options = dict(allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code, device=device,
+                   dtype=dtype)
     source = resolve_model(recipe.model)
-    options = dict(allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
-    model, tokenizer = load_checkpoint(source.checkpoint, **options)
-    state = ModelState(model, tokenizer, source, load_qweights(source.qweights) if source.qweights else {})
+    state = ModelState.open(source, **options)
 
     ref_source = resolve_model(recipe.reference) if recipe.reference else resolve_model(source.reference)
-    is_reference = not state.qweights and ref_source.checkpoint.resolve() == source.checkpoint.resolve()
-    reference = model if is_reference else load_checkpoint(ref_source.checkpoint, **options)[0]
-    if reference.get_output_embeddings().weight.shape != model.get_output_embeddings().weight.shape:
+    is_reference = (not state.qweights and not state.weights.changed()
+                    and ref_source.checkpoint.resolve() == source.checkpoint.resolve())
+    reference = ModelState.open(ref_source, **options)
+    if reference.weights.shape(reference.head_name()) != state.weights.shape(state.head_name()):
         raise CompressError(
             f"{ref_source.spec}: reference vocabulary/hidden size differs from {source.spec}; they cannot be compared"
         )
     data = recipe.data
-    windows = evaluation_windows(tokenizer, data.evaluation, data.eval_tokens, data.eval_window)
+    windows = evaluation_windows(state.tokenizer, data.evaluation, data.eval_tokens, data.eval_window)
     ctx.evaluator = Evaluator.against(reference, windows, data.eval_batch_size)
-    ctx.reference_model = reference
+    ctx.reference = reference
     details = {
         "model": source.spec,
         "reference": reference_spec(ref_source.spec),
-        "model_type": model.config.model_type,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_type": state.config.model_type,
+        "parameters": state.parameter_count(),
         "quantized_linears": len(state.qweights),
+        "device": str(state.device),
+        "dtype": str(state.dtype).removeprefix("torch."),
     }
     metrics = reference_metrics(ctx.evaluator.reference) if is_reference else None
     return StageOutcome(state, metrics, details)

@@ -7,12 +7,10 @@ follow a change of the float weights, so healing refuses a model that has them: 
 
 from __future__ import annotations
 
-import copy
 
 from pydantic import Field
 
 from ..errors import CompressError
-from ..models.checkpoint import model_fingerprint
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .distill import DistillSettings, ParamGroup, checkpoint_path, distill
 
@@ -27,11 +25,11 @@ def apply_heal(config: HealConfig, state, ctx: RunContext) -> StageOutcome:
         raise CompressError("heal: the model has quantized weights, which healing would not update; "
                             "heal before rtn/awq, or train the quantized model with qat")
     recipe = ctx.recipe
-    teacher = ctx.reference_model
-    student = copy.deepcopy(state.model) if state.model is teacher else state.model
+    teacher = ctx.teacher()
+    student = state.materialize()  # the whole float model: training cannot stream (see README)
     tokens = ctx.calibration(state.tokenizer, config.samples, config.sequence_length)
     params = {n: p for n, p in student.named_parameters() if n.startswith("model.layers.")}
-    resume = checkpoint_path("heal", model_fingerprint(state.model), config.model_dump(mode="json", exclude={"gate"}),
+    resume = checkpoint_path("heal", state.fingerprint(), config.model_dump(mode="json", exclude={"gate"}),
                              recipe.seed, tokens)
     log = distill(student, teacher, [ParamGroup(params, config.lr)], tokens, config, recipe.seed, resume=resume,
                   desc="heal")

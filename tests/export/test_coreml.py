@@ -34,7 +34,7 @@ from ..conftest import tiny_model
 
 def _state(tokenizer, scheme: QuantScheme | None, every: int = 1, **overrides):
     model = tiny_model("minicpm", **overrides)
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     if scheme:
         state.qweights = {n: quantize(l.weight, scheme)
                           for i, (n, l) in enumerate(quantizable_linears(model).items()) if i % every == 0}

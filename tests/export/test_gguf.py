@@ -49,7 +49,7 @@ def _fields(path):
 
 def test_minicpm_file_has_its_scales_tied_embeddings_and_tokenizer(tmp_path, tokenizer):
     model = tiny_model("minicpm")
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     state.qweights = {"model.layers.0.mlp.up_proj": quantize(model.model.layers[0].mlp.up_proj.weight,
                                                              QuantScheme(bits=4, group_size=32, symmetric=True))}
     paths = write_gguf(state, tmp_path / "m.gguf", "Q4_0")
@@ -81,7 +81,7 @@ def real_state(minicpm_path):
     from minicpm_compress.models.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(minicpm_path)
-    return ModelState(model, tok, ModelSource("minicpm-smollm2", minicpm_path, "minicpm-smollm2"))
+    return ModelState.of(model, tok, ModelSource("minicpm-smollm2", minicpm_path, "minicpm-smollm2"))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_lossless_q4_1_agrees_with_the_gated_torch_model(tmp_path, real_state, w
     from minicpm_compress.models.architectures import quantizable_linears
 
     scheme = QuantScheme(bits=4, group_size=32, zero_point="float")
-    state = ModelState(real_state.model, real_state.tokenizer, real_state.source,
+    state = ModelState.of(real_state.model, real_state.tokenizer, real_state.source,
                        {n: quantize(l.weight, scheme) for n, l in quantizable_linears(real_state.model).items()})
     assert write_gguf(state, tmp_path / "q41.gguf", "Q4_1")["lossless"] == 210
     evaluator = Evaluator.against(state.evaluated_model(), windows)  # the gated model is the reference here
@@ -162,7 +162,7 @@ def sentencepiece_minicpm(tmp_path_factory):
     tokenizer = LlamaTokenizer.from_pretrained(str(folder))
     save_checkpoint(tiny_model("minicpm", vocab_size=2000), tokenizer, folder / "model")
     model, tokenizer = load_checkpoint(folder / "model")
-    return ModelState(model, tokenizer, ModelSource("spm", folder / "model", "spm"))
+    return ModelState.of(model, tokenizer, ModelSource("spm", folder / "model", "spm"))
 
 
 def test_sentencepiece_minicpm_tokenizes_and_computes_like_torch_in_llama_cpp(tmp_path, sentencepiece_minicpm):

@@ -54,7 +54,7 @@ def test_layouts_that_do_not_fit_blocks_are_not_taken_for_lossless():
 @pytest.fixture(scope="module")
 def int4_folder(tmp_path_factory, tokenizer):
     model = tiny_model("minicpm")
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     scheme = QuantScheme(bits=4, group_size=32, symmetric=True)
     state.qweights = {n: quantize(l.weight, scheme) for n, l in quantizable_linears(model).items()}
     folder = tmp_path_factory.mktemp("onnx") / "onnx-int4"
@@ -113,7 +113,7 @@ def test_onnxruntime_genai_generates_the_greedy_continuation(int4_folder):
 
 def test_dynamic_int8_is_recorded_and_close_to_float(tmp_path, tokenizer):
     model = tiny_model("llama")
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     paths = write_onnx(state, tmp_path / "d", OnnxConfig(bits=8, int8="dynamic"))
     assert paths == {"dynamic int8 (onnxruntime)": 14}
     ops = [n.op_type for n in onnx.load(str(tmp_path / "d/model.onnx")).graph.node]

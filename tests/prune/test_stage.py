@@ -16,7 +16,7 @@ IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0
 
 
 def _prune(model, tokenizer, **settings):
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     recipe = build_recipe(model="minicpm-smollm2", data={"sequence_length": 64}, stages=[{"prune": settings}])
     outcome = apply_prune(PruneConfig(calibration_samples=4, **settings), state, RunContext(recipe))
     return outcome.state.model, outcome.details
@@ -80,7 +80,7 @@ def test_quantized_models_are_not_pruned(tokenizer):
     from minicpm_compress.quant.qweight import QuantScheme, quantize
 
     model = tiny_model("llama")
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"),
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"),
                        {"x": quantize(torch.randn(4, 32), QuantScheme(group_size=32))})
     recipe = build_recipe(model="minicpm-smollm2", stages=[{"prune": {"ratio": 0.1}}])
     with pytest.raises(CompressError, match="prune before rtn/awq/qat"):

@@ -87,7 +87,7 @@ def test_a_pruned_minicpm_computes_in_llama_cpp_like_in_torch(tmp_path, tokenize
     pruned = keep_head_groups(pruned, [torch.tensor([2])] * 2)  # 2 heads × 16 = 32 ≠ hidden 64
     save_checkpoint(pruned, tokenizer, tmp_path / "p")
     loaded, tok = load_checkpoint(tmp_path / "p")
-    write_gguf(ModelState(loaded, tok, ModelSource("p", tmp_path / "p", "p")), tmp_path / "p.gguf", "F32")
+    write_gguf(ModelState.of(loaded, tok, ModelSource("p", tmp_path / "p", "p")), tmp_path / "p.gguf", "F32")
     runner = LlamaCppRunner(tmp_path / "p.gguf", 12)
     try:
         ours = runner.logits(IDS)

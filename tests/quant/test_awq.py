@@ -47,7 +47,7 @@ def test_folding_any_scales_leaves_the_float_function_unchanged(model_type):
 
 def _tiny_state(model_type, tokenizer):
     model = tiny_model(model_type)
-    return ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    return ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "minicpm"])

@@ -26,7 +26,7 @@ def _context(teacher, **data):
 
 def _state(tokenizer, model_type="minicpm"):
     model = tiny_model(model_type)
-    return ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    return ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
 
 
 @pytest.mark.parametrize("scheme", [
@@ -91,6 +91,6 @@ def test_exported_codes_are_exactly_what_the_trained_model_computed_with(tokeniz
     for name, q in qweights.items():
         assert torch.equal(q.dequantize(), fake[name])
         assert torch.equal(q.scales, q.scales.half().float())
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"), qweights)
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"), qweights)
     with torch.no_grad():
         assert torch.equal(state.evaluated_model()(ids).logits, trained)

@@ -27,7 +27,7 @@ def test_healing_brings_a_pruned_model_back_towards_the_reference(tokenizer):
     teacher = tiny_model("minicpm")
     pruned = keep_ffn_channels(teacher, [torch.arange(0, 160, 2)] * 2)
     untouched = copy.deepcopy(pruned)
-    state = ModelState(pruned, tokenizer, ModelSource("tiny", None, "tiny"))
+    state = ModelState.of(pruned, tokenizer, ModelSource("tiny", None, "tiny"))
     recipe = build_recipe(model="minicpm-smollm2", stages=[{"heal": {}}])
     config = HealConfig(steps=40, batch_size=4, sequence_length=32, samples=32, lr=3e-3, checkpoint_every=0)
     outcome = apply_heal(config, state, RunContext(recipe, reference_model=teacher))
@@ -40,7 +40,7 @@ def test_healing_brings_a_pruned_model_back_towards_the_reference(tokenizer):
 
 def test_healing_refuses_quantized_weights(tokenizer):
     model = tiny_model("llama")
-    state = ModelState(model, tokenizer, ModelSource("tiny", None, "tiny"),
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"),
                        {"x": quantize(torch.randn(4, 32), QuantScheme(group_size=32))})
     recipe = build_recipe(model="minicpm-smollm2", stages=[{"heal": {}}])
     with pytest.raises(CompressError, match="train the quantized model with qat"):
