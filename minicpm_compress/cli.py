@@ -53,6 +53,11 @@ def _model_options(command):
         click.option("--evaluation", multiple=True, help="held-out text set or .txt/.jsonl file (repeatable)"),
         click.option("--trust-remote-code", is_flag=True, help="allow executing model code shipped in the checkpoint"),
         click.option("--allow-pickle", is_flag=True, help="allow loading pickle (.bin) weights"),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+                     help="where layers are computed (auto: CUDA, then MPS, then CPU)"),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+                     help="compute dtype of materialised layers"),
+        click.option("--no-memory-check", is_flag=True, help="run a stage even when its memory estimate exceeds free RAM"),
         click.option("--max-ppl-increase", type=float, default=None, help="gate: relative perplexity increase"),
         click.option("--max-kld", type=float, default=None, help="gate: mean KL divergence"),
         click.option("--min-top1", type=float, default=None, help="gate: top-1 agreement"),
@@ -74,6 +79,9 @@ def _recipe_fields(name: str, stage: str, stage_settings: dict, o: dict) -> dict
         "name": name,
         "model": o["model"],
         "reference": o["reference"],
+        "device": o["device"],
+        "dtype": o["dtype"],
+        "memory_check": not o["no_memory_check"],
         "data": data,
         "stages": [{"load": load}, {stage: {**stage_settings, **({"gate": gate} if gate else {})}}],
     }
@@ -87,6 +95,10 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
     out = out or Path("out") / recipe.name
     click.echo(f"running '{recipe.name}' on {recipe.model} → {out}", err=True)
 
+    def on_start(index, name, estimate):
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in estimate["parts"].items())
+        click.echo(f"  [{index}] {name}: estimated peak memory {estimate['bytes'] / 2**30:.1f} GiB ({parts})", err=True)
+
     def on_stage(r):
         m = r.metrics
         click.echo(f"  [{r.index}] {r.name}: ppl {m.ppl:.3f} ({m.ppl_increase:+.2%}), KLD {m.kld:.4f}, "
@@ -94,7 +106,7 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
                                                               if r.failures else ""), err=True)
 
     try:
-        run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage)
+        run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage, on_start=on_start)
     finally:
         manifest_path = out / "manifest.json"
         if manifest_path.is_file():
@@ -119,12 +131,20 @@ def models(prepare: bool):
 @click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="output folder (default out/NAME)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,
+              help="override the recipe's compute device")
+@click.option("--no-memory-check", is_flag=True, help="run a stage even when its memory estimate exceeds free RAM")
 @_reports_errors
-def run(recipe_path: Path, out: Path | None, overwrite: bool):
+def run(recipe_path: Path, out: Path | None, overwrite: bool, device: str | None, no_memory_check: bool):
     """Run a YAML recipe."""
     from .recipe import load_recipe
 
-    _run(load_recipe(recipe_path), out, overwrite)
+    recipe = load_recipe(recipe_path)
+    if device:
+        recipe.device = device
+    if no_memory_check:
+        recipe.memory_check = False
+    _run(recipe, out, overwrite)
 
 
 def _scheme_options(command):

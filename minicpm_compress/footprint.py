@@ -40,3 +40,49 @@ def memory_estimate(state: "ModelState", context: int = DEFAULT_CONTEXT) -> dict
         "total_bytes": weights + kv,
         "assumes": "quantized linears packed at their bit width with float16 scales; other weights and the KV cache in float16",
     }
+
+
+GIB = 1 << 30
+PROCESS_BASE_BYTES = 1 << 30  # python, torch, transformers and friends, measured ~0.9 GB here
+
+
+def _numel(state: "ModelState", prefix: str) -> int:
+    return sum(torch.Size(state.weights.shape(n)).numel() for n in state.weights.names() if n.startswith(prefix))
+
+
+def stage_memory(state: "ModelState", whole_model: float | None, data, calibrates: bool = False) -> dict:
+    """Estimated peak memory of a stage on `state`, with what it is made of.
+
+    Every stage holds the packed quantized weights and is measured afterwards: one decoder layer at a
+    time (float32, plus a dequantized copy and temporaries), the output head as stored, the hidden states
+    of every held-out window at one layer and one batch of logits. A calibrating stage adds its samples'
+    activations and the Gram matrices of one layer; a whole-model stage the float32 model that many times.
+    """
+    from .models.architectures import layer_prefix
+
+    c = state.config
+    qbytes = sum(quantized_bytes(q) for q in state.qweights.values())
+    linear_params = sum(torch.Size(state.weights.shape(f"{n}.weight")).numel() for n in state.linear_names())
+    windows = -(-data.eval_tokens // data.eval_window)
+    batch = min(data.eval_batch_size, windows)
+    parts = {
+        "one layer float32 × 3": _numel(state, layer_prefix(0) + ".") * 4 * 3,
+        "output head": c.vocab_size * c.hidden_size * 4,
+        "held-out activations and logits": data.eval_tokens * c.hidden_size * 4 * 3
+        + batch * data.eval_window * c.vocab_size * 4 * 4,
+    }
+    if calibrates:
+        parts["calibration activations and Gram matrices"] = (
+            data.calibration_samples * data.sequence_length * c.hidden_size * 4 * 2
+            + (c.intermediate_size**2 + 3 * c.hidden_size**2) * 8)
+    if whole_model is not None:
+        parts["float32 model × %g" % whole_model] = int(state.parameter_count() * 4 * whole_model)
+    parts["quantized weights (packed)"] = max(qbytes, linear_params // 2)
+    parts["process"] = PROCESS_BASE_BYTES
+    return {"bytes": sum(parts.values()), "parts": parts}
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -52,8 +52,9 @@ class Weights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.overrides[name].shape) if name in self.overrides else self.base.shape(name)
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-        """The tensor as the model computes with it: source or override, then its ops, in float32."""
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> torch.Tensor:
+        """The tensor as the model computes with it: source or override, then its ops, in `dtype` (None:
+        as stored, when no op applies)."""
         source = self.overrides[name] if name in self.overrides else self.base.get(name)
         ops = self.ops.get(name, ())
         t = source.to(torch.float32) if ops else source
@@ -62,7 +63,7 @@ class Weights:
                 t = t * s.unsqueeze(0)
             else:  # "row": divide output rows (a weight's dim 0, a bias or norm weight)
                 t = t / (s.unsqueeze(1) if t.dim() == 2 else s)
-        t = t.to(device=device, dtype=dtype)
+        t = t.to(device=device, dtype=dtype or t.dtype)
         return t.clone() if t is source else t  # callers may change what they get
 
     def scale_columns(self, name: str, s: torch.Tensor) -> None:
@@ -329,7 +330,7 @@ class ModelState:
                     continue
             self.weights.set(name, value)
         self.weights.keep_only(list(state))
-        self._model = model
+        self._model = None  # not kept: a later whole-model stage materialises afresh
 
     def weights_changed(self) -> None:
         """Forget the cached whole model after a stage changed `weights` directly."""

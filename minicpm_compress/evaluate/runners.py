@@ -41,11 +41,15 @@ class StreamedRunner:
 
     def batches(self, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         from ..layerwise import head_inputs
+        from .metrics import head_logits
 
         hidden = head_inputs(self.state, windows, batch_size, self.quantized)
-        with self.state.modules("lm_head") as model, torch.inference_mode():
+        if "lm_head.bias" in self.state.weights:
+            raise ValueError("output heads with a bias are not supported")
+        head = self.state.weights.get(self.state.head_name(), dtype=None)  # as stored: bf16 stays bf16
+        with torch.inference_mode():
             for h in hidden:
-                yield model.lm_head(h).float().cpu()
+                yield head_logits(h, head).cpu()
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(self.batches(input_ids, input_ids.shape[0])))

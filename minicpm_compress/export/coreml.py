@@ -414,7 +414,8 @@ class CoreMLConfig(StageConfig):
 def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["float16", "float32"]
                  ) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
     """Write model.mlpackage (+ tokenizer files) into `folder`; return the weights written and path counts."""
-    weights, paths = export_weights(state, config.requantize_scheme(), lambda q: fits_coreml(q, config.bits))
+    quantized, paths = export_weights(state, config.requantize_scheme(), lambda q: fits_coreml(q, config.bits))
+    weights = {name: (state.model.get_submodule(name).weight, q) for name, q in quantized.items()}
     if config.embeddings == "int8":
         for name, weight in embedding_matrices(state.model).items():
             weights[name] = (weight, quantize(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
@@ -451,7 +452,7 @@ def read_back_model(model: torch.nn.Module, stored: dict[str, torch.Tensor],
 
 
 @register_stage("coreml", CoreMLConfig, "export a stateful Core ML mlpackage (iOS 18) with blockwise int4/int8 weights",
-                transforms=False)
+                transforms=False, whole_model=3)
 def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     kind = f"int{config.bits}"
     folder = ctx.out_dir / (config.folder or f"coreml-{kind}")

@@ -165,6 +165,33 @@ def _gguf_bytes(shape: tuple[int, ...], type_name: str) -> int:
     return numel // block * size
 
 
+def longrope_factors(c, rope: dict, head_dim: int, arch: str) -> dict[str, np.ndarray]:
+    """LongRoPE (MiniCPM4): llama.cpp's minicpm arch takes the long/short frequency factors as tensors.
+
+    llama.cpp picks the long factors beyond `original_max_position_embeddings`, as transformers does; it
+    applies no attention factor, so a config whose factor differs from 1 (a context extended past the
+    original) is refused rather than written wrong.
+    """
+    if rope.get("rope_type") != "longrope":
+        return {}
+    if arch != "minicpm":
+        raise CompressError(f"gguf: LongRoPE is written for MiniCPM only, not model_type '{c.model_type}'")
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long or not short or len(long) != head_dim // 2 or len(short) != head_dim // 2:
+        raise CompressError(f"config.json: rope_scaling long_factor/short_factor must each have {head_dim // 2} "
+                            "values (head_dim / 2)")
+    original = rope.get("original_max_position_embeddings") or c.max_position_embeddings
+    factor = rope.get("attention_factor")
+    if factor is None:
+        scale = c.max_position_embeddings / original
+        factor = 1.0 if scale <= 1 else (1 + np.log(scale) / np.log(original)) ** 0.5
+    if abs(factor - 1.0) > 1e-6:
+        raise CompressError(f"gguf: LongRoPE attention factor {factor:.4f} (max_position_embeddings "
+                            f"{c.max_position_embeddings} > original {original}) has no llama.cpp equivalent for minicpm")
+    return {"rope_factors_long": np.asarray(long, dtype=np.float32),
+            "rope_factors_short": np.asarray(short, dtype=np.float32)}
+
+
 def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = None) -> dict:
     """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES); return how tensors were stored.
 
@@ -210,6 +237,13 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     paths = {"lossless": 0, "requantized": 0, "float": 0}
     quantized_type = file_type not in ("F32", "F16")
     plan = []  # (key, GGUF name, how, target type, shape)
+    extra = longrope_factors(c, rope, head_dim, arch)
+    if extra:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)  # llama.cpp loads the factors only then
+        original = rope.get("original_max_position_embeddings") or c.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        for name, factors in extra.items():
+            plan.append((name, f"{name}.weight", "extra", "F32", tuple(factors.shape)))
     for key in untied_state_dict(state.skeleton()):
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -248,6 +282,9 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         heads = c.num_attention_heads if key.endswith("q_proj.weight") else (
             c.num_key_value_heads if key.endswith("k_proj.weight") else None)
         index = rope_permutation(shape[0], heads) if heads else None
+        if how == "extra":
+            writer.write_tensor_data(extra[key])
+            continue
         if how == "lossless":
             q = state.qweights[key.removesuffix(".weight")]
             writer.write_tensor_data(pack_lossless(q.rows(index) if heads else q, target))

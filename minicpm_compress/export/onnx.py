@@ -1,7 +1,8 @@
 """ONNX export: a decoder with KV-cache inputs/outputs, int4/int8 weights as MatMulNBits, run in onnxruntime.
 
 The graph comes from `torch.onnx.export(dynamo=True)` of the model itself (MiniCPM's muP scalings are
-in its forward, hence in the graph), wrapped so the cache is flat tensors:
+in its forward, hence in the graph), traced without weights (zero-strided stand-ins) and wrapped so the
+cache is flat tensors:
 
   input_ids, attention_mask, position_ids, past_key_values.N.key/value  →  logits, present.N.key/value
 
@@ -15,13 +16,13 @@ Weights (recorded per path in the manifest):
     requested bits and block size first;
   * dynamic int8 (`int8: dynamic`): onnxruntime's `quantize_dynamic` instead (its own int8 weights and
     run-time activation quantization); not lossless, measured like the rest.
-MatMul nodes are matched to linears by their weight values (the exporter renames and transposes
-initializers), so nothing depends on exporter naming.
+Weights are then streamed into model.onnx.data one tensor at a time (the Transpose the exporter puts
+on a linear's weight is replaced by MatMulNBits or folded into the stored tensor), so an 8B model
+never has to fit in memory as a graph.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -33,8 +34,6 @@ from pydantic import Field, model_validator
 from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
-from ..models.architectures import quantizable_linears
-from ..models.checkpoint import untied_state_dict
 from ..quant.qweight import QuantizedWeight, QuantScheme
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .weights import export_weights
@@ -74,9 +73,23 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     return inputs, ["logits"] + [c.format("present") for c in cache]
 
 
-def export_float(model: torch.nn.Module, path: Path) -> None:
-    """Write the float32 decoder graph with KV cache to `path` (weights inline)."""
-    c = model.config
+DATA_NAME = "model.onnx.data"
+
+
+def traced_graph(state):
+    """The decoder graph (onnx_ir) of `state`'s architecture, traced without its weights.
+
+    The model is built on the meta device and every parameter becomes a zero-strided view of one float,
+    so the exporter sees real shapes and no weight memory is used; the weights are streamed in later.
+    """
+    from ..state import _set_param, build_skeleton
+
+    c = state.config
+    model = build_skeleton(c, state.arch)
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        _set_param(model, name, torch.zeros(1).expand(p.shape), requires_grad=False)
+    if state.tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
     layers, kv, head_dim = c.num_hidden_layers, c.num_key_value_heads, _head_dim(c)
     batch, past_len, seq = 2, 3, 4
     ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -87,13 +100,106 @@ def export_float(model: torch.nn.Module, path: Path) -> None:
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
     inputs, outputs = io_names(layers)
     try:
-        program = torch.onnx.export(_FlatCacheDecoder(model.eval()), (ids, mask, positions, *past), dynamo=True,
+        program = torch.onnx.export(_FlatCacheDecoder(model), (ids, mask, positions, *past), dynamo=True,
                                     dynamic_shapes=shapes, input_names=inputs, output_names=outputs,
-                                    optimize=True, verbose=False)
+                                    optimize=False, verbose=False)
     except Exception as e:  # the exporter's errors are pages long; the first line names the op
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CompressError(f"onnx: torch.onnx.export failed: {first}") from None
-    program.save(str(path))
+    return program.model
+
+
+class _ExternalData:
+    """Tensors appended one at a time to the graph's external data file (64-byte aligned)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.file = open(folder / DATA_NAME, "wb")
+
+    def tensor(self, array: np.ndarray, name: str):
+        import onnx_ir as ir
+
+        array = np.ascontiguousarray(array)
+        pad = -self.file.tell() % 64
+        self.file.write(bytes(pad))
+        offset = self.file.tell()
+        self.file.write(array.tobytes())
+        return ir.ExternalTensor(DATA_NAME, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                 shape=ir.Shape(array.shape), name=name, base_dir=str(self.folder))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _sole_transpose(value):
+    """The Transpose node that is `value`'s only use, if so."""
+    uses = list(value.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Transpose" and list(uses[0].node.attributes["perm"].value) == [1, 0]:
+        return uses[0].node
+    return None
+
+
+def write_graph(state, folder: Path, weights: dict[str, QuantizedWeight], block_size: int,
+                accuracy_level: int = 0) -> int:
+    """model.onnx + model.onnx.data in `folder`: the traced graph, each linear in `weights` as a
+    MatMulNBits node holding our codes, every other parameter as float32, written one tensor at a time.
+    Returns how many linears became MatMulNBits."""
+    import onnx_ir as ir
+
+    model = traced_graph(state)
+    graph = model.graph
+    data = _ExternalData(folder)
+    replaced = 0
+    try:
+        for name, q in weights.items():
+            value = graph.initializers.get(f"model.{name}.weight")
+            transpose = _sole_transpose(value) if value is not None else None
+            matmuls = [u.node for u in transpose.outputs[0].uses()] if transpose is not None else []
+            if len(matmuls) != 1 or matmuls[0].op_type != "MatMul":
+                raise CompressError(f"onnx: no MatMul reading the weight of '{name}' in the traced graph")
+            matmul = matmuls[0]
+            packed = pack_matmul_nbits(q, block_size)
+            inputs = [matmul.inputs[0]]
+            for part, array in packed.items():
+                v = ir.Value(name=f"{name}.{part}", shape=ir.Shape(array.shape),
+                             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                             const_value=data.tensor(array, f"{name}.{part}"))
+                graph.register_initializer(v)
+                inputs.append(v)
+            node = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes={
+                "K": ir.AttrInt64("K", q.shape[1]), "N": ir.AttrInt64("N", q.shape[0]),
+                "bits": ir.AttrInt64("bits", q.scheme.bits), "block_size": ir.AttrInt64("block_size", block_size),
+                "accuracy_level": ir.AttrInt64("accuracy_level", accuracy_level)}, name=f"{name}.MatMulNBits")
+            graph.insert_before(matmul, node)
+            ir.convenience.replace_all_uses_with(matmul.outputs[0], node.outputs[0])
+            node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = (
+                matmul.outputs[0].name, matmul.outputs[0].shape, matmul.outputs[0].type)
+            graph.remove([matmul, transpose], safe=True)
+            del graph.initializers[value.name]
+            replaced += 1
+        for key, value in list(graph.initializers.items()):
+            parameter = key.removeprefix("model.")
+            if not key.startswith("model.") or parameter not in state.weights and parameter != "lm_head.weight":
+                continue  # buffers and constants the exporter lifted: small, kept inline
+            source = state.head_name() if parameter == "lm_head.weight" else parameter
+            array = state.tensor(source).numpy()
+            transpose = _sole_transpose(value)
+            if transpose is not None:  # store the transposed weight rather than transposing at run time
+                folded = ir.Value(name=f"{key}.T", shape=ir.Shape(array.shape[::-1]), type=value.type,
+                                  const_value=data.tensor(array.T, f"{key}.T"))
+                graph.register_initializer(folded)
+                ir.convenience.replace_all_uses_with(transpose.outputs[0], folded)
+                graph.remove(transpose, safe=True)
+                del graph.initializers[key]
+            else:
+                value.const_value = data.tensor(array, key)
+            del array
+    finally:
+        data.close()
+    if MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
+    ir.save(model, str(folder / "model.onnx"))
+    return replaced
 
 
 def _unsigned_codes(q: QuantizedWeight) -> np.ndarray:
@@ -136,57 +242,6 @@ def pack_matmul_nbits(q: QuantizedWeight, block_size: int) -> dict[str, np.ndarr
             zeros = _pack_nibbles(np.pad(zeros, ((0, 0), (0, blocks % 2))))
         out["zero_points"] = np.ascontiguousarray(zeros.reshape(-1))
     return out
-
-
-def _key(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
-
-
-def to_matmul_nbits(path: Path, weights: dict[str, tuple[torch.Tensor, QuantizedWeight]], block_size: int,
-                    accuracy_level: int = 0) -> int:
-    """Replace the MatMul of every linear in `weights` (name → (float weight, quantized weight)) in place.
-
-    accuracy_level is MatMulNBits' lowest allowed compute precision: 0 leaves it to onnxruntime (float
-    activations on CPU), 4 lets it quantize activations to int8 (faster, no longer exact).
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    by_value = {_key(w.detach().T.contiguous().numpy()): name for name, (w, _) in weights.items()}
-    initializers = {init.name: init for init in graph.initializer}
-    replaced, nodes = {}, []
-    for node in graph.node:
-        init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        name = by_value.get(_key(numpy_helper.to_array(init))) if init is not None and len(init.dims) == 2 else None
-        if name is None or name in replaced:
-            nodes.append(node)
-            continue
-        weight, q = weights[name]
-        packed = pack_matmul_nbits(q, block_size)
-        for part, array in packed.items():
-            graph.initializer.append(numpy_helper.from_array(array, f"{name}.{part}"))
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *(f"{name}.{part}" for part in packed)], list(node.output),
-            name=f"{name}.MatMulNBits", domain=MS_DOMAIN, K=weight.shape[1], N=weight.shape[0],
-            bits=q.scheme.bits, block_size=block_size, accuracy_level=accuracy_level,
-        ))
-        replaced[name] = node.input[1]
-    missing = sorted(set(weights) - set(replaced))
-    if missing:
-        raise CompressError(f"onnx: no MatMul with the weight of '{missing[0]}' in the exported graph "
-                            f"({len(missing)} linears unmatched)")
-    used = {i for n in nodes for i in n.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    onnx.save(model, str(path))
-    return len(replaced)
 
 
 class OnnxRunner:
@@ -248,47 +303,49 @@ class OnnxConfig(StageConfig):
 
 
 def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
-    """Write model.onnx (+ genai_config.json and tokenizer files) into `folder`; return the path counts."""
+    """Write model.onnx + model.onnx.data (+ genai_config.json and tokenizer files) into `folder`; return
+    the path counts. Streamed, except for onnxruntime's dynamic int8, which quantizes a whole float graph."""
     from .onnx_genai import write_genai_files
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.onnx"
-    export_float(state.model, path)
     if config.matmul_nbits:
         scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
         weights, paths = export_weights(
             state, scheme, lambda q: q.scheme.bits == config.bits and fits_matmul_nbits(q, config.block_size))
-        to_matmul_nbits(path, weights, config.block_size, config.accuracy_level)
+        write_graph(state, folder, weights, config.block_size, config.accuracy_level)
     elif config.bits == 32:
-        paths = {"float": len(quantizable_linears(state.model))}
+        write_graph(state, folder, {}, config.block_size)
+        paths = {"float": len(state.linear_names())}
     else:  # int8: dynamic
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        dynamic = folder / ".model.dynamic.onnx"
-        quantize_dynamic(str(path), str(dynamic), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         extra_options={"MatMulConstBOnly": True})
-        dynamic.replace(path)
-        paths = {"dynamic int8 (onnxruntime)": len(quantizable_linears(state.model))}
+        float_folder = folder / ".float"
+        float_folder.mkdir()
+        write_graph(state, float_folder, {}, config.block_size)
+        quantize_dynamic(str(float_folder / "model.onnx"), str(folder / "model.onnx"), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+        shutil.rmtree(float_folder)
+        paths = {"dynamic int8 (onnxruntime)": len(state.linear_names())}
     write_genai_files(state, folder)
     return paths
 
 
 @register_stage("onnx", OnnxConfig, "export an ONNX decoder with KV cache (MatMulNBits) and measure it in onnxruntime",
-                transforms=False)
+                transforms=False, whole_model=lambda c: None if c.matmul_nbits or c.bits == 32 else 3)
 def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     kind = {4: "int4", 8: "int8", 32: "fp32"}[config.bits]
     folder = ctx.out_dir / (config.folder or f"onnx-{kind}")
     if folder.exists():
         shutil.rmtree(folder)
     paths = write_onnx(state, folder, config)
-    runner = OnnxRunner(folder / "model.onnx", state.model.config)
+    runner = OnnxRunner(folder / "model.onnx", state.config)
     metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
-    size = (folder / "model.onnx").stat().st_size
-    params = sum(p.numel() for p in untied_state_dict(state.model).values())
-    kv = kv_cache_bytes(state.model.config, config.context)
+    size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    params = state.parameter_count()
+    kv = kv_cache_bytes(state.config, config.context)
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
     details = {
-        "summary": f"{folder.name}/model.onnx, {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
+        "summary": f"{folder.name}/model.onnx(.data), {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
         "bits": config.bits, "block_size": config.block_size,
         "int8": config.int8 if config.bits == 8 else None,
         "accuracy_level": config.accuracy_level if config.matmul_nbits else None,
@@ -297,7 +354,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},
         "measured": "in onnxruntime (CPUExecutionProvider)",
     }
-    artifacts = [artifact_entry(ctx.out_dir, p, f"ONNX {kind}" if p.suffix == ".onnx" else "ONNX runtime config",
-                                config.bits if p.suffix == ".onnx" else None)
+    artifacts = [artifact_entry(ctx.out_dir, p, f"ONNX {kind}" if p.name.startswith("model.onnx") else
+                                "ONNX runtime config", config.bits if p.name.startswith("model.onnx") else None)
                  for p in sorted(folder.iterdir()) if p.is_file()]
     return StageOutcome(state, metrics, details, artifacts)

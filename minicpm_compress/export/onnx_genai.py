@@ -52,7 +52,7 @@ def genai_config(model_config, tokenizer, context: int) -> dict:
 
 
 def write_genai_files(state, folder: Path) -> None:
-    context = min(int(getattr(state.model.config, "max_position_embeddings", 2048) or 2048), 4096)
-    config = genai_config(state.model.config, state.tokenizer, context)
+    context = min(int(getattr(state.config, "max_position_embeddings", 2048) or 2048), 4096)
+    config = genai_config(state.config, state.tokenizer, context)
     atomic.write_text(Path(folder) / "genai_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     state.tokenizer.save_pretrained(str(folder))

@@ -2,29 +2,42 @@
 
 Exporters that store integer codes (ONNX MatMulNBits, Core ML blockwise constants) carry the model's own
 quantized weights when their layout fits the format ("lossless"); every other linear is quantized by
-the project's quantizer (RTN) to the format's default scheme first ("requantized").
+the project's quantizer (RTN) to the format's default scheme first ("requantized"), when it is asked
+for, so a streamed exporter holds one requantized weight at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
-import torch
-
-from ..models.architectures import quantizable_linears
 from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 
 
+class ExportWeights(Mapping):
+    """name → quantized weight for every decoder linear of `state`, in layer order."""
+
+    def __init__(self, state, scheme: QuantScheme, fits: Callable[[QuantizedWeight], bool]):
+        self.state, self.scheme = state, scheme
+        self.names = state.linear_names()
+        self.lossless = {n: state.qweights[n] for n in self.names if n in state.qweights and fits(state.qweights[n])}
+        self.paths = {"lossless": len(self.lossless), "requantized": len(self.names) - len(self.lossless)}
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name in self.lossless:
+            return self.lossless[name]
+        if name not in self.names:
+            raise KeyError(name)
+        return quantize(self.state.tensor(f"{name}.weight"), self.scheme)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def export_weights(state, scheme: QuantScheme, fits: Callable[[QuantizedWeight], bool]
-                   ) -> tuple[dict[str, tuple[torch.Tensor, QuantizedWeight]], dict[str, int]]:
-    """name → (float weight, quantized weight) for every decoder linear, and how many took each path."""
-    weights, paths = {}, {"lossless": 0, "requantized": 0}
-    for name, linear in quantizable_linears(state.model).items():
-        q = state.qweights.get(name)
-        if q is not None and fits(q):
-            paths["lossless"] += 1
-        else:
-            q = quantize(linear.weight, scheme)
-            paths["requantized"] += 1
-        weights[name] = (linear.weight, q)
-    return weights, paths
+                   ) -> tuple[ExportWeights, dict[str, int]]:
+    """The quantized weight of every decoder linear (computed on access where requantized), and the path counts."""
+    weights = ExportWeights(state, scheme, fits)
+    return weights, dict(weights.paths)

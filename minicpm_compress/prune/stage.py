@@ -116,7 +116,8 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerS
     return pruned, details
 
 
-@register_stage("prune", PruneConfig, "structured pruning of FFN channels, KV-head groups or whole layers")
+@register_stage("prune", PruneConfig, "structured pruning of FFN channels, KV-head groups or whole layers",
+                whole_model=2, calibrates=True)
 def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
     if state.qweights:
         raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")

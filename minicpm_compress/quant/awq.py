@@ -176,7 +176,7 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
     return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors}
 
 
-@register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search")
+@register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search", calibrates=True)
 def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
     scheme = config.scheme()
     samples = ctx.calibration(state.tokenizer)

@@ -99,7 +99,8 @@ def detach_fake_quant(model: torch.nn.Module, wrapped: dict[str, FakeQuantLinear
     return qweights
 
 
-@register_stage("qat", QATConfig, "quantization-aware training (LSQ scales, straight-through rounding), distilled")
+@register_stage("qat", QATConfig, "quantization-aware training (LSQ scales, straight-through rounding), distilled",
+                whole_model=5)
 def apply_qat(config: QATConfig, state, ctx: RunContext) -> StageOutcome:
     recipe = ctx.recipe
     scheme = config.scheme()

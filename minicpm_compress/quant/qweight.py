@@ -62,7 +62,7 @@ class QuantizedWeight:
     """One linear's quantized weight. Codes are held packed at their bit width (two int4 codes per byte,
     low nibble first, each row padded to whole bytes); `codes` unpacks them on demand."""
 
-    __slots__ = ("packed", "cols", "scales", "zeros", "scheme")
+    __slots__ = ("packed", "cols", "_scales", "zeros", "scheme")
 
     def __init__(self, codes: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor | None,
                  scheme: QuantScheme, *, packed: torch.Tensor | None = None, cols: int | None = None):
@@ -70,9 +70,14 @@ class QuantizedWeight:
             packed, cols = pack_codes(codes, scheme), codes.shape[1]
         self.packed = packed  # uint8 [out, ceil(cols / 2)] for 4 bits; the int8/uint8 codes for 8 bits
         self.cols = int(cols)
-        self.scales = scales  # [out, n_groups] float32, float16-exact
+        self._scales = scales.to(torch.float16)  # float16-exact by construction: held at half the size
         self.zeros = zeros  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
         self.scheme = scheme
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """[out, n_groups] float32 (exactly representable in float16)."""
+        return self._scales.to(torch.float32)
 
     @property
     def codes(self) -> torch.Tensor:

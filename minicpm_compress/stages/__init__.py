@@ -72,16 +72,26 @@ class StageType:
     handler: Callable[..., StageOutcome]
     summary: str
     transforms: bool  # changes the model (its output folder then holds a new checkpoint)
+    # None: streamed, one decoder layer in memory at a time; a number: the stage needs the whole float32
+    # model in memory, about this many times over (training state, a traced graph, …); or a function of
+    # the stage's config giving either
+    whole_model: float | Callable[[StageConfig], float | None] | None = None
+    calibrates: bool = False  # runs calibration samples through the layers (memory for their activations)
+
+    def memory_multiple(self, config: StageConfig) -> float | None:
+        return self.whole_model(config) if callable(self.whole_model) else self.whole_model
 
 
 STAGES: dict[str, StageType] = {}
 
 
-def register_stage(name: str, config_class: type[StageConfig], summary: str, transforms: bool = True):
+def register_stage(name: str, config_class: type[StageConfig], summary: str, transforms: bool = True,
+                   whole_model: float | Callable[[StageConfig], float | None] | None = None,
+                   calibrates: bool = False):
     def decorate(handler):
         if name in STAGES:
             raise RuntimeError(f"stage '{name}' registered twice")
-        STAGES[name] = StageType(name, config_class, handler, summary, transforms)
+        STAGES[name] = StageType(name, config_class, handler, summary, transforms, whole_model, calibrates)
         return handler
 
     return decorate

@@ -19,7 +19,8 @@ class HealConfig(DistillSettings, StageConfig):
     lr: float = Field(5e-5, gt=0, description="peak learning rate (Adam), decayed linearly to 10%")
 
 
-@register_stage("heal", HealConfig, "distil the float model towards the full-precision reference (after pruning)")
+@register_stage("heal", HealConfig, "distil the float model towards the full-precision reference (after pruning)",
+                whole_model=5)
 def apply_heal(config: HealConfig, state, ctx: RunContext) -> StageOutcome:
     if state.qweights:
         raise CompressError("heal: the model has quantized weights, which healing would not update; "

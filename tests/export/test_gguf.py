@@ -181,3 +181,45 @@ def test_sentencepiece_minicpm_tokenizes_and_computes_like_torch_in_llama_cpp(tm
     llm.close()
     theirs = _torch_logits(state.model, torch.tensor([ids]))[0]
     assert (ours - theirs).abs().max().item() < 1e-2
+
+
+LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 1024,
+            "long_factor": [1.0 + 0.37 * i for i in range(8)], "short_factor": [1.0 + 0.21 * i for i in range(8)]}
+
+
+def test_minicpm4_longrope_and_untied_head_compute_in_llama_cpp_like_in_torch(tmp_path, tokenizer):
+    """MiniCPM4's fields: LongRoPE (factors as rope_factors_* tensors), an untied lm_head, a vocabulary
+    larger than the tokenizer's."""
+    from gguf import GGUFReader
+
+    from minicpm_compress.export.gguf import LlamaCppRunner
+
+    model = tiny_model("minicpm", rope_scaling=LONGROPE, max_position_embeddings=1024, tie_word_embeddings=False,
+                       vocab_size=49152 + 64)
+    assert model.model.rotary_emb.rope_type == "longrope"
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    write_gguf(state, tmp_path / "m.gguf", "F32")
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert np.allclose(tensors["rope_factors_short.weight"].data, LONGROPE["short_factor"])
+    assert "output.weight" in tensors
+    ids = torch.tensor([tokenizer("It is a truth universally acknowledged, that a single man")["input_ids"]])
+    runner = LlamaCppRunner(tmp_path / "m.gguf", ids.shape[1])
+    try:
+        ours = runner.logits(ids)
+    finally:
+        runner.close()
+    with torch.no_grad():
+        theirs = model(ids).logits
+        plain = tiny_model("minicpm", max_position_embeddings=1024, tie_word_embeddings=False,
+                           vocab_size=49152 + 64)(ids).logits  # same weights, ordinary rope
+    assert (ours - theirs).abs().max().item() < 1e-2
+    assert (plain - theirs).abs().max().item() > 0.1  # the factors matter, so the match above means something
+
+
+def test_longrope_with_an_attention_factor_is_refused(tmp_path, tokenizer):
+    from minicpm_compress.errors import CompressError
+
+    model = tiny_model("minicpm", rope_scaling=LONGROPE, max_position_embeddings=4096)
+    with pytest.raises(CompressError, match="attention factor"):
+        write_gguf(ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny")), tmp_path / "m.gguf", "F32")
+    assert not (tmp_path / "m.gguf").exists()

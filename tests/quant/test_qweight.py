@@ -110,3 +110,23 @@ def test_load_rejects_other_files(tmp_path):
 def test_bad_group_size_is_refused():
     with pytest.raises(ValueError, match="group_size must be a multiple of 8"):
         QuantScheme(group_size=30)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("cols", [32, 33, 72])
+def test_int4_codes_are_held_and_stored_two_per_byte(tmp_path, symmetric, cols):
+    from safetensors import safe_open
+
+    w = torch.randn(5, cols, generator=torch.Generator().manual_seed(cols))
+    scheme = QuantScheme(bits=4, group_size=8, symmetric=symmetric)
+    q = quantize(w, scheme)
+    lo, hi = (-8, 7) if symmetric else (0, 15)
+    codes = q.codes
+    assert codes.shape == (5, cols) and codes.min() >= lo and codes.max() <= hi
+    assert codes.min() == lo or codes.max() == hi  # the full range is used, so sign extension is exercised
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (5, (cols + 1) // 2)
+    save_qweights({"x": q}, tmp_path / "q.safetensors")
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        assert f.get_tensor("x.codes").numel() == 5 * ((cols + 1) // 2)
+    back = load_qweights(tmp_path / "q.safetensors")["x"]
+    assert torch.equal(back.codes, codes) and torch.equal(back.dequantize(), q.dequantize())
