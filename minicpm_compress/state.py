@@ -9,12 +9,12 @@ scaled float weights never need storing). Quantized linears are `qweights`, pack
 Stages work through three doors:
   * `state.modules(prefix, …)` materialises the parameters under some prefixes (one decoder layer,
     the embedding, the head) on the compute device and dtype inside a model skeleton whose other
-    parameters stay on the meta device, and releases them afterwards; this is how every streamed stage
-    (evaluation, rtn, awq, gguf) walks the model, one layer at a time;
-  * `state.tensor(name)` gives one float32 tensor;
-  * `state.materialize()` builds the whole float model, for the stages that train or cut it as a whole
-    (qat, heal, prune, onnx, coreml, hf_awq); they hand changes back with `state.commit(model)`, which
-    keeps only the tensors that differ.
+    parameters stay on the meta device, and releases them afterwards; this is how the streamed stages
+    (evaluation, rtn, awq, prune scores) walk the model, one layer at a time;
+  * `state.tensor(name)` gives one float32 tensor (gguf and onnx write files this way);
+  * `state.materialize()` builds the whole float model, for the stages that train, cut or convert it
+    as a whole (qat, heal, prune surgery, coreml, hf_awq); those that change it hand the result back
+    with `state.commit(model)`, which keeps only the tensors that differ.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Weights:
         self.overrides: dict[str, torch.Tensor] = {}
         self.ops: dict[str, list[tuple[str, torch.Tensor]]] = {}
         self._names = list(names) if names is not None else base.names()
+        self._source_names = list(self._names)
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -85,8 +86,13 @@ class Weights:
             for name in [n for n in d if n not in keep]:
                 del d[name]
 
+    def ignore(self, names: set[str]) -> None:
+        """Leave out tensors the model does not use (a stored copy of a tied head, rotary buffers)."""
+        self._names = [n for n in self._names if n not in names]
+        self._source_names = [n for n in self._source_names if n not in names]
+
     def changed(self) -> bool:
-        return bool(self.overrides or self.ops) or self._names != self.base.names()
+        return bool(self.overrides or self.ops) or sorted(self._names) != sorted(self._source_names)
 
     def save_changes(self, path) -> None:
         """Overrides, ops and the tensor list in one safetensors file (what an output folder stores)."""
@@ -186,7 +192,7 @@ class ModelState:
              device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ModelState":
         """The state of a built-in model, checkpoint or output folder; no weight is read yet."""
         from .errors import CompressError
-        from .models.checkpoint import check_tensors, load_tokenizer, read_config, supported_config
+        from .models.checkpoint import check_tensors, load_tokenizer, read_config, supported_config, untied_state_dict
         from .models.tensors import CheckpointTensors
         from .quant.qweight import load_qweights
 
@@ -203,15 +209,16 @@ class ModelState:
         if source.weights_sha256 and tensors.fingerprint() != source.weights_sha256:
             raise CompressError(f"{folder}: its weights changed since {source.spec} was made from it "
                                 f"(sha256 {tensors.fingerprint()[:12]}… ≠ recorded {source.weights_sha256[:12]}…)")
-        weights = Weights(tensors)
-        if source.modified:
-            weights.load_changes(source.modified)
         try:
             skeleton = build_skeleton(config, architecture_of(config))
         except (TypeError, ValueError, RuntimeError) as e:
             raise CompressError(f"{config_folder / 'config.json'}: inconsistent settings "
                                 f"({str(e).splitlines()[0][:200]})") from None
+        weights = Weights(tensors)
+        if source.modified:
+            weights.load_changes(source.modified)
         check_tensors(weights, skeleton, source.modified or folder)
+        weights.ignore(set(weights.names()) - set(untied_state_dict(skeleton)))
         state = cls(config, load_tokenizer(folder), source, weights,
                     load_qweights(source.qweights) if source.qweights else {}, device, dtype)
         state._skeleton = skeleton
@@ -227,7 +234,7 @@ class ModelState:
 
     @property
     def tied(self) -> bool:
-        return bool(self.config.tie_word_embeddings) and "lm_head.weight" not in self.weights
+        return bool(self.config.tie_word_embeddings)
 
     def linear_names(self) -> list[str]:
         """Full names of every decoder-layer linear (e.g. `model.layers.3.mlp.up_proj`), in layer order."""
@@ -280,6 +287,15 @@ class ModelState:
             for name in names:
                 p = model.get_parameter(name)
                 _set_param(model, name, torch.empty(p.shape, device="meta", dtype=p.dtype), requires_grad=False)
+
+    @contextlib.contextmanager
+    def computing_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """Materialise in `dtype` for a while (e.g. AWQ's search runs in float32 whatever --dtype says)."""
+        saved, self.dtype = self.dtype, dtype
+        try:
+            yield
+        finally:
+            self.dtype = saved
 
     def layer(self, index: int, quantized: bool = False):
         """Context manager: decoder layer `index`, materialised."""

@@ -155,3 +155,21 @@ def test_streamed_stages_never_build_the_whole_model(tmp_path, tiny_checkpoint, 
     gguf, onnx = manifest["stages"][4], manifest["stages"][5]
     assert gguf["details"]["tensors"]["lossless"] == 14 and onnx["details"]["linears"] == {"lossless": 14, "requantized": 0}
     assert abs(onnx["metrics"]["kld"] - manifest["stages"][3]["metrics"]["kld"]) < 1e-4
+
+
+def test_bfloat16_compute_runs_every_streamed_stage_and_stays_close(tmp_path, tiny_checkpoint):
+    from click.testing import CliRunner
+
+    from minicpm_compress.cli import main
+
+    folder = tiny_checkpoint("llama")
+    klds = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        result = CliRunner().invoke(main, ["awq", "--model", str(folder), "--bits", "4", "--group-size", "32",
+                                           "--eval-tokens", "512", "--dtype", dtype, "--out", str(out)])
+        assert result.exit_code == 0, result.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["stages"][0]["details"]["dtype"] == dtype
+        klds[dtype] = manifest["stages"][1]["metrics"]["kld"]
+    assert 0 < klds["bfloat16"] < 1.5 * klds["float32"] + 0.01

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from .. import atomic
 from ..cache import cache_dir
 from ..progress import progress
-from .runners import Runner, TorchRunner, logit_batches
+from .runners import Runner, StreamedRunner, TorchRunner, logit_batches
 
 CACHE_VERSION = "3"
 
@@ -90,20 +90,8 @@ def reference_stats(subject, windows: torch.Tensor, batch_size: int = 4) -> Refe
 
     captured = []
     if isinstance(subject, ModelState):
-        from ..layerwise import head_inputs
-
-        if "lm_head.bias" in subject.weights:
-            raise ValueError("output heads with a bias are not supported by the reference cache")
-        head_weight, hook = subject.weights.get(subject.head_name(), dtype=None), None
-
-        class _Capture:  # the head inputs of a layer walk, kept, and the logits they give
-            def batches(self, windows, batch_size):
-                for h in head_inputs(subject, windows, batch_size, quantized=False, desc="reference layers"):
-                    h = h.float().cpu()
-                    captured.append(h[:, :-1])
-                    yield head_logits(h, head_weight)
-
-        runner = _Capture()
+        runner, hook = StreamedRunner(subject, quantized=False, capture=captured), None
+        head_weight = runner.head()
     else:
         head = subject.get_output_embeddings()
         if getattr(head, "bias", None) is not None:

@@ -35,21 +35,28 @@ class StreamedRunner:
 
     name = "torch"
 
-    def __init__(self, state: "ModelState", quantized: bool = True):
+    def __init__(self, state: "ModelState", quantized: bool = True, capture: list | None = None):
         self.state = state
         self.quantized = quantized
+        self.capture = capture  # if given, each batch's head inputs (all but the last position) are appended
+
+    def head(self) -> torch.Tensor:
+        if "lm_head.bias" in self.state.weights:
+            raise ValueError("output heads with a bias are not supported")
+        return self.state.weights.get(self.state.head_name(), dtype=None)  # as stored: bf16 stays bf16
 
     def batches(self, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         from ..layerwise import head_inputs
         from .metrics import head_logits
 
+        head = self.head()
         hidden = head_inputs(self.state, windows, batch_size, self.quantized)
-        if "lm_head.bias" in self.state.weights:
-            raise ValueError("output heads with a bias are not supported")
-        head = self.state.weights.get(self.state.head_name(), dtype=None)  # as stored: bf16 stays bf16
         with torch.inference_mode():
             for h in hidden:
-                yield head_logits(h, head).cpu()
+                h = h.float().cpu()
+                if self.capture is not None:
+                    self.capture.append(h[:, :-1])
+                yield head_logits(h, head)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(self.batches(input_ids, input_ids.shape[0])))

@@ -324,8 +324,10 @@ class LlamaCppRunner:
             from llama_cpp import Llama
         except ImportError:
             raise CompressError("gguf: verification needs llama-cpp-python (installed by `make install`)") from None
+        # use_mmap=False: llama.cpp repacks quantized weights for its CPU kernels; from a mapped file it
+        # would hold the mapping and the repacked copy (twice the file in resident memory)
         self.llm = Llama(model_path=str(path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
-                         n_threads=os.cpu_count() or 1, verbose=False, seed=0)
+                         n_threads=os.cpu_count() or 1, verbose=False, seed=0, use_mmap=False)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = []

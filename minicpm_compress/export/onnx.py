@@ -198,6 +198,9 @@ def write_graph(state, folder: Path, weights: dict[str, QuantizedWeight], block_
         data.close()
     if MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
+    for node in graph:  # the exporter's stack traces: kilobytes per node, and paths of this machine
+        node.metadata_props.clear()
+        node.doc_string = None
     ir.save(model, str(folder / "model.onnx"))
     return replaced
 

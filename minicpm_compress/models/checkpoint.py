@@ -64,9 +64,10 @@ def supported_config(folder: Path, raw: dict | None = None):
 def check_tensors(weights, skeleton: torch.nn.Module, source) -> None:
     """Every parameter the config expects is present with its shape and a float dtype; nothing else is."""
     expected = {n: tuple(p.shape) for n, p in untied_state_dict(skeleton).items()}
+    tied = set(getattr(skeleton, "_tied_weights_keys", None) or {}) if skeleton.config.tie_word_embeddings else set()
     for name in weights.names():
         if name not in expected:
-            if name.endswith("rotary_emb.inv_freq"):
+            if name.endswith("rotary_emb.inv_freq") or name in tied:  # a stored copy of a tied weight is ignored
                 continue
             raise CompressError(f"{source}: unexpected tensor '{name}' for {skeleton.config.model_type}")
         if weights.shape(name) != expected[name]:

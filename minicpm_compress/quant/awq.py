@@ -176,30 +176,37 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
     return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors}
 
 
-@register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search", calibrates=True)
-def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
-    scheme = config.scheme()
-    samples = ctx.calibration(state.tokenizer)
-    arch = state.arch
+def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: QuantScheme):
+    """AWQ over every decoder layer, one at a time; the folds are recorded in `state.weights`."""
     firsts = [g.linears[0] for g in arch.scaling_groups]  # one input statistic per distinct input
     inputs = state_layer_inputs(state, samples, config.batch_size)
-    qweights, alphas, gains, skipped, errors = {}, [], [], set(), {}
+    qweights, summary = {}, {"alphas": [], "gains": [], "skipped": set(), "errors": {}}
     for index in progress(range(state.num_layers), desc="awq", total=state.num_layers, unit="layer"):
         with state.layer(index) as layer:
-            layer.float()
             stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
             try:
                 outputs = run_layer(layer, inputs)  # float outputs: the next layer's inputs
             finally:
                 stats.close()
-            layer_q, summary = awq_layer(layer, layer_prefix(index), stats, arch, config, scheme, state.weights)
+            layer_q, layer_summary = awq_layer(layer, layer_prefix(index), stats, arch, config, scheme, state.weights)
         qweights.update(layer_q)
-        alphas += summary["alphas"]
-        gains += summary["gains"]
-        skipped.update(summary["skipped"])
-        errors.update(summary["errors"])
+        summary["alphas"] += layer_summary["alphas"]
+        summary["gains"] += layer_summary["gains"]
+        summary["skipped"].update(layer_summary["skipped"])
+        summary["errors"].update(layer_summary["errors"])
         inputs = outputs
         del stats
+    return qweights, summary
+
+
+@register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search", calibrates=True)
+def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
+    scheme = config.scheme()
+    samples = ctx.calibration(state.tokenizer)
+    arch = state.arch
+    with state.computing_in(torch.float32):  # the search is float32 whatever the compute dtype
+        qweights, summary = _awq_layers(state, samples, arch, config, scheme)
+    alphas, gains, skipped, errors = summary["alphas"], summary["gains"], summary["skipped"], summary["errors"]
     state.weights_changed()
 
     int8 = sorted(errors, key=errors.get, reverse=True)[: config.int8_linears]

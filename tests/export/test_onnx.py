@@ -148,3 +148,20 @@ def test_accuracy_level_4_is_written_and_stays_close(tmp_path, int4_folder):
                                                 ({"bits": 4, "int8": "dynamic"}, True)])  # int8 ignored at 4 bits
 def test_only_matmul_nbits_graphs_take_an_accuracy_level(settings, expected):
     assert OnnxConfig(**settings).matmul_nbits is expected
+
+
+def test_minicpm4_longrope_untied_head_export_computes_like_torch(tmp_path, tokenizer):
+    """LongRoPE, an untied head and a vocabulary larger than the tokenizer's, through the streamed writer:
+    the float graph computes what torch computes, and its weights live in model.onnx.data."""
+    rope = {"rope_type": "longrope", "original_max_position_embeddings": 1024,
+            "long_factor": [1.0 + 0.37 * i for i in range(8)], "short_factor": [1.0 + 0.21 * i for i in range(8)]}
+    model = tiny_model("minicpm", rope_scaling=rope, max_position_embeddings=1024, tie_word_embeddings=False,
+                       vocab_size=49152 + 64)
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    write_onnx(state, tmp_path / "f", OnnxConfig(bits=32))
+    assert (tmp_path / "f/model.onnx").stat().st_size < 1e6 < (tmp_path / "f/model.onnx.data").stat().st_size
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = model(ids).logits
+    ours = OnnxRunner(tmp_path / "f/model.onnx", model.config).logits(ids)
+    assert ours.shape[-1] == 49152 + 64 and (ours - theirs).abs().max().item() < 1e-4
