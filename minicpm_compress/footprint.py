@@ -72,9 +72,10 @@ def stage_memory(state: "ModelState", whole_model: float | None, data, calibrate
         + batch * data.eval_window * c.vocab_size * 4 * 4,
     }
     if calibrates:
-        parts["calibration activations and Gram matrices"] = (
+        parts["calibration activations, Gram matrices, search temporaries"] = (
             data.calibration_samples * data.sequence_length * c.hidden_size * 4 * 2
-            + (c.intermediate_size**2 + 3 * c.hidden_size**2) * 8)
+            + (c.intermediate_size**2 + 3 * c.hidden_size**2) * 8
+            + 2 * c.intermediate_size * c.hidden_size * 4 * 4)  # gate+up candidates: ~4 float32 copies
     if whole_model is not None:
         parts["float32 model × %g" % whole_model] = int(state.parameter_count() * 4 * whole_model)
     parts["quantized weights (packed)"] = max(qbytes, linear_params // 2)

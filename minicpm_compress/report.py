@@ -85,6 +85,11 @@ def render_report(manifest: dict) -> str:
             limits = ", ".join(f"{k} {v}" for k, v in s["gate"].items() if v is not None)
             verdict = "passed" if s["gate_passed"] else "FAILED: " + "; ".join(s["failures"])
             parts.append(f"- Gate of stage {s['index']} `{s['name']}` ({limits}): {verdict}.")
+    if manifest.get("source"):
+        src = manifest["source"]
+        parts += ["", f"This folder stores only what changed against its source checkpoint `{src['checkpoint']}` "
+                      f"(weights sha256 {src['weights_sha256'][:16]}…), which must stay in place for the folder "
+                      "to be used as `--model`."]
     if manifest["artifacts"]:
         parts += ["", "## Artifacts", "", _md_table(
             ["path", "format", "bits", "size", "sha256"],
