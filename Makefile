@@ -12,7 +12,7 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 LLAMA_CPP_WHEELS := $(MINICPM_COMPRESS_CACHE)/wheels/llama-cpp-portable
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ bench: install
 	$(BIN)/python bench/prune.py > out/bench-prune.json
 	$(BIN)/python bench/onnx_export.py > out/bench-onnx.json
 	$(BIN)/python bench/coreml_export.py > out/bench-coreml.json
+
+# MiniCPM4-8B-shaped checkpoint (16 GB) and every command on it: ~1 hour, ~70 GB of disk under out/scale.
+bench-scale: install
+	mkdir -p out
+	$(BIN)/python bench/scale.py --dir out/scale > out/bench-scale.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

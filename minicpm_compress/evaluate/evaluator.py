@@ -6,7 +6,7 @@ import torch
 
 from ..models.checkpoint import model_fingerprint
 from .metrics import Metrics, ReferenceStats, cached_reference_stats, compare
-from .runners import Runner, StreamedRunner, TorchRunner
+from .runners import StreamedRunner, TorchRunner
 
 
 class Evaluator:

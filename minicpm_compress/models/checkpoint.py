@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from .. import atomic
 from ..errors import CompressError
 from .architectures import ARCHITECTURES
