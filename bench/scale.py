@@ -232,13 +232,15 @@ def main():
     parser.add_argument("--awq-samples", type=int, default=16)
     parser.add_argument("--skip", nargs="*", default=[], help="skip commands whose name contains one of these")
     parser.add_argument("--only-135m", action="store_true")
+    parser.add_argument("--only-8b", action="store_true")
     parser.add_argument("--old-tree", default=None, help="a checkout of the previous version, for the 135M comparison")
     parser.add_argument("--eval-tokens-135m", type=int, default=8192)
     args = parser.parse_args()
     results = {"machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"}
     if not args.only_135m:
         results["minicpm4-8b-shaped"] = run_8b(args)
-    results["minicpm-smollm2 (135M)"] = run_135m(args)
+    if not args.only_8b:
+        results["minicpm-smollm2 (135M)"] = run_135m(args)
     print(json.dumps(results, indent=2))
 
 

@@ -80,10 +80,18 @@ def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor
     candidates = torch.stack(candidates)
     errors = []
     gram = gram.float()
-    chunk = max(1, min(chunk, (512 << 20) // max(1, weight.numel() * 4)))  # bound the candidates' memory
+    # Bound the candidates' memory (~0.25 GB of float32 per temporary): fewer candidates at once, then
+    # blocks of output rows; quantization is per row and the error sums over rows, so this is exact.
+    budget = 256 << 20
+    chunk = max(1, min(chunk, budget // max(1, weight.numel() * 4)))
+    rows = max(1, budget // (chunk * weight.shape[1] * 4))
     for start in range(0, len(candidates), chunk):
         part = candidates[start : start + chunk]
-        errors.append(output_error(weight.unsqueeze(0) - _effective(weight, part, scheme), gram))
+        error = 0
+        for r in range(0, weight.shape[0], rows):
+            w = weight[r : r + rows]
+            error = error + output_error(w.unsqueeze(0) - _effective(w, part, scheme), gram)
+        errors.append(error)
     errors = torch.cat(errors)
     best = int(errors.argmin())
     alpha = -1.0 if best == 0 else alphas[best - 1]
@@ -99,7 +107,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, g
     n_groups = math.ceil(cols / group)
     pad = n_groups * group - cols
     # diagonal blocks of G, zero-padded so the padded columns add nothing
-    gram = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad))
+    gram = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad)) if pad else gram.float()
     blocks = torch.stack([gram[i * group : (i + 1) * group, i * group : (i + 1) * group] for i in range(n_groups)])
     ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
     best_err = torch.full((out, n_groups), float("inf"))
@@ -157,8 +165,11 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         _fold(prev, linears, scales)
         if weights is not None:
             _record_fold(weights, prefix, group, prev, scales)
-        for name in group.linears:  # inputs of these linears are now x / s
-            grams[name] = grams[first] / scales.double().outer(scales.double())
+        s64 = scales.double()
+        with torch.inference_mode():  # the statistics were gathered in inference mode
+            gram = grams[first].div_(s64.unsqueeze(1)).div_(s64.unsqueeze(0))  # in place: inputs are now x / s
+        for name in group.linears:
+            grams[name] = gram
         alphas.append(alpha)
         gains.append(gain)
 
@@ -167,12 +178,14 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         linear = layer.get_submodule(name)
         weight = linear.weight.detach()
         clip = None
+        gram = grams[name].float()
         if config.clip and not name.endswith(("q_proj", "k_proj")):
-            clip = search_clip(weight, grams[name], scheme, config.clip_grid, config.max_shrink)
+            clip = search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
         q = quantize(weight, scheme, clip)
         qweights[f"{prefix}.{name}"] = q.to("cpu")
-        reference = output_error(weight, grams[name].float()).item()
-        errors[f"{prefix}.{name}"] = output_error(weight - q.dequantize(), grams[name].float()).item() / max(reference, 1e-30)
+        reference = output_error(weight, gram).item()
+        errors[f"{prefix}.{name}"] = output_error(weight - q.dequantize(), gram).item() / max(reference, 1e-30)
+        del gram
     return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors}
 
 
