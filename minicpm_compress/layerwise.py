@@ -10,11 +10,13 @@ the model this way.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from .data.prompts import ImagePrompts
 from .models.architectures import decoder_layers
 from .progress import progress
 
@@ -32,7 +34,33 @@ class LayerInputs:
     kwargs: list[dict]  # the keyword arguments the model passes its layers, per batch
 
 
-def first_layer_inputs(model: torch.nn.Module, samples: torch.Tensor, batch_size: int) -> LayerInputs:
+@contextlib.contextmanager
+def image_features(model: torch.nn.Module, batch):
+    """The token ids of `batch`; for image prompts, layer 0 meanwhile takes their image features in the slots
+    (MiniCPM-V puts them after the embedding scale, so they enter the first layer as they are)."""
+    if not isinstance(batch, ImagePrompts):
+        yield batch
+        return
+    if batch.features is None:
+        raise ValueError("image prompts without image features (run them through a vision half first)")
+    features = torch.cat(batch.features)
+
+    def inject(_module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden[batch.slots.to(hidden.device)] = features.to(hidden.device, hidden.dtype)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(inject, with_kwargs=True, prepend=True)
+    try:
+        yield batch.ids
+    finally:
+        handle.remove()
+
+
+def first_layer_inputs(model: torch.nn.Module, samples, batch_size: int) -> LayerInputs:
+    """Layer 0's inputs for `samples` (token windows, or image prompts with their features)."""
     captured = LayerInputs([], [])
 
     def catch(_module, args, kwargs):
@@ -45,22 +73,28 @@ def first_layer_inputs(model: torch.nn.Module, samples: torch.Tensor, batch_size
     try:
         with torch.inference_mode():
             for batch in samples.split(batch_size):
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _Stop:
-                    pass
+                with image_features(model, batch) as ids:
+                    try:
+                        model(input_ids=ids, use_cache=False)
+                    except _Stop:
+                        pass
     finally:
         handle.remove()
     return captured
 
 
-def state_layer_inputs(state: "ModelState", samples: torch.Tensor, batch_size: int) -> LayerInputs:
-    """The inputs of layer 0 for `samples`, from a state whose layers stay unmaterialised."""
+def state_layer_inputs(state: "ModelState", samples, batch_size: int) -> LayerInputs:
+    """The inputs of layer 0 for `samples`, from a state whose layers stay unmaterialised (image prompts
+    without features get them from the state's vision half)."""
+    if isinstance(samples, ImagePrompts) and samples.features is None:
+        if state.vision is None:
+            raise ValueError("image prompts need a MiniCPM-V model (this one has no vision half)")
+        samples = state.vision.features(samples)
     with state.modules("model.embed_tokens") as skeleton:
         return first_layer_inputs(skeleton, samples.to(state.device), batch_size)
 
 
-def head_inputs(state: "ModelState", windows: torch.Tensor, batch_size: int, quantized: bool,
+def head_inputs(state: "ModelState", windows, batch_size: int, quantized: bool,
                 desc: str = "layers") -> list[torch.Tensor]:
     """The output head's input (final norm output) for every batch of `windows`, one layer at a time."""
     inputs = state_layer_inputs(state, windows, batch_size)

@@ -46,6 +46,7 @@ def artifact_entry(root: Path, path: Path, fmt: str, bits: int | None) -> dict:
 def source_entry(state: "ModelState") -> dict | None:
     """The source checkpoint an output folder refers to, or None when the state has none to refer to."""
     base = state.weights.base
+    base = getattr(base, "base", base)  # a MiniCPM-V LLM's view of its checkpoint
     if not isinstance(base, CheckpointTensors):
         return None
     return {"checkpoint": str(base.folder.resolve()), "weights_sha256": base.fingerprint()}
@@ -53,8 +54,6 @@ def source_entry(state: "ModelState") -> dict | None:
 
 def write_model(state: "ModelState", root: Path) -> list[dict]:
     """The composable part of an output folder; returns its artifact entries."""
-    from .models.checkpoint import config_dict
-
     artifacts = []
     if source_entry(state) is None:
         save_checkpoint(state.model, state.tokenizer, root / MODEL_SUBDIR)
@@ -62,7 +61,7 @@ def write_model(state: "ModelState", root: Path) -> list[dict]:
             fmt = "safetensors float32 checkpoint" if path.name == WEIGHTS_NAME else "checkpoint metadata"
             artifacts.append(artifact_entry(root, path, fmt, 32 if path.name == WEIGHTS_NAME else None))
     else:
-        atomic.write_text(root / CONFIG_NAME, json.dumps(config_dict(state.config), indent=2, sort_keys=True) + "\n")
+        atomic.write_text(root / CONFIG_NAME, json.dumps(state.config_dict(), indent=2, sort_keys=True) + "\n")
         artifacts.append(artifact_entry(root, root / CONFIG_NAME, "model config", None))
         if state.weights.changed():
             state.weights.save_changes(root / MODIFIED_NAME)

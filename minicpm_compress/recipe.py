@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from .data.images import ImageSource
 from .data.textsets import TextSource
 from .errors import CompressError
 from .models.builtin import BUILTIN_MODELS
@@ -43,6 +44,9 @@ class DataConfig(BaseModel):
     eval_tokens: int = Field(32768, ge=16)
     eval_window: int = Field(512, ge=16)
     eval_batch_size: int = Field(4, ge=1)
+    # MiniCPM-V models only: each calibration sample and evaluation window starts with one of these images
+    calibration_images: ImageSource = "skimage-calib"
+    evaluation_images: ImageSource = "skimage-heldout"
 
     @field_validator("calibration", mode="before")
     @classmethod

@@ -26,9 +26,10 @@ from typing import Iterator
 
 import torch
 
+from .models import minicpmv
 from .models.architectures import Architecture, architecture_of, layer_prefix
 from .models.source import ModelSource
-from .models.tensors import MemoryTensors
+from .models.tensors import MemoryTensors, PrefixedTensors
 from .quant.qweight import QuantizedWeight
 
 CHANGES_FORMAT = "minicpm-compress-modified/1"
@@ -177,6 +178,7 @@ class ModelState:
         self.dtype = dtype
         self._skeleton = None
         self._model = None
+        self.vision = None  # a MiniCPM-V model's vision half (models.minicpmv.VisionPart), None for an LLM
 
     @classmethod
     def of(cls, model: torch.nn.Module, tokenizer, source: ModelSource,
@@ -204,11 +206,18 @@ class ModelState:
             return cls.of(model.eval(), load_tokenizer(folder), source)
         config_folder = source.config.parent if source.config else folder
         raw = read_config(config_folder)
-        config = supported_config(config_folder, raw)
         tensors = CheckpointTensors(folder, allow_pickle)
         if source.weights_sha256 and tensors.fingerprint() != source.weights_sha256:
             raise CompressError(f"{folder}: its weights changed since {source.spec} was made from it "
                                 f"(sha256 {tensors.fingerprint()[:12]}… ≠ recorded {source.weights_sha256[:12]}…)")
+        vision = None
+        if minicpmv.is_minicpmv(raw):  # the LLM is the `llm.*` tensors under their plain names
+            vision = minicpmv.VisionPart(minicpmv.vlm_settings(raw, config_folder / "config.json"), raw,
+                                         PrefixedTensors(tensors, minicpmv.VISION_PREFIXES))
+            vision.check(folder)
+            raw = minicpmv.llm_config_dict(raw)
+            tensors = PrefixedTensors(tensors, (minicpmv.LLM_PREFIX,), strip=minicpmv.LLM_PREFIX)
+        config = supported_config(config_folder, raw)
         try:
             skeleton = build_skeleton(config, architecture_of(config))
         except (TypeError, ValueError, RuntimeError) as e:
@@ -222,6 +231,7 @@ class ModelState:
         state = cls(config, load_tokenizer(folder), source, weights,
                     load_qweights(source.qweights) if source.qweights else {}, device, dtype)
         state._skeleton = skeleton
+        state.vision = vision
         return state
 
     @property
@@ -251,7 +261,7 @@ class ModelState:
         return self.weights.get(name)
 
     def parameter_count(self) -> int:
-        n = 0
+        n = self.vision.parameter_count() if self.vision else 0
         for name in self.weights.names():
             shape = self.weights.shape(name)
             n += torch.Size(shape).numel()
@@ -259,7 +269,19 @@ class ModelState:
 
     def fingerprint(self) -> str:
         """Equal fingerprints, equal float function (quantized weights not included)."""
-        return self.weights.fingerprint(_config_json(self.config))
+        llm = self.weights.fingerprint(_config_json(self.config))
+        return llm if self.vision is None else hashlib.sha256(f"{llm}:{self.vision.fingerprint()}".encode()).hexdigest()
+
+    def config_dict(self) -> dict:
+        """The config.json an output folder of this state holds (a MiniCPM-V config keeps its vision keys)."""
+        from .models.checkpoint import config_dict
+
+        llm = config_dict(self.config)
+        if self.vision is None:
+            return llm
+        out = dict(self.vision.raw_config)
+        out.update({k: v for k, v in llm.items() if k != "model_type"})
+        return out
 
     # -- streaming -------------------------------------------------------------------------------
     def skeleton(self) -> torch.nn.Module:

@@ -18,17 +18,18 @@ from safetensors.torch import load_file
 
 from .. import atomic
 from ..cache import cache_dir
+from ..data.prompts import ImagePrompts, scored_mask, token_ids
 from ..progress import progress
 from .runners import Runner, StreamedRunner, TorchRunner, logit_batches
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 
 
 @dataclass
 class ReferenceStats:
-    hidden: torch.Tensor  # [windows, seq-1, hidden]: input of the output head at each scored position
+    hidden: torch.Tensor  # [scored positions, hidden]: input of the output head at each scored position
     head: torch.Tensor  # [vocab, hidden] output head weight, in the dtype the checkpoint stores it
-    nll: torch.Tensor  # [windows, seq-1] reference NLL of the true next token
+    nll: torch.Tensor  # [scored positions] reference NLL of the true next token
 
     @property
     def ppl(self) -> float:
@@ -55,6 +56,7 @@ class Metrics:
     top1: float
     ref_ppl: float
     tokens: int
+    image_cosine: float | None = None  # MiniCPM-V: image features vs the reference's (mean cosine per row)
 
     @property
     def ppl_increase(self) -> float:
@@ -62,20 +64,23 @@ class Metrics:
         return self.ppl / self.ref_ppl - 1.0
 
     def as_dict(self) -> dict:
-        d = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in asdict(self).items()}
+        d = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in asdict(self).items() if v is not None}
         d["ppl_increase"] = float(f"{self.ppl_increase:.6g}")
         return d
 
 
-def _log_probs(runner: Runner, windows: torch.Tensor, batch_size: int, desc: str):
-    """Yield (window slice, log-probs [B, seq-1, V], next-token targets [B, seq-1])."""
-    with progress(total=windows.numel(), desc=desc, unit="tok") as bar:
-        start = 0
+def _log_probs(runner: Runner, windows, batch_size: int, desc: str):
+    """Yield (slice of the scored positions, their log-probs [n, V], next-token targets [n], the batch's scored
+    mask [B, seq-1]) for each batch of `windows` (token ids, or image prompts scored after the image)."""
+    ids_all, mask_all = token_ids(windows), scored_mask(windows)
+    with progress(total=ids_all.numel(), desc=desc, unit="tok") as bar:
+        start = flat = 0
         for logits in logit_batches(runner, windows, batch_size):
-            ids = windows[start : start + logits.shape[0]]
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            yield slice(start, start + ids.shape[0]), logp, ids[:, 1:]
+            ids, mask = ids_all[start : start + logits.shape[0]], mask_all[start : start + logits.shape[0]]
+            logp = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+            yield slice(flat, flat + logp.shape[0]), logp, ids[:, 1:][mask], mask
             start += ids.shape[0]
+            flat += logp.shape[0]
             bar.update(ids.numel())
 
 
@@ -101,9 +106,9 @@ def reference_stats(subject, windows: torch.Tensor, batch_size: int = 4) -> Refe
         runner = TorchRunner(subject)
     try:
         nll, hidden = [], []
-        for _sl, logp, targets in _log_probs(runner, windows, batch_size, "reference"):
+        for _sl, logp, targets, mask in _log_probs(runner, windows, batch_size, "reference"):
             nll.append(_nll(logp, targets))
-            hidden.append(captured.pop())
+            hidden.append(captured.pop()[mask])
     finally:
         if hook is not None:
             hook.remove()
@@ -113,7 +118,7 @@ def reference_stats(subject, windows: torch.Tensor, batch_size: int = 4) -> Refe
 def compare(runner: Runner, windows: torch.Tensor, ref: ReferenceStats, batch_size: int = 4,
             desc: str = "evaluate") -> Metrics:
     nll_sum = kld_sum = agree = 0.0
-    for sl, logq, targets in _log_probs(runner, windows, batch_size, desc):
+    for sl, logq, targets, _mask in _log_probs(runner, windows, batch_size, desc):
         logp = ref.log_probs(sl)
         nll_sum += _nll(logq, targets).double().sum().item()
         agree += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
@@ -125,14 +130,24 @@ def compare(runner: Runner, windows: torch.Tensor, ref: ReferenceStats, batch_si
     )
 
 
-def reference_metrics(ref: ReferenceStats) -> Metrics:
-    return Metrics(ppl=ref.ppl, kld=0.0, top1=1.0, ref_ppl=ref.ppl, tokens=ref.nll.numel())
+def reference_metrics(ref: ReferenceStats, images: bool = False) -> Metrics:
+    return Metrics(ppl=ref.ppl, kld=0.0, top1=1.0, ref_ppl=ref.ppl, tokens=ref.nll.numel(),
+                   image_cosine=1.0 if images else None)
+
+
+def feature_cosine(reference: list[torch.Tensor], features: list[torch.Tensor]) -> float:
+    """Mean cosine similarity of corresponding image-feature rows."""
+    a, b = torch.cat(reference).double(), torch.cat(features).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
 
 
 def cached_reference_stats(fingerprint: str, windows: torch.Tensor, load_subject, batch_size: int = 4) -> ReferenceStats:
     """Reference statistics for (model fingerprint, windows), computed once and kept in the cache."""
     h = hashlib.sha256(f"{CACHE_VERSION}:{fingerprint}:{tuple(windows.shape)}:".encode())
-    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    if isinstance(windows, ImagePrompts):
+        h.update(windows.fingerprint().encode())
+    else:
+        h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     path = cache_dir("reference") / f"{h.hexdigest()[:40]}.safetensors"
     if path.is_file():
         t = load_file(str(path))

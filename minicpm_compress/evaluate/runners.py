@@ -21,12 +21,13 @@ class Runner(Protocol):
         """[batch, seq] token ids → [batch, seq, vocab] float32 logits."""
 
 
-def logit_batches(runner: Runner, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """[batch, seq, vocab] logits for consecutive batches of `windows`; a runner may walk all windows at once."""
+def logit_batches(runner: Runner, windows, batch_size: int) -> Iterator[torch.Tensor]:
+    """[batch, seq, vocab] logits for consecutive batches of `windows` (token ids or image prompts); a runner
+    may walk all windows at once."""
     if hasattr(runner, "batches"):
         yield from runner.batches(windows, batch_size)
         return
-    for start in range(0, windows.shape[0], batch_size):
+    for start in range(0, len(windows), batch_size):
         yield runner.logits(windows[start : start + batch_size])
 
 
@@ -45,7 +46,7 @@ class StreamedRunner:
             raise ValueError("output heads with a bias are not supported")
         return self.state.weights.get(self.state.head_name(), dtype=None)  # as stored: bf16 stays bf16
 
-    def batches(self, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(self, windows, batch_size: int) -> Iterator[torch.Tensor]:
         from ..layerwise import head_inputs
         from .metrics import head_logits
 
@@ -58,8 +59,8 @@ class StreamedRunner:
                     self.capture.append(h[:, :-1])
                 yield head_logits(h, head)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat(list(self.batches(input_ids, input_ids.shape[0])))
+    def logits(self, input_ids) -> torch.Tensor:
+        return torch.cat(list(self.batches(input_ids, len(input_ids))))
 
 
 class TorchRunner:
@@ -68,6 +69,9 @@ class TorchRunner:
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(input_ids=input_ids, use_cache=False).logits.float()
+    def logits(self, input_ids) -> torch.Tensor:
+        """Token windows, or image prompts (with their image features attached)."""
+        from ..layerwise import image_features
+
+        with torch.inference_mode(), image_features(self.model, input_ids) as ids:
+            return self.model(input_ids=ids, use_cache=False).logits.float()

@@ -458,7 +458,7 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     folder = ctx.out_dir / (config.folder or f"coreml-{kind}")
     if folder.exists():
         shutil.rmtree(folder)
-    peaks = activation_peaks(state.evaluated_model(), ctx.calibration(state.tokenizer, n_samples=8))
+    peaks = activation_peaks(state.evaluated_model(), ctx.calibration(state, n_samples=8, images=False))
     problem = float16_overflow(peaks)
     precision = config.precision
     if precision == "auto":

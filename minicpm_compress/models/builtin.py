@@ -99,6 +99,12 @@ def _build_minicpm_smollm2(out: Path) -> None:
     save_checkpoint(model, tokenizer, out)
 
 
+def _build_minicpmv_smollm2(out: Path) -> None:
+    from .builtin_vlm import build
+
+    build(out)
+
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m
     for m in (
@@ -108,6 +114,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                      f"smollm2-135m rewritten as MiniCPM (scale_emb {MINICPM_SCALE_EMB:g}, scale_depth "
                      f"{MINICPM_SCALE_DEPTH:.4f}, dim_model_base {MINICPM_DIM_MODEL_BASE}), same logits",
                      _build_minicpm_smollm2),
+        BuiltinModel("minicpmv-smollm2",
+                     "MiniCPM-V 4.0 layout: minicpm-smollm2 widened to 640 channels (same logits) + a seeded "
+                     "SigLIP vision tower and resampler", _build_minicpmv_smollm2),
     )
 }
 

@@ -222,3 +222,32 @@ def weights_sha256(folder: Path, files: list[Path]) -> str:
     tmp.write_text(digest + "\n")
     os.replace(tmp, memo)
     return digest
+
+
+class PrefixedTensors:
+    """The tensors of `base` whose names start with one of `prefixes`, named without `strip` (a view: the
+    LLM of a MiniCPM-V checkpoint is its `llm.*` tensors named as a plain LLM's)."""
+
+    def __init__(self, base, prefixes: tuple[str, ...], strip: str = ""):
+        self.base = base
+        self.strip = strip
+        self.label = getattr(base, "label", "")
+        self._names = {n.removeprefix(strip): n for n in base.names() if n.startswith(prefixes)}
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    def _full(self, name: str) -> str:
+        return self._names.get(name, self.strip + name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(self._full(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(self._full(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.base.get(self._full(name))
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()

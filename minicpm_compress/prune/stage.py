@@ -123,7 +123,7 @@ def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
         raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")
     scores = None
     if units_to_keep(config, state.model) < _units(state.model, config.method)[0]:
-        samples = ctx.calibration(state.tokenizer, config.calibration_samples)
+        samples = ctx.calibration(state, config.calibration_samples)
         scores = measure(state, samples, config.importance, config.batch_size, ctx.recipe.seed)
     state.model, details = prune_model(state.model, config, scores)
     return StageOutcome(state, details=details)

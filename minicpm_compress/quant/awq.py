@@ -215,7 +215,7 @@ def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: Q
 @register_stage("awq", AWQConfig, "activation-aware weight quantization with scale and clip search", calibrates=True)
 def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
     scheme = config.scheme()
-    samples = ctx.calibration(state.tokenizer)
+    samples = ctx.calibration(state)
     arch = state.arch
     with state.computing_in(torch.float32):  # the search is float32 whatever the compute dtype
         qweights, summary = _awq_layers(state, samples, arch, config, scheme)

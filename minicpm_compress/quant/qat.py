@@ -107,7 +107,7 @@ def apply_qat(config: QATConfig, state, ctx: RunContext) -> StageOutcome:
     teacher = ctx.teacher()
     student = state.materialize()  # the whole float model: training cannot stream (see README)
     wrapped, origins = attach_fake_quant(student, state.qweights, scheme)
-    tokens = ctx.calibration(state.tokenizer, config.samples, config.sequence_length)
+    tokens = ctx.calibration(state, config.samples, config.sequence_length, images=False)
     groups = [ParamGroup({f"{n}.weight": m.linear.weight for n, m in wrapped.items()}, config.lr)]
     if config.scale_lr:
         groups.append(ParamGroup({f"{n}.gain": m.gain for n, m in wrapped.items()}, config.scale_lr))

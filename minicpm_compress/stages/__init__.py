@@ -48,13 +48,21 @@ class RunContext:
             self.reference_model = self.reference.model
         return self.reference_model
 
-    def calibration(self, tokenizer, n_samples: int | None = None, length: int | None = None):
-        """[n, length] calibration token ids from the recipe's calibration text (its defaults if not given)."""
+    def calibration(self, state: "ModelState", n_samples: int | None = None, length: int | None = None,
+                    images: bool = True):
+        """[n, length] calibration token ids from the recipe's calibration text (its defaults if not given); for
+        a MiniCPM-V model (unless `images` is False), image prompts: each row a calibration image, then text."""
         from ..data.textsets import calibration_samples
 
         data = self.recipe.data
-        return calibration_samples(tokenizer, data.calibration_sources(), n_samples or data.calibration_samples,
-                                   length or data.sequence_length, self.recipe.seed)
+        samples = calibration_samples(state.tokenizer, data.calibration_sources(), n_samples or data.calibration_samples,
+                                      length or data.sequence_length, self.recipe.seed)
+        if images and state.vision is not None:
+            from ..data.images import read_images
+            from ..data.prompts import image_prompts
+
+            samples = image_prompts(state.tokenizer, state.vision.settings, read_images(data.calibration_images), samples)
+        return samples
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.images import read_images
+from ..data.prompts import image_prompts
 from ..data.textsets import evaluation_windows
 from ..devices import compute_device
 from ..errors import CompressError
@@ -43,6 +45,8 @@ def apply_load(config: LoadConfig, _state, ctx: RunContext) -> StageOutcome:
         )
     data = recipe.data
     windows = evaluation_windows(state.tokenizer, data.evaluation, data.eval_tokens, data.eval_window)
+    if state.vision is not None:  # MiniCPM-V: the same held-out text, each window after a held-out image
+        windows = image_prompts(state.tokenizer, state.vision.settings, read_images(data.evaluation_images), windows)
     ctx.evaluator = Evaluator.against(reference, windows, data.eval_batch_size)
     ctx.reference = reference
     details = {
@@ -54,5 +58,8 @@ def apply_load(config: LoadConfig, _state, ctx: RunContext) -> StageOutcome:
         "device": str(state.device),
         "dtype": str(state.dtype).removeprefix("torch."),
     }
-    metrics = reference_metrics(ctx.evaluator.reference) if is_reference else None
+    if state.vision is not None:
+        details["vision"] = {"version": state.vision.settings.version, "parameters": state.vision.parameter_count(),
+                             "evaluation_images": data.evaluation_images}
+    metrics = reference_metrics(ctx.evaluator.reference, state.vision is not None) if is_reference else None
     return StageOutcome(state, metrics, details)

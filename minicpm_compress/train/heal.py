@@ -28,7 +28,7 @@ def apply_heal(config: HealConfig, state, ctx: RunContext) -> StageOutcome:
     recipe = ctx.recipe
     teacher = ctx.teacher()
     student = state.materialize()  # the whole float model: training cannot stream (see README)
-    tokens = ctx.calibration(state.tokenizer, config.samples, config.sequence_length)
+    tokens = ctx.calibration(state, config.samples, config.sequence_length, images=False)
     params = {n: p for n, p in student.named_parameters() if n.startswith("model.layers.")}
     resume = checkpoint_path("heal", state.fingerprint(), config.model_dump(mode="json", exclude={"gate"}),
                              recipe.seed, tokens)
