@@ -61,6 +61,8 @@ def _model_options(command):
         click.option("--max-ppl-increase", type=float, default=None, help="gate: relative perplexity increase"),
         click.option("--max-kld", type=float, default=None, help="gate: mean KL divergence"),
         click.option("--min-top1", type=float, default=None, help="gate: top-1 agreement"),
+        click.option("--min-image-cosine", type=float, default=None,
+                     help="gate (MiniCPM-V): cosine of the image features to the reference's"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -73,7 +75,7 @@ def _recipe_fields(name: str, stage: str, stage_settings: dict, o: dict) -> dict
         data["eval_tokens"] = o["eval_tokens"]
     if o["evaluation"]:
         data["evaluation"] = list(o["evaluation"])
-    gate = {k: o[k] for k in ("max_ppl_increase", "max_kld", "min_top1") if o[k] is not None}
+    gate = {k: o[k] for k in ("max_ppl_increase", "max_kld", "min_top1", "min_image_cosine") if o[k] is not None}
     load = {"trust_remote_code": o["trust_remote_code"], "allow_pickle": o["allow_pickle"]}
     return {
         "name": name,
@@ -102,7 +104,8 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
     def on_stage(r):
         m = r.metrics
         click.echo(f"  [{r.index}] {r.name}: ppl {m.ppl:.3f} ({m.ppl_increase:+.2%}), KLD {m.kld:.4f}, "
-                   f"top-1 {m.top1:.2%}, {r.wall_s:.0f}s" + (f"  GATE FAILED: {'; '.join(r.failures)}"
+                   f"top-1 {m.top1:.2%}" + (f", img cos {m.image_cosine:.4f}" if m.image_cosine is not None else "")
+                   + f", {r.wall_s:.0f}s" + (f"  GATE FAILED: {'; '.join(r.failures)}"
                                                               if r.failures else ""), err=True)
 
     try:
@@ -288,12 +291,15 @@ def export():
 @click.option("--type", "type_", default="Q4_0", show_default=True,
               help="Q4_0, Q4_1, Q8_0, F16, F32, Q5_0, Q5_1, or a llama.cpp type (Q4_K_M, Q6_K, IQ4_NL, ...)")
 @click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if not recognised")
+@click.option("--mmproj-type", default="F16", show_default=True,
+              help="MiniCPM-V: the vision file's matmul weights (F16, F32, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1)")
 @_reports_errors
-def export_gguf(type_, tokenizer_pre, **options):
-    """A llama.cpp GGUF file (OUT/model-TYPE.gguf), measured in llama.cpp."""
+def export_gguf(type_, tokenizer_pre, mmproj_type, **options):
+    """A llama.cpp GGUF file (OUT/model-TYPE.gguf), measured in llama.cpp; for MiniCPM-V also the vision
+    file (OUT/mmproj-TYPE.gguf), with images through llama.cpp's mtmd."""
     from .recipe import build_recipe
 
-    settings = {"type": type_, **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {})}
+    settings = {"type": type_, "mmproj_type": mmproj_type, **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {})}
     recipe = build_recipe(**_recipe_fields(f"gguf-{type_}", "gguf", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 

@@ -22,13 +22,25 @@ def _gate(stage: dict) -> str:
     return "pass" if stage["gate_passed"] else "FAIL"
 
 
+def _has_images(manifest: dict) -> bool:
+    return any("image_cosine" in s["metrics"] for s in manifest["stages"])
+
+
+def stage_header(manifest: dict) -> list[str]:
+    """The stage table's columns (MiniCPM-V runs add the image-feature cosine before the gate)."""
+    return STAGE_HEADER[:-2] + ["img cos"] + STAGE_HEADER[-2:] if _has_images(manifest) else STAGE_HEADER
+
+
 def stage_rows(manifest: dict) -> list[list[str]]:
     rows = []
+    images = _has_images(manifest)
     for s in manifest["stages"]:
         m = s["metrics"]
         rows.append([
             str(s["index"]), s["name"], _settings(s), f"{m['ppl']:.3f}", f"{m['ppl_increase']:+.2%}",
-            f"{m['kld']:.4f}", f"{m['top1']:.2%}", _gate(s), f"{s['wall_s']:.0f}s",
+            f"{m['kld']:.4f}", f"{m['top1']:.2%}",
+            *([f"{m['image_cosine']:.4f}" if "image_cosine" in m else "-"] if images else []),
+            _gate(s), f"{s['wall_s']:.0f}s",
         ])
     return rows
 
@@ -54,7 +66,7 @@ def summary(manifest: dict) -> str:
     first = manifest["stages"][0]["metrics"]
     head = (f"{manifest['recipe']['name']}: {manifest['model']} vs reference {manifest['reference']} "
             f"({first['tokens']} held-out tokens)")
-    out = [head, "", text_table(STAGE_HEADER, stage_rows(manifest))]
+    out = [head, "", text_table(stage_header(manifest), stage_rows(manifest))]
     if manifest["memory_estimate"]:
         mem = manifest["memory_estimate"]
         out.append(f"\nestimated memory: {_mib(mem['weights_bytes'])} weights + {_mib(mem['kv_cache_bytes'])} "
@@ -75,11 +87,15 @@ def render_report(manifest: dict) -> str:
         "",
         "## Stages",
         "",
-        _md_table(STAGE_HEADER, stage_rows(manifest)),
+        _md_table(stage_header(manifest), stage_rows(manifest)),
         "",
         "Δppl is relative to the reference; KLD is the mean KL divergence (nats) of next-token distributions "
         "from the reference; top-1 is the share of positions whose most likely token agrees with it.",
     ]
+    if _has_images(manifest):
+        parts += ["", "MiniCPM-V: every held-out window starts with a held-out image; only the text after it is "
+                  "scored. img cos is the mean cosine similarity of the image features the LLM receives (the "
+                  "resampler's output rows; in llama.cpp, mtmd's) to the reference's."]
     for s in manifest["stages"]:
         if s["gate"]:
             limits = ", ".join(f"{k} {v}" for k, v in s["gate"].items() if v is not None)

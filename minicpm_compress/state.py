@@ -260,8 +260,9 @@ class ModelState:
             return self.qweights[linear].dequantize()
         return self.weights.get(name)
 
-    def parameter_count(self) -> int:
-        n = self.vision.parameter_count() if self.vision else 0
+    def parameter_count(self, vision: bool = True) -> int:
+        """Parameters of the model (of the LLM alone, for a MiniCPM-V model, with vision=False)."""
+        n = self.vision.parameter_count() if self.vision and vision else 0
         for name in self.weights.names():
             shape = self.weights.shape(name)
             n += torch.Size(shape).numel()

@@ -346,6 +346,17 @@ class GGUFConfig(StageConfig):
     file: str | None = Field(None, description="file name in the output folder (default model-TYPE.gguf)")
     tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name, if not recognised")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
+    mmproj_type: str = Field("F16", description="MiniCPM-V: type of the vision file's matmul weights "
+                             "(F32, F16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1)")
+
+    @field_validator("mmproj_type")
+    @classmethod
+    def _known_mmproj(cls, value: str):
+        from .mmproj import MMPROJ_TYPES
+
+        if value not in MMPROJ_TYPES:
+            raise ValueError(f"unknown mmproj type '{value}' (known: {', '.join(MMPROJ_TYPES)})")
+        return value
 
     @field_validator("type")
     @classmethod
@@ -366,13 +377,25 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         paths = {"llama.cpp quantizer": paths["float"]}
     else:
         paths = write_gguf(state, path, config.type, config.tokenizer_pre)
-    runner = LlamaCppRunner(path, ctx.recipe.data.eval_window)
+    artifacts = [artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", int(re.search(r"\d+", config.type).group()))]
+    vision = {}
+    if state.vision is not None:  # MiniCPM-V: the vision half as the mmproj file llama.cpp's mtmd loads
+        from .mmproj import MtmdRunner, embedding_scale, write_mmproj
+
+        mmproj = ctx.out_dir / f"mmproj-{config.mmproj_type}.gguf"
+        vision = {"file": mmproj.name, "type": config.mmproj_type, "tensors": write_mmproj(state, mmproj, config.mmproj_type)}
+        bits = int(re.search(r"\d+", config.mmproj_type).group())
+        artifacts.append(artifact_entry(ctx.out_dir, mmproj, f"GGUF mmproj (MiniCPM-V {state.vision.settings.version} "
+                                        f"vision, {config.mmproj_type})", bits))
+        runner = MtmdRunner(path, mmproj, ctx.recipe.data.eval_window, embedding_scale(state))
+    else:
+        runner = LlamaCppRunner(path, ctx.recipe.data.eval_window)
     try:
         metrics = ctx.evaluator.measure(runner, desc=f"evaluate gguf {config.type} in llama.cpp")
     finally:
         runner.close()
     size = path.stat().st_size
-    params = state.parameter_count()
+    params = state.parameter_count(vision=False)  # the file holds the LLM
     kv = kv_cache_bytes(state.config, config.context)
     copied = paths.get("lossless", 0)
     details = {
@@ -384,7 +407,10 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,
                          "total_bytes": size + kv},
-        "measured": "in llama.cpp (llama-cpp-python)",
+        "measured": "in llama.cpp (llama-cpp-python)" + (", images through mtmd" if vision else ""),
     }
-    bits = int(re.search(r"\d+", config.type).group())  # F32 → 32, Q5_K_M → 5, IQ4_NL → 4
-    return StageOutcome(state, metrics, details, [artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", bits)])
+    if vision:
+        vision["bytes"] = (ctx.out_dir / vision["file"]).stat().st_size
+        details["mmproj"] = vision
+        details["summary"] += f" + {vision['file']} ({vision['bytes'] / 2**20:.1f} MiB)"
+    return StageOutcome(state, metrics, details, artifacts)

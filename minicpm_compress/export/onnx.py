@@ -344,7 +344,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     runner = OnnxRunner(folder / "model.onnx", state.config)
     metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
-    params = state.parameter_count()
+    params = state.parameter_count(vision=False)  # the file holds the LLM
     kv = kv_cache_bytes(state.config, config.context)
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
     details = {
