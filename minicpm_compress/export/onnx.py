@@ -46,20 +46,23 @@ def _head_dim(config) -> int:
 
 
 class _FlatCacheDecoder(torch.nn.Module):
-    """The model with its KV cache as flat tensors (what ONNX graphs and onnxruntime-genai use)."""
+    """The model with its KV cache as flat tensors (what ONNX graphs and onnxruntime-genai use); with `embeds`
+    its first input is inputs_embeds (MiniCPM-V: an embedding graph puts the image rows in)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, embeds: bool = False):
         super().__init__()
         self.model = model
         self.layers = model.config.num_hidden_layers
+        self.embeds = embeds
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, tokens, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        first = {"inputs_embeds" if self.embeds else "input_ids": tokens}
+        out = self.model(**first, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
         flat = []
         for layer in out.past_key_values.layers:
@@ -67,17 +70,19 @@ class _FlatCacheDecoder(torch.nn.Module):
         return (out.logits, *flat)
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
+def io_names(layers: int, embeds: bool = False) -> tuple[list[str], list[str]]:
     cache = [f"{{}}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [c.format("past_key_values") for c in cache]
+    first = "inputs_embeds" if embeds else "input_ids"
+    inputs = [first, "attention_mask", "position_ids"] + [c.format("past_key_values") for c in cache]
     return inputs, ["logits"] + [c.format("present") for c in cache]
 
 
 DATA_NAME = "model.onnx.data"
 
 
-def traced_graph(state):
-    """The decoder graph (onnx_ir) of `state`'s architecture, traced without its weights.
+def traced_graph(state, embeds: bool = False):
+    """The decoder graph (onnx_ir) of `state`'s architecture, traced without its weights (taking
+    inputs_embeds instead of input_ids if `embeds`).
 
     The model is built on the meta device and every parameter becomes a zero-strided view of one float,
     so the exporter sees real shapes and no weight memory is used; the weights are streamed in later.
@@ -92,15 +97,15 @@ def traced_graph(state):
         model.lm_head.weight = model.model.embed_tokens.weight
     layers, kv, head_dim = c.num_hidden_layers, c.num_key_value_heads, _head_dim(c)
     batch, past_len, seq = 2, 3, 4
-    ids = torch.zeros(batch, seq, dtype=torch.long)
+    ids = torch.zeros(batch, seq, c.hidden_size) if embeds else torch.zeros(batch, seq, dtype=torch.long)
     mask = torch.ones(batch, past_len + seq, dtype=torch.long)
     positions = torch.arange(past_len, past_len + seq).expand(batch, seq)
     past = tuple(torch.zeros(batch, kv, past_len, head_dim) for _ in range(2 * layers))
     dyn = torch.export.Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
-    inputs, outputs = io_names(layers)
+    inputs, outputs = io_names(layers, embeds)
     try:
-        program = torch.onnx.export(_FlatCacheDecoder(model), (ids, mask, positions, *past), dynamo=True,
+        program = torch.onnx.export(_FlatCacheDecoder(model, embeds), (ids, mask, positions, *past), dynamo=True,
                                     dynamic_shapes=shapes, input_names=inputs, output_names=outputs,
                                     optimize=False, verbose=False)
     except Exception as e:  # the exporter's errors are pages long; the first line names the op
@@ -140,13 +145,13 @@ def _sole_transpose(value):
 
 
 def write_graph(state, folder: Path, weights: dict[str, QuantizedWeight], block_size: int,
-                accuracy_level: int = 0) -> int:
+                accuracy_level: int = 0, embeds: bool = False) -> int:
     """model.onnx + model.onnx.data in `folder`: the traced graph, each linear in `weights` as a
     MatMulNBits node holding our codes, every other parameter as float32, written one tensor at a time.
     Returns how many linears became MatMulNBits."""
     import onnx_ir as ir
 
-    model = traced_graph(state)
+    model = traced_graph(state, embeds)
     graph = model.graph
     data = _ExternalData(folder)
     replaced = 0
@@ -260,13 +265,15 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.layers, self.kv, self.head_dim = config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)
 
-    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None, past_len: int) -> dict:
-        batch, seq = input_ids.shape
+    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None, past_len: int,
+              first: str = "input_ids") -> dict:
+        """The decoder's inputs; `first` names the first one (input_ids, or inputs_embeds [B, S, D])."""
+        batch, seq = input_ids.shape[:2]
         inputs, _ = io_names(self.layers)
         if past is None:
             past = [np.zeros((batch, self.kv, 0, self.head_dim), np.float32)] * (2 * self.layers)
         return {
-            "input_ids": input_ids.astype(np.int64),
+            first: input_ids.astype(np.int64 if first == "input_ids" else np.float32),
             "attention_mask": np.ones((batch, past_len + seq), np.int64),
             "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(np.int64),
             **dict(zip(inputs[3:], past)),
@@ -291,6 +298,8 @@ class OnnxConfig(StageConfig):
         0, description="MatMulNBits compute precision: 0 float activations (exact), 4 int8 activations (faster)"
     )
     folder: str | None = Field(None, description="folder in the output (default onnx-int4 / onnx-int8 / onnx-fp32)")
+    vision: Literal["float32", "int8"] = Field(
+        "float32", description="MiniCPM-V: the vision graph's weights (int8: onnxruntime's dynamic quantization)")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
 
     @model_validator(mode="after")
@@ -311,13 +320,16 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
     from .onnx_genai import write_genai_files
 
     folder.mkdir(parents=True, exist_ok=True)
+    embeds = state.vision is not None  # MiniCPM-V: the decoder takes inputs_embeds from embedding.onnx
+    if embeds and not config.matmul_nbits and config.bits != 32:
+        raise CompressError("onnx: int8 'dynamic' is not available for MiniCPM-V models (use MatMulNBits int8)")
     if config.matmul_nbits:
         scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
         weights, paths = export_weights(
             state, scheme, lambda q: q.scheme.bits == config.bits and fits_matmul_nbits(q, config.block_size))
-        write_graph(state, folder, weights, config.block_size, config.accuracy_level)
+        write_graph(state, folder, weights, config.block_size, config.accuracy_level, embeds)
     elif config.bits == 32:
-        write_graph(state, folder, {}, config.block_size)
+        write_graph(state, folder, {}, config.block_size, embeds=embeds)
         paths = {"float": len(state.linear_names())}
     else:  # int8: dynamic
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -329,6 +341,10 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
                          op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
         shutil.rmtree(float_folder)
         paths = {"dynamic int8 (onnxruntime)": len(state.linear_names())}
+    if embeds:
+        from .onnx_vision import write_vision_graphs
+
+        write_vision_graphs(state, folder, int8=config.vision == "int8")
     write_genai_files(state, folder)
     return paths
 
@@ -341,7 +357,12 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     if folder.exists():
         shutil.rmtree(folder)
     paths = write_onnx(state, folder, config)
-    runner = OnnxRunner(folder / "model.onnx", state.config)
+    if state.vision is not None:
+        from .onnx_vision import OnnxVisionRunner
+
+        runner = OnnxVisionRunner(folder, state)
+    else:
+        runner = OnnxRunner(folder / "model.onnx", state.config)
     metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     params = state.parameter_count(vision=False)  # the file holds the LLM
@@ -357,6 +378,11 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},
         "measured": "in onnxruntime (CPUExecutionProvider)",
     }
+    if state.vision is not None:
+        vision_bytes = sum(p.stat().st_size for p in folder.glob("vision.onnx*"))
+        details["vision"] = {"weights": config.vision, "bytes": vision_bytes,
+                             "embedding_bytes": sum(p.stat().st_size for p in folder.glob("embedding.onnx*"))}
+        details["summary"] += f" + vision.onnx {config.vision} ({vision_bytes / 2**20:.1f} MiB) + embedding.onnx"
     artifacts = [artifact_entry(ctx.out_dir, p, f"ONNX {kind}" if p.name.startswith("model.onnx") else
                                 "ONNX runtime config", config.bits if p.name.startswith("model.onnx") else None)
                  for p in sorted(folder.iterdir()) if p.is_file()]

@@ -54,5 +54,13 @@ def genai_config(model_config, tokenizer, context: int) -> dict:
 def write_genai_files(state, folder: Path) -> None:
     context = min(int(getattr(state.config, "max_position_embeddings", 2048) or 2048), 4096)
     config = genai_config(state.config, state.tokenizer, context)
+    if state.vision is not None:  # MiniCPM-V: vision and embedding graphs; the decoder takes inputs_embeds
+        from .onnx_vision import genai_vision_sections
+
+        model = config["model"]
+        model["type"] = "minicpmv"  # not a type onnxruntime-genai runs: the layout is for app code
+        model["decoder"]["inputs"]["inputs_embeds"] = model["decoder"]["inputs"].pop("input_ids")
+        model["decoder"]["inputs"]["inputs_embeds"] = "inputs_embeds"
+        model.update(genai_vision_sections(state))
     atomic.write_text(Path(folder) / "genai_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     state.tokenizer.save_pretrained(str(folder))

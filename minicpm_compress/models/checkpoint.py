@@ -39,11 +39,16 @@ def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Te
 
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # it warns that config.json's model_type (e.g. minicpmv) is not a tokenizer's
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CompressError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def supported_config(folder: Path, raw: dict | None = None):

@@ -112,6 +112,15 @@ def llm_config_dict(raw: dict) -> dict:
 
 
 # -- the vision tower (`vpm.*`) -------------------------------------------------------------------------
+def patch_positions(h: int, w: int, buckets: int = 70) -> torch.Tensor:
+    """navit's bucketed positions of an h × w patch grid on the buckets × buckets table (as the reference
+    computes them: float fractions bucketized against float boundaries)."""
+    boundaries = torch.arange(1 / buckets, 1.0, 1 / buckets)
+    rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / h), boundaries, right=True)
+    cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / w), boundaries, right=True)
+    return (rows[:, None] * buckets + cols).flatten()
+
+
 class _Embeddings(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -119,18 +128,12 @@ class _Embeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size)
         self.position_embedding = nn.Embedding(c.buckets**2, c.hidden_size)
 
-    def position_ids(self, h: int, w: int) -> torch.Tensor:
-        """navit's bucketed positions of an h × w patch grid on the 70 × 70 table (as the reference computes them)."""
-        n = self.c.buckets
-        boundaries = torch.arange(1 / n, 1.0, 1 / n)
-        rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / h), boundaries, right=True)
-        cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / w), boundaries, right=True)
-        return (rows[:, None] * n + cols).flatten()
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         patches = self.patch_embedding(pixels.unsqueeze(0)).flatten(2).transpose(1, 2)  # [1, h·w, hidden]
-        h, w = pixels.shape[1] // self.c.patch_size, pixels.shape[2] // self.c.patch_size
-        return patches + self.position_embedding(self.position_ids(h, w).to(pixels.device))
+        if positions is None:
+            h, w = pixels.shape[1] // self.c.patch_size, pixels.shape[2] // self.c.patch_size
+            positions = patch_positions(h, w, self.c.buckets).to(pixels.device)
+        return patches + self.position_embedding(positions)
 
 
 class _Attention(nn.Module):
@@ -184,8 +187,8 @@ class VisionTower(nn.Module):
         self.encoder = _Encoder(c)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(pixels)
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embeddings(pixels, positions)
         for layer in self.encoder.layers:
             x = layer(x)
         return self.post_layernorm(x)
@@ -217,10 +220,10 @@ class Resampler(nn.Module):
         self.ln_post = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Parameter(torch.zeros(width, width))
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """[1, h·w, kv_width] patch features → [query_num, width]."""
+    def forward(self, x: torch.Tensor, h: int, w: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """[1, h·w, kv_width] patch features → [query_num, width] (`pos`: the keys' position embedding)."""
         x = self.ln_kv(self.kv_proj(x)).transpose(0, 1)  # [h·w, 1, width]
-        pos = sincos_2d(self.width, h, w).to(x.device, x.dtype).unsqueeze(1)
+        pos = (sincos_2d(self.width, h, w) if pos is None else pos).to(x.device, x.dtype).unsqueeze(1)
         q = self.ln_q(self.query).unsqueeze(1)
         out = self.attn(q, x + pos, x, need_weights=False)[0].transpose(0, 1)
         return (self.ln_post(out) @ self.proj)[0]
