@@ -174,3 +174,47 @@ def test_prune_and_qat_commands_compose(tmp_path, tiny_checkpoint):
     manifest = json.loads((tmp_path / "q/manifest.json").read_text())
     assert manifest["stages"][1]["details"]["initialised_from"] == {"given": 14, "rtn": 0}
     assert manifest["reference"] == str(source.resolve())  # still measured against the unpruned original
+
+
+def test_minicpmv_recipe_end_to_end(tmp_path):
+    """The CI recipe on the built-in VLM: AWQ (calibrated on image prompts) beats RTN on text after held-out
+    images; GGUF + mmproj in llama.cpp, ONNX in onnxruntime and Core ML (read back) measure like the gated
+    model, image features included; and both runtimes continue an image prompt with the gated model's tokens."""
+    from minicpm_compress.data.images import read_images
+    from minicpm_compress.data.prompts import image_prompts
+    from minicpm_compress.data.textsets import evaluation_windows
+    from minicpm_compress.export.mmproj import MtmdRunner, embedding_scale
+    from minicpm_compress.export.onnx_vision import OnnxVisionRunner
+    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.state import ModelState
+
+    from .export.test_onnx_vision import torch_greedy
+
+    out = tmp_path / "vlm"
+    result = _run("run", "recipes/minicpmv.yaml", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert "img cos" in result.stdout
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["load", "rtn", "awq", "gguf", "onnx", "coreml"]
+    rtn, awq, gguf, onnx, coreml = (s["metrics"] for s in stages[1:])
+    assert awq["kld"] < 0.6 * rtn["kld"] and awq["image_cosine"] == 1.0
+    # the same int4 codes in every runtime
+    assert stages[3]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
+    assert stages[4]["details"]["linears"] == {"lossless": 210, "requantized": 0}
+    assert stages[5]["details"]["linears"]["lossless"] == 210 and stages[5]["details"]["vision"]["precision"] == "float16"
+    assert abs(gguf["kld"] - awq["kld"]) < 0.02 and gguf["image_cosine"] > 0.999
+    assert abs(onnx["kld"] - awq["kld"]) < 2e-3 and onnx["image_cosine"] > 0.9999
+    assert abs(coreml["kld"] - awq["kld"]) < 0.02 and coreml["image_cosine"] > 0.999
+    assert (out / "mmproj-F16.gguf").is_file() and (out / "coreml-int4/vision.mlpackage").is_dir()
+
+    state = ModelState.open(resolve_model(str(out)))
+    windows = evaluation_windows(state.tokenizer, ["austen-heldout"], 256, 128)
+    prompts = state.vision.features(image_prompts(state.tokenizer, state.vision.settings,
+                                                  read_images("skimage-heldout")[:1], windows[:1]))
+    expected = torch_greedy(state.evaluated_model(), prompts, 8)
+    assert OnnxVisionRunner(out / "onnx-int4", state).generate(prompts, 0, 8) == expected
+    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", 512, embedding_scale(state))
+    try:
+        assert llama.generate(prompts, 0, 8) == expected
+    finally:
+        llama.close()

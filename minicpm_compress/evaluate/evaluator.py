@@ -42,11 +42,17 @@ class Evaluator:
     def images(self) -> bool:
         return isinstance(self.windows, ImagePrompts)
 
-    def measure(self, subject, desc: str = "evaluate") -> Metrics:
-        """Metrics of a runner, a module, or a ModelState as deployed (quantized linears dequantized)."""
+    def measure(self, subject, desc: str = "evaluate", features: list[torch.Tensor] | None = None) -> Metrics:
+        """Metrics of a runner, a module, or a ModelState as deployed (quantized linears dequantized).
+
+        MiniCPM-V: a module runs on `features` (per window, e.g. from an exported vision encoder read back)
+        when given, else on the reference's image features."""
         from ..state import ModelState
 
         windows, cosine = self.windows, None
+        if features is not None:
+            windows = replace(windows, features=features)
+            cosine = feature_cosine(self.windows.features, features)
         if isinstance(subject, ModelState):
             if self.images and subject.vision is not None:
                 windows = subject.vision.features(replace(windows, features=None))

@@ -85,22 +85,34 @@ class _StateSliceCache(Cache):
 
 
 class StatefulDecoder(torch.nn.Module):
-    """(input_ids, causal_mask) → logits, with the KV cache held in two registered buffers (Core ML states)."""
+    """(input_ids, causal_mask) → logits, with the KV cache held in two registered buffers (Core ML states).
 
-    def __init__(self, model: torch.nn.Module, context: int):
+    With `embed_scale` (MiniCPM-V) it also takes image_embeds [1, S, D] and image_mask [1, S, 1]: token
+    embeddings are scaled by `embed_scale` (the LLM's muP scale, applied here since the model then runs on
+    embeddings) and where the mask is 1 the image row replaces them as it is; one package holds the
+    embedding table for its lookups and for the (tied) output head.
+    """
+
+    def __init__(self, model: torch.nn.Module, context: int, embed_scale: float | None = None):
         super().__init__()
         self.model = model
+        self.embed_scale = embed_scale
         c = model.config
         shape = (c.num_hidden_layers, 1, c.num_key_value_heads, context, _head_dim(c))
         self.register_buffer("key_cache", torch.zeros(shape))
         self.register_buffer("value_cache", torch.zeros(shape))
 
-    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
         end = causal_mask.shape[-1]
         past = end - input_ids.shape[-1]
         positions = torch.arange(past, end).unsqueeze(0)
         cache = _StateSliceCache(self.key_cache, self.value_cache, past, end)
-        out = self.model(input_ids=input_ids, attention_mask=causal_mask, position_ids=positions,
+        tokens = {"input_ids": input_ids}
+        if self.embed_scale is not None:
+            embeds = self.model.get_input_embeddings()(input_ids) * self.embed_scale
+            tokens = {"inputs_embeds": embeds * (1 - image_mask) + image_embeds * image_mask}
+        out = self.model(**tokens, attention_mask=causal_mask, position_ids=positions,
                          cache_position=positions[0], past_key_values=cache, use_cache=True)
         return out.logits
 
@@ -181,16 +193,22 @@ def _precision(ct, precision: str):
     return {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[precision]
 
 
-def decoder_program(model: torch.nn.Module, context: int, precision: str = "float16"):
-    """The stateful decoder of `model` as a MIL program with KV-cache states of `context` tokens."""
+def decoder_program(model: torch.nn.Module, context: int, precision: str = "float16", embed_scale: float | None = None):
+    """The stateful decoder of `model` as a MIL program with KV-cache states of `context` tokens (taking image
+    rows too when `embed_scale` is given: MiniCPM-V)."""
     ct = _coremltools()
-    wrapper = StatefulDecoder(model.eval(), context)
+    wrapper = StatefulDecoder(model.eval(), context, embed_scale)
     seq, end = ct.RangeDim(1, context, default=1), ct.RangeDim(1, context, default=1)
     example = (torch.zeros(1, 4, dtype=torch.int32), causal_mask(4, 2).to(torch.float32))
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(wrapper.key_cache.shape), dtype=np.float16),
                            name=name) for name in ("key_cache", "value_cache")]
     inputs = [ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
               ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=np.float16)]
+    if embed_scale is not None:
+        width = model.config.hidden_size
+        example += (torch.zeros(1, 4, width), torch.zeros(1, 4, 1))
+        inputs += [ct.TensorType(name="image_embeds", shape=(1, seq, width), dtype=np.float16),
+                   ct.TensorType(name="image_mask", shape=(1, seq, 1), dtype=np.float16)]
     logits = ct.TensorType(name="logits", dtype=np.float16 if precision == "float16" else np.float32)
     return convert_program(wrapper, example, inputs, states, [logits], precision)
 
@@ -420,13 +438,20 @@ def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["
         for name, weight in embedding_matrices(state.model).items():
             weights[name] = (weight, quantize(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
             paths["embedding int8 per row"] = paths.get("embedding int8 per row", 0) + 1
-    prog = decoder_program(state.model, config.context, precision)
+    embed_scale = None
+    if state.vision is not None:
+        from .onnx_vision import embedding_scale
+
+        embed_scale = embedding_scale(state.config)
+    prog = decoder_program(state.model, config.context, precision, embed_scale)
     quantize_constants(prog, weights)
     folder.mkdir(parents=True, exist_ok=True)
     c = state.model.config
     metadata = {"producer": "minicpm-compress", "architecture": c.model_type, "bits": str(config.bits),
                 "precision": precision,
-                "context": str(config.context), "inputs": "input_ids [1,S] int32; causal_mask [1,1,S,P+S] float16",
+                "context": str(config.context), "inputs": "input_ids [1,S] int32; causal_mask [1,1,S,P+S] float16"
+                + ("; image_embeds [1,S,D] float16; image_mask [1,S,1] float16 (1: the image row replaces the token)"
+                   if embed_scale is not None else ""),
                 "states": "key_cache, value_cache [layers,1,kv_heads,context,head_dim] float16"}
     save_package(prog, folder / PACKAGE_NAME, f"{c.model_type} decoder, int{config.bits} weights, stateful KV cache",
                  metadata, precision)
@@ -472,7 +497,12 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     package = folder / PACKAGE_NAME
     stored, ops = read_back_weights(package)
     model = read_back_model(state.model, stored, weights, package)
-    metrics = ctx.evaluator.measure(model, desc=f"evaluate coreml {kind} weights read back")
+    features, vision = None, None
+    if state.vision is not None:  # MiniCPM-V: vision.mlpackage beside the decoder, its weights read back too
+        from .coreml_vision import export_vision
+
+        features, vision = export_vision(state, folder, config.precision, ctx)
+    metrics = ctx.evaluator.measure(model, desc=f"evaluate coreml {kind} weights read back", features=features)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
     params = sum(p.numel() for p in untied_state_dict(state.model).values())
@@ -489,6 +519,15 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
                          "total_bytes": size + kv},
         "measured": "weights read back from the mlpackage, evaluated in torch (float32); not on-device predictions",
     }
-    artifacts = [artifact_entry(ctx.out_dir, p, "Core ML mlpackage" if PACKAGE_NAME in p.parts else "tokenizer",
-                                config.bits if p.name == "weight.bin" else None) for p in files]
+    if vision:
+        details["vision"] = vision
+        details["summary"] += f" + vision.mlpackage {vision['precision']} ({vision['bytes'] / 2**20:.1f} MiB)"
+    def kind_of(p: Path) -> tuple[str, int | None]:
+        if PACKAGE_NAME in p.parts:
+            return "Core ML mlpackage", config.bits if p.name == "weight.bin" else None
+        if "vision.mlpackage" in p.parts:
+            return "Core ML vision mlpackage", 16 if p.name == "weight.bin" and vision["precision"] == "float16" else None
+        return "tokenizer", None
+
+    artifacts = [artifact_entry(ctx.out_dir, p, *kind_of(p)) for p in files]
     return StageOutcome(state, metrics, details, artifacts)

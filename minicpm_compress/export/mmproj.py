@@ -244,3 +244,15 @@ class MtmdRunner:
             self.mtmd.mtmd_free(self.ctx)
             self.ctx = None
         self.llm.close()
+
+    def generate(self, prompts, row: int, tokens: int) -> list[int]:
+        """Greedy continuation of one image prompt, as an app runs it: the prompt (image rows from mtmd) decoded
+        into llama.cpp's cache, then one token at a time."""
+        logits = self.logits(prompts[row : row + 1])[0]
+        out = [int(logits[-1].argmax())]
+        position = prompts.ids.shape[1]
+        for _ in range(tokens - 1):
+            step = self._decode([out[-1]], position, False)
+            out.append(int(step[-1].argmax()))
+            position += 1
+        return out
