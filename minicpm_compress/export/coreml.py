@@ -358,29 +358,37 @@ def read_back_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, in
 def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
     """The largest |value| entering any RMSNorm, leaving any linear, and leaving k_proj/v_proj (what the
     float16 KV-cache states hold) over `ids`, each with its module's name."""
+    return module_peaks(model, lambda: [model(chunk) for chunk in ids.split(batch_size)])
+
+
+def module_peaks(model: torch.nn.Module, run) -> dict[str, dict]:
+    """While `run()` feeds `model`: the largest |output| of any linear or convolution, of k_proj/v_proj, and
+    the largest value a norm squares (|input| for RMSNorm, |input − mean| for LayerNorm), with module names."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     peaks = {kind: {"module": None, "peak": 0.0} for kind in ("norm_input", "linear_output", "kv_output")}
 
-    def hook(kind: str, name: str):
+    def hook(kind: str, name: str, centred: bool = False):
         def record(module, inputs, output):
-            value = (inputs[0] if kind == "norm_input" else output).detach().abs().max().item()
+            x = (inputs[0] if kind == "norm_input" else output).detach()
+            value = (x - x.mean(-1, keepdim=True) if centred else x).abs().max().item()
             if value > peaks[kind]["peak"]:
                 peaks[kind] = {"module": name, "peak": round(value, 3)}
         return record
 
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             handles.append(module.register_forward_hook(hook("linear_output", name)))
             if name.endswith(("k_proj", "v_proj")):
                 handles.append(module.register_forward_hook(hook("kv_output", name)))
         elif isinstance(module, LlamaRMSNorm) or type(module).__name__.endswith("RMSNorm"):
             handles.append(module.register_forward_hook(hook("norm_input", name)))
+        elif isinstance(module, torch.nn.LayerNorm):
+            handles.append(module.register_forward_hook(hook("norm_input", name, centred=True)))
     try:
         with torch.no_grad():
-            for chunk in ids.split(batch_size):
-                model(chunk)
+            run()
     finally:
         for handle in handles:
             handle.remove()

@@ -7,7 +7,7 @@
 The resampler's queries do not depend on the image, so they enter the package already through ln_q and
 the attention's query projection (one constant); everything else keeps its own weights. Compute is
 float16 when a range check on the calibration images passes (no linear output at or above float16's
-maximum, no LayerNorm input deviating by 256 or more), float32 otherwise.
+maximum, no LayerNorm input deviating from its mean by 256 or more), float32 otherwise.
 
 Checked on Linux without a Mac: every weight of the exported module is found in the saved package (by
 value, float16), loaded back into the module and run in torch; the image rows it makes are compared
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CompressError
-from .coreml import FLOAT16_MAX, SQUARE_LIMIT, _coremltools, convert_program, read_program, save_package
+from .coreml import _coremltools, convert_program, float16_overflow, module_peaks, read_program, save_package
 
 VISION_PACKAGE = "vision.mlpackage"
 
@@ -65,43 +65,6 @@ class VisionEncoder(torch.nn.Module):
         v = self.v_proj(x).view(n, self.heads, d).transpose(0, 1)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(-1, width)
         return self.proj(self.ln_post(self.out_proj(out)))
-
-
-def vision_peaks(encoder: VisionEncoder, inputs: list[tuple]) -> dict[str, dict]:
-    """The largest |linear output| and the largest LayerNorm input deviation from its mean, with module names."""
-    peaks = {kind: {"module": None, "peak": 0.0} for kind in ("linear_output", "norm_deviation")}
-
-    def hook(kind, name):
-        def record(_module, args, output):
-            x = args[0].detach() if kind == "norm_deviation" else output.detach()
-            value = (x - x.mean(-1, keepdim=True)).abs().max().item() if kind == "norm_deviation" else x.abs().max().item()
-            if value > peaks[kind]["peak"]:
-                peaks[kind] = {"module": name, "peak": round(value, 3)}
-        return record
-
-    handles = []
-    for name, module in encoder.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            handles.append(module.register_forward_hook(hook("linear_output", name)))
-        elif isinstance(module, torch.nn.LayerNorm):
-            handles.append(module.register_forward_hook(hook("norm_deviation", name)))
-    try:
-        with torch.no_grad():
-            for args in inputs:
-                encoder(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return peaks
-
-
-def vision_overflow(peaks: dict[str, dict]) -> str | None:
-    linear, norm = peaks["linear_output"], peaks["norm_deviation"]
-    if linear["peak"] >= FLOAT16_MAX:
-        return f"'{linear['module']}' outputs values up to {linear['peak']:.0f} (float16 max {FLOAT16_MAX:.0f})"
-    if norm["peak"] >= SQUARE_LIMIT:
-        return f"'{norm['module']}' squares deviations up to {norm['peak']:.0f} (float16 x*x overflows from 256)"
-    return None
 
 
 def encoder_inputs(settings, pieces) -> list[tuple]:
@@ -173,8 +136,9 @@ def export_vision(state, folder: Path, precision: str, ctx) -> tuple[list[torch.
               for p in preprocess(a, settings.scale_resolution, settings.patch_size, settings.max_slice_nums,
                                   settings.slice_mode).pieces]
     encoder = VisionEncoder(state.vision.model()).eval()
-    peaks = vision_peaks(encoder, encoder_inputs(settings, pieces))
-    problem = vision_overflow(peaks)
+    inputs = encoder_inputs(settings, pieces)
+    peaks = module_peaks(encoder, lambda: [encoder(*args) for args in inputs])
+    problem = float16_overflow(peaks)
     if precision == "auto":
         precision = "float32" if problem else "float16"
     elif precision == "float16" and problem:

@@ -6,12 +6,15 @@ Per quantized linear of shape [out, in] with group size g:
   scales   float16 [in / g, out]
 and w = (code − zero) · scale. Symmetric codes c ∈ [−8, 7] are stored as c + 8 with zero point 8, which
 is the same value exactly. Every other tensor is stored in float16, as AWQ checkpoints are. The codes
-are ours (from rtn/awq/qat), copied, never re-quantized.
+are ours (from rtn/awq/qat), copied, never re-quantized. A MiniCPM-V model is written whole, as its
+checkpoints are: the LLM under `llm.`, the vision half (`vpm.*`, `resampler.*`) in float16 and listed in
+`modules_to_not_convert`.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,6 +23,8 @@ from pydantic import Field
 from ..errors import CompressError
 from ..manifest import artifact_entry
 from ..models.checkpoint import WEIGHTS_NAME, save_checkpoint, untied_state_dict
+from ..models.minicpmv import LLM_PREFIX, VisionPart
+from ..models.tensors import MemoryTensors
 from ..quant.qweight import QuantizedWeight
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 
@@ -90,25 +95,34 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
         raise CompressError(f"hf_awq: one group size is needed for the whole model, found {sorted(groups)}")
     group = groups.pop()
     symmetric = {q.scheme.symmetric for q in state.qweights.values()}
+    prefix = LLM_PREFIX if state.vision is not None else ""
     tensors = {}
     for name, q in sorted(state.qweights.items()):
-        tensors.update(to_awq(name, q))
+        tensors.update(to_awq(prefix + name, q))
     quantized = {f"{name}.weight" for name in state.qweights}
     for key, value in untied_state_dict(state.model).items():
         if key not in quantized:
-            tensors[key] = value.detach().to(torch.float16)
+            tensors[prefix + key] = value.detach().to(torch.float16)
+    if state.vision is not None:
+        tensors.update({name: state.vision.tensor(name).to(torch.float16) for name in state.vision.names()})
     folder = ctx.out_dir / config.folder
     quantization_config = {
         "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
-        "modules_to_not_convert": None,
+        "modules_to_not_convert": ["vpm", "resampler"] if state.vision is not None else None,
     }
     save_checkpoint(state.model, state.tokenizer, folder, tensors,
-                    {"quantization_config": quantization_config, "dtype": "float16"})
+                    {"quantization_config": quantization_config, "dtype": "float16"}, config=state.config_dict())
 
     # Measure what was written: read the file back and dequantize it the way AWQ loaders do.
     from safetensors.torch import load_file
 
     written = load_file(str(folder / WEIGHTS_NAME))
+    features = None
+    if state.vision is not None:  # the image rows of the float16 vision half as written
+        vision = VisionPart(state.vision.settings, state.vision.raw_config,
+                            MemoryTensors({n: written[n] for n in state.vision.names()}))
+        features = vision.features(replace(ctx.evaluator.windows, features=None)).features
+        written = {k.removeprefix(prefix): v for k, v in written.items() if k.startswith(prefix)}
     model = copy.deepcopy(state.model)  # every quantized and float16 tensor is replaced below
     with torch.no_grad():
         for key, param in model.named_parameters():
@@ -117,7 +131,7 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
                 param.copy_(from_awq(written, name, group))
             elif key in written:
                 param.copy_(written[key].to(torch.float32))
-    metrics = ctx.evaluator.measure(model, desc="evaluate hf_awq")
+    metrics = ctx.evaluator.measure(model, desc="evaluate hf_awq", features=features)
     artifacts = [artifact_entry(ctx.out_dir, p, "Hugging Face AWQ checkpoint (GEMM)" if p.name == WEIGHTS_NAME
                                 else "checkpoint metadata", 4 if p.name == WEIGHTS_NAME else None)
                  for p in sorted(folder.iterdir())]

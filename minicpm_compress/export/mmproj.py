@@ -14,8 +14,11 @@ queries).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,24 @@ from ..models.minicpm import mup_scales
 from ..models.minicpmv import sincos_2d
 
 MMPROJ_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
+
+
+@contextlib.contextmanager
+def native_log():
+    """Collect what native code writes to stderr meanwhile (mtmd and clip log every tensor and image there);
+    yields a list that receives the collected lines."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += sink.read().decode(errors="replace").splitlines()
 
 
 def _mmproj_tensors(vision, scale_emb: float):
@@ -143,9 +164,11 @@ class MtmdRunner:
         params.print_timings = False
         params.warmup = False
         params.n_threads = os.cpu_count() or 1
-        self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
+        with native_log() as log:
+            self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
         if not self.ctx:
-            raise CompressError(f"gguf: llama.cpp's mtmd could not load {mmproj_path.name}")
+            reason = next((line for line in reversed(log) if "error" in line.lower()), log[-1] if log else "no reason given")
+            raise CompressError(f"gguf: llama.cpp's mtmd could not load {mmproj_path.name}: {reason.strip()}")
         self.width = self.llm.n_embd()
         self._cosines: list[float] = []
         self._cache: dict[int, tuple[list[int], np.ndarray]] = {}
@@ -165,7 +188,9 @@ class MtmdRunner:
         chunks = m.mtmd_input_chunks_init()
         marker = m.mtmd_default_marker()
         text = m.mtmd_input_text(marker, len(marker), False, True)
-        try:
+        with native_log(), contextlib.ExitStack() as cleanup:
+            cleanup.callback(m.mtmd_bitmap_free, bitmap)
+            cleanup.callback(m.mtmd_input_chunks_free, chunks)
             bitmaps = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
             if m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
                 raise CompressError("gguf: mtmd could not tokenize an image prompt")
@@ -183,9 +208,6 @@ class MtmdRunner:
                 out = m.mtmd_get_output_embd(self.ctx)
                 rows.append(np.ctypeslib.as_array(out, shape=(n * self.width,)).reshape(n, self.width).copy())
                 tokens += [-1] * n
-        finally:
-            m.mtmd_input_chunks_free(chunks)
-            m.mtmd_bitmap_free(bitmap)
         self._cache[key] = (tokens, np.concatenate(rows))
         return self._cache[key]
 

@@ -99,15 +99,16 @@ def load_checkpoint(folder: Path, *, allow_pickle: bool = False, trust_remote_co
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: dict[str, torch.Tensor] | None = None,
-                    config_updates: dict | None = None) -> None:
+                    config_updates: dict | None = None, config: dict | None = None) -> None:
     """Write config.json, model.safetensors and the tokenizer files.
 
-    By default the weights are the model's float32 state dict with tied weights stored once; exporters
-    pass their own `tensors` (and `config_updates`, e.g. a quantization_config).
+    By default the weights are the model's float32 state dict with tied weights stored once and the config
+    is the model's; exporters pass their own `tensors` (and `config_updates`, e.g. a quantization_config,
+    or a whole `config`, e.g. a MiniCPM-V one).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = config_dict(model.config)
+    config = dict(config) if config is not None else config_dict(model.config)
     config["dtype"] = "float32"
     config.update(config_updates or {})
     atomic.write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -52,7 +52,8 @@ def apply_load(config: LoadConfig, _state, ctx: RunContext) -> StageOutcome:
     details = {
         "model": source.spec,
         "reference": reference_spec(ref_source.spec),
-        "model_type": state.config.model_type,
+        "model_type": state.config.model_type if state.vision is None
+        else f"minicpmv {state.vision.settings.version} ({state.config.model_type} LLM)",
         "parameters": state.parameter_count(),
         "quantized_linears": len(state.qweights),
         "device": str(state.device),
