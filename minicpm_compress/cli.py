@@ -313,12 +313,16 @@ def export_gguf(type_, tokenizer_pre, mmproj_type, **options):
               show_default=True, help="--bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits compute precision: 0 exact (float activations), 4 int8 activations (faster)")
+@click.option("--vision", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
+              help="MiniCPM-V: the vision graph's weights")
 @_reports_errors
-def export_onnx(bits, block_size, int8, accuracy_level, **options):
-    """An ONNX decoder with KV cache (OUT/onnx-int4/ ...) for onnxruntime(-genai), measured in onnxruntime."""
+def export_onnx(bits, block_size, int8, accuracy_level, vision, **options):
+    """An ONNX decoder with KV cache (OUT/onnx-int4/ ...) for onnxruntime(-genai), measured in onnxruntime;
+    for MiniCPM-V also the vision and embedding graphs."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "accuracy_level": accuracy_level}
+    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "accuracy_level": accuracy_level,
+                "vision": vision}
     recipe = build_recipe(**_recipe_fields(f"onnx-int{bits}", "onnx", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 

@@ -9,6 +9,8 @@ from minicpm_compress.layerwise import image_features
 from minicpm_compress.pipeline import run_recipe
 from minicpm_compress.recipe import build_recipe
 
+from ..conftest import write_tiny_vlm
+
 
 def torch_greedy(model, prompts, tokens: int) -> list[int]:
     """Greedy continuation in torch (the whole window re-run each step; image rows injected at layer 0)."""
@@ -42,3 +44,14 @@ def test_onnx_graphs_float_and_int8_vision(tmp_path):
     config = json.loads((tmp_path / "out/onnx-fp32/genai_config.json").read_text())["model"]
     assert config["vision"]["filename"] == "vision.onnx" and config["embedding"]["filename"] == "embedding.onnx"
     assert config["decoder"]["inputs"]["inputs_embeds"] == "inputs_embeds"
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.5"])
+def test_qwen_layouts_export_to_onnx(version, tmp_path, vlm_tokenizer):
+    """MiniCPM-V 2.6 (Qwen2 LLM) and 4.5 (Qwen3 LLM) layouts, tiny: the three graphs compute what torch does."""
+    folder = write_tiny_vlm(tmp_path / version, version, vlm_tokenizer)
+    recipe = build_recipe(name="t", model=str(folder), data={"eval_tokens": 1024, "eval_window": 256},
+                          stages=[{"rtn": {"bits": 4, "group_size": 32, "symmetric": True}}, {"onnx": {"bits": 4}}])
+    _load, rtn, onnx = run_recipe(recipe, tmp_path / "out").stages
+    assert onnx.details["linears"] == {"lossless": 14, "requantized": 0}
+    assert abs(onnx.metrics.kld - rtn.metrics.kld) < 1e-4 and onnx.metrics.image_cosine > 0.9999

@@ -11,49 +11,12 @@ from safetensors.torch import load_file, save_file
 from minicpm_compress.data.prompts import image_prompts
 from minicpm_compress.errors import CompressError
 from minicpm_compress.evaluate.runners import StreamedRunner
-from minicpm_compress.models.checkpoint import config_dict
 from minicpm_compress.models.minicpm import mup_scales
-from minicpm_compress.models.minicpmv import LLM_TYPES, VisionConfig, VLMSettings, seeded_vision
+from minicpm_compress.models.minicpmv import LLM_TYPES
 from minicpm_compress.models.source import resolve_model
 from minicpm_compress.state import ModelState
 
-from ..conftest import tiny_model
-
-VISION = VisionConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2)
-
-
-@pytest.fixture(scope="module")
-def vlm_tokenizer(tokenizer):
-    import copy
-
-    tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "</image>", "<slice>", "</slice>",
-                                                         "<image_id>", "</image_id>"]})
-    return tok
-
-
-def write_tiny_vlm(folder, version: str, tokenizer, use_image_id: bool = True):
-    """A MiniCPM-V checkpoint folder with tiny random weights under the real names (`llm.*`, `vpm.*`, `resampler.*`)."""
-    llm_type = LLM_TYPES[version]
-    llm = tiny_model(llm_type, vocab_size=len(tokenizer), hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                     head_dim=64, intermediate_size=256, tie_word_embeddings=version == "4.0")
-    settings = VLMSettings(version=version, vision=VISION, query_num=16, scale_resolution=112, max_slice_nums=4,
-                           use_image_id=use_image_id, llm_width=128)
-    vision = seeded_vision(settings, 1, 1.0)
-    config = config_dict(llm.config)
-    config.update(model_type="minicpmv", version=float(version), query_num=16, image_size=112, patch_size=14,
-                  slice_mode=True, slice_config={"max_slice_nums": 4}, use_image_id=use_image_id,
-                  vision_config={"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-                                 "num_attention_heads": 2, "image_size": 980, "patch_size": 14, "model_type": "siglip"},
-                  architectures=["MiniCPMV"])
-    tensors = {f"llm.{k}": v.detach().contiguous() for k, v in llm.state_dict().items()
-               if not (llm.config.tie_word_embeddings and k == "lm_head.weight")}
-    tensors.update({k: v.detach().contiguous() for k, v in vision.state_dict().items()})
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(folder / "model.safetensors"))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+from ..conftest import write_tiny_vlm
 
 
 def _images():
