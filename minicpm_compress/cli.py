@@ -337,13 +337,15 @@ def export_onnx(bits, block_size, int8, accuracy_level, vision, **options):
               help="token embedding (and untied lm_head) storage")
 @click.option("--precision", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
               help="compute precision; auto: float16 unless the measured activations would overflow it")
+@click.option("--chunks", type=int, default=1, show_default=True,
+              help="N > 1: embed, N packages of decoder layers and head, converted one at a time (large models)")
 @_reports_errors
-def export_coreml(bits, block_size, context, embeddings, precision, **options):
+def export_coreml(bits, block_size, context, embeddings, precision, chunks, **options):
     """A stateful Core ML decoder (OUT/coreml-int4/model.mlpackage, iOS 18), its weights read back and measured."""
     from .recipe import build_recipe
 
     settings = {"bits": int(bits), "block_size": block_size, "embeddings": embeddings, "precision": precision,
-                **({"context": context} if context else {})}
+                "chunks": chunks, **({"context": context} if context else {})}
     recipe = build_recipe(**_recipe_fields(f"coreml-int{bits}", "coreml", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 

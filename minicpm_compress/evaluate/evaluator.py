@@ -54,7 +54,7 @@ class Evaluator:
             windows = replace(windows, features=features)
             cosine = feature_cosine(self.windows.features, features)
         if isinstance(subject, ModelState):
-            if self.images and subject.vision is not None:
+            if self.images and subject.vision is not None and features is None:
                 windows = subject.vision.features(replace(windows, features=None))
                 cosine = feature_cosine(self.windows.features, windows.features)
             runner = StreamedRunner(subject, quantized=True)

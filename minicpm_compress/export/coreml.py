@@ -49,7 +49,6 @@ from transformers.cache_utils import Cache
 from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
-from ..models.checkpoint import untied_state_dict
 from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .weights import export_weights
@@ -426,6 +425,8 @@ class CoreMLConfig(StageConfig):
         "auto", description="compute precision; auto: float16 (Neural Engine) unless the measured activations overflow it"
     )
     folder: str | None = Field(None, description="folder in the output (default coreml-int4 / coreml-int8)")
+    chunks: int = Field(1, ge=1, description="1: one package; N: embed, N packages of consecutive decoder layers "
+                        "and head, converted one at a time (for models too large to convert whole)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -437,8 +438,8 @@ class CoreMLConfig(StageConfig):
         return QuantScheme(bits=self.bits, group_size=self.block_size if self.bits == 4 else None, symmetric=True)
 
 
-def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["float16", "float32"]
-                 ) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
+def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["float16", "float32"],
+                 embed_scale: float | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
     """Write model.mlpackage (+ tokenizer files) into `folder`; return the weights written and path counts."""
     quantized, paths = export_weights(state, config.requantize_scheme(), lambda q: fits_coreml(q, config.bits))
     weights = {name: (state.model.get_submodule(name).weight, q) for name, q in quantized.items()}
@@ -446,11 +447,6 @@ def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["
         for name, weight in embedding_matrices(state.model).items():
             weights[name] = (weight, quantize(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
             paths["embedding int8 per row"] = paths.get("embedding int8 per row", 0) + 1
-    embed_scale = None
-    if state.vision is not None:
-        from .onnx_vision import embedding_scale
-
-        embed_scale = embedding_scale(state.config)
     prog = decoder_program(state.model, config.context, precision, embed_scale)
     quantize_constants(prog, weights)
     folder.mkdir(parents=True, exist_ok=True)
@@ -485,13 +481,17 @@ def read_back_model(model: torch.nn.Module, stored: dict[str, torch.Tensor],
 
 
 @register_stage("coreml", CoreMLConfig, "export a stateful Core ML mlpackage (iOS 18) with blockwise int4/int8 weights",
-                transforms=False, whole_model=3)
+                transforms=False, whole_model=lambda c: 3 if c.chunks == 1 else 3 / c.chunks)
 def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
+    from . import coreml_chunks as chunked
+
     kind = f"int{config.bits}"
     folder = ctx.out_dir / (config.folder or f"coreml-{kind}")
     if folder.exists():
         shutil.rmtree(folder)
-    peaks = activation_peaks(state.evaluated_model(), ctx.calibration(state, n_samples=8, images=False))
+    samples = ctx.calibration(state, n_samples=8, images=False)
+    peaks = (activation_peaks(state.evaluated_model(), samples) if config.chunks == 1
+             else chunked.streamed_peaks(state, samples))
     problem = float16_overflow(peaks)
     precision = config.precision
     if precision == "auto":
@@ -501,40 +501,57 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     if peaks["kv_output"]["peak"] >= FLOAT16_MAX:  # Core ML states are float16 whatever the compute precision
         raise CompressError(f"coreml: '{peaks['kv_output']['module']}' outputs {peaks['kv_output']['peak']:.0f}, "
                             "beyond the float16 KV-cache state")
-    weights, paths = write_coreml(state, folder, config, precision)
-    package = folder / PACKAGE_NAME
-    stored, ops = read_back_weights(package)
-    model = read_back_model(state.model, stored, weights, package)
+    embed_scale = None
+    if state.vision is not None:
+        from .onnx_vision import embedding_scale
+
+        embed_scale = embedding_scale(state.config)
+    if config.chunks == 1:
+        weights, paths = write_coreml(state, folder, config, precision, embed_scale)
+        package = folder / PACKAGE_NAME
+        stored, ops = read_back_weights(package)
+        subject = read_back_model(state.model, stored, weights, package)  # a model holding the weights read back
+    else:
+        quantized, paths, embeddings = chunked.write_chunks(state, folder, config, precision, embed_scale or 1.0,
+                                                            state.vision is not None)
+        state.tokenizer.save_pretrained(str(folder))
+        tensors, ops = chunked.read_back_chunks(folder, quantized, embeddings, state.tied)
+        subject = chunked.with_tensors(state, tensors)  # our codes (checked equal) and the embedding read back
+    packages = [p for p in sorted(folder.glob("*.mlpackage")) if p.name != "vision.mlpackage"]
     features, vision = None, None
     if state.vision is not None:  # MiniCPM-V: vision.mlpackage beside the decoder, its weights read back too
         from .coreml_vision import export_vision
 
         features, vision = export_vision(state, folder, config.precision, ctx)
-    metrics = ctx.evaluator.measure(model, desc=f"evaluate coreml {kind} weights read back", features=features)
+    metrics = ctx.evaluator.measure(subject, desc=f"evaluate coreml {kind} weights read back", features=features)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-    params = sum(p.numel() for p in untied_state_dict(state.model).values())
-    kv = kv_cache_bytes(state.model.config, config.context)
+    size = sum(p.stat().st_size for package in packages for p in package.rglob("*") if p.is_file())
+    params = state.parameter_count(vision=False)
+    kv = kv_cache_bytes(state.config, config.context)
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
+    where = PACKAGE_NAME if config.chunks == 1 else f"{len(packages)} packages (embed, {config.chunks} × layers, head)"
     details = {
-        "summary": f"{folder.name}/{PACKAGE_NAME}, {size * 8 / params:.2f} bits/weight, {path_text}, "
+        "summary": f"{folder.name}/{where}, {size * 8 / params:.2f} bits/weight, {path_text}, "
                    f"{precision} compute, weights read back",
-        "bits": config.bits, "block_size": config.block_size, "context": config.context,
+        "bits": config.bits, "block_size": config.block_size, "context": config.context, "chunks": config.chunks,
+        "packages": [p.name for p in packages],
         "precision": precision, "float16_check": {**peaks, "overflow": problem},
         "linears": paths, "quantized_constants": ops.get(QUANTIZED_OP, 0),
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,
                          "total_bytes": size + kv},
-        "measured": "weights read back from the mlpackage, evaluated in torch (float32); not on-device predictions",
+        "measured": "weights read back from the mlpackage" + ("s" if config.chunks > 1 else "")
+                    + ", evaluated in torch (float32); not on-device predictions",
     }
     if vision:
         details["vision"] = vision
         details["summary"] += f" + vision.mlpackage {vision['precision']} ({vision['bytes'] / 2**20:.1f} MiB)"
+
     def kind_of(p: Path) -> tuple[str, int | None]:
-        if PACKAGE_NAME in p.parts:
-            return "Core ML mlpackage", config.bits if p.name == "weight.bin" else None
         if "vision.mlpackage" in p.parts:
             return "Core ML vision mlpackage", 16 if p.name == "weight.bin" and vision["precision"] == "float16" else None
+        if any(part.endswith(".mlpackage") for part in p.parts):
+            return "Core ML mlpackage", config.bits if p.name == "weight.bin" else None
         return "tokenizer", None
 
     artifacts = [artifact_entry(ctx.out_dir, p, *kind_of(p)) for p in files]
