@@ -30,8 +30,9 @@ SHAPE = dict(hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, nu
 TARGET_RSS = lambda float32_bytes: 0.25 * float32_bytes + 2 * 2**30  # noqa: E731 - the issue's target
 
 
-def write_checkpoint(folder: Path, seed: int = 0) -> dict:
-    """The MiniCPM4-8B-shaped bf16 checkpoint, one safetensors shard per layer (plus one for the rest)."""
+def write_checkpoint(folder: Path, seed: int = 0, layers: int | None = None) -> dict:
+    """The MiniCPM4-8B-shaped bf16 checkpoint, one safetensors shard per layer (plus one for the rest); with
+    `layers`, only that many decoder layers (same shapes)."""
     import torch
     from safetensors.torch import save_file
 
@@ -41,7 +42,7 @@ def write_checkpoint(folder: Path, seed: int = 0) -> dict:
     from minicpm_compress.state import build_skeleton
     from minicpm_compress.models.architectures import architecture_of
 
-    config = MiniCPMConfig(**SHAPE, scale_emb=12.0, scale_depth=1.4, dim_model_base=256, tie_word_embeddings=False,
+    config = MiniCPMConfig(**(SHAPE | ({"num_hidden_layers": layers} if layers else {})), scale_emb=12.0, scale_depth=1.4, dim_model_base=256, tie_word_embeddings=False,
                            max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
                            bos_token_id=1, eos_token_id=2, head_dim=128)
     if (folder / "config.json").is_file():
@@ -205,6 +206,36 @@ def run_8b(args) -> dict:
     return results
 
 
+def run_coreml(args) -> dict:
+    """Core ML in chunks at 8B shapes, on a checkpoint of the first --coreml-layers layers (one package per
+    two layers, plus the embedding and head packages at full size): seconds per layer and peak memory, which
+    does not grow with the number of layer packages."""
+    base = Path(args.dir)
+    layers = args.coreml_layers
+    ckpt = base / f"minicpm4-8b-shaped-{layers}-layers"
+    write_checkpoint(ckpt, layers=layers)
+    env = dict(os.environ, MINICPM_COMPRESS_PROGRESS="0")
+    common = ["--eval-tokens", args.eval_tokens, "--overwrite"]
+    out = base / "runs-coreml"
+    results = {"checkpoint": {"path": str(ckpt), "layers": layers, "bytes_on_disk": folder_bytes(ckpt)}}
+    steps = {
+        "rtn int4 g32 sym": cli("rtn", "--model", ckpt, "--bits", 4, "--group-size", 32, "--symmetric", *common,
+                                "--out", out / "rtn"),
+        f"export coreml int4, chunks {layers // 2}": cli("export", "coreml", "--model", out / "rtn", "--bits", 4,
+                                                         "--chunks", layers // 2, "--context", 512, *common,
+                                                         "--out", out / "coreml"),
+    }
+    for name, cmd in steps.items():
+        r = timed(cmd, env)
+        folder = Path(cmd[cmd.index("--out") + 1])
+        if r["exit_code"] == 0:
+            r["output_bytes"] = folder_bytes(folder)
+            r["stage"] = manifest_stage(folder, 1)
+        results[name] = r
+        print(json.dumps({name: r}), file=sys.stderr, flush=True)
+    return results
+
+
 def run_135m(args) -> dict:
     """rtn and eval of the built-in model with this tree and (optionally) an older one, same settings."""
     env = dict(os.environ, MINICPM_COMPRESS_PROGRESS="0")
@@ -233,14 +264,20 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], help="skip commands whose name contains one of these")
     parser.add_argument("--only-135m", action="store_true")
     parser.add_argument("--only-8b", action="store_true")
+    parser.add_argument("--only-coreml", action="store_true", help="only Core ML in chunks on an 8B-shaped slice")
+    parser.add_argument("--coreml-layers", type=int, default=4)
     parser.add_argument("--old-tree", default=None, help="a checkout of the previous version, for the 135M comparison")
     parser.add_argument("--eval-tokens-135m", type=int, default=8192)
     args = parser.parse_args()
     results = {"machine": f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"}
-    if not args.only_135m:
-        results["minicpm4-8b-shaped"] = run_8b(args)
-    if not args.only_8b:
-        results["minicpm-smollm2 (135M)"] = run_135m(args)
+    if args.only_coreml:
+        results["coreml in chunks, minicpm4-8b-shaped slice"] = run_coreml(args)
+    else:
+        if not args.only_135m:
+            results["minicpm4-8b-shaped"] = run_8b(args)
+            results["coreml in chunks, minicpm4-8b-shaped slice"] = run_coreml(args)
+        if not args.only_8b:
+            results["minicpm-smollm2 (135M)"] = run_135m(args)
     print(json.dumps(results, indent=2))
 
 

@@ -18,6 +18,8 @@ weights the packages hold. The float16 range check walks the layers too.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from ..errors import CompressError
@@ -102,7 +104,7 @@ class HeadChunk(torch.nn.Module):
         self.norm, self.head = norm, head
 
     def forward(self, hidden):
-        return self.head(self.norm(hidden))
+        return self.head(self.norm(hidden).to(self.head.weight.dtype))
 
 
 def streamed_peaks(state, samples: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
@@ -163,11 +165,12 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
                      precision, weights, folder / f"layers-{k}.mlpackage",
                      f"{c.model_type} decoder layers {layers.start}-{layers.stop - 1} of {state.num_layers}",
                      {**base, "layers": f"{layers.start}-{layers.stop - 1}", "chunk": f"{k + 1} of {len(groups)}"})
+        gc.collect()  # the converter's copies of this package's weights go before the next one's are made
 
     embed_name, head_name = "model.embed_tokens", "lm_head"
-    with state.modules(embed_name, "model.norm", head_name) as model:
+    emb_weights, head_weights = {}, {}
+    with state.modules(embed_name) as model:  # embedding and head one after the other: each is vocab × hidden
         table = model.get_submodule(embed_name).weight
-        emb_weights = {}
         if config.embeddings == "int8":
             emb_weights[embed_name] = (table, quantize(table, int8))
             paths["embedding int8 per row"] = 1
@@ -177,15 +180,25 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
             inputs += [ct.TensorType(name="image_embeds", shape=(1, seq, width), dtype=np.float16),
                        ct.TensorType(name="image_mask", shape=(1, seq, 1), dtype=np.float16)]
             example += (torch.zeros(1, 4, width), torch.zeros(1, 4, 1))
-        _convert(EmbedChunk(model.get_submodule(embed_name), embed_scale, images).eval(), example, inputs, [],
+        embed = model.get_submodule(embed_name)
+        if emb_weights:  # the table is replaced by its int8 constant: trace it in float16 (half the converter's copies)
+            embed.half()
+            example = tuple(x.half() if x.is_floating_point() else x for x in example)
+        _convert(EmbedChunk(embed, embed_scale, images).eval(), example, inputs, [],
                  [ct.TensorType(name="hidden_out")], precision, emb_weights, folder / "embed.mlpackage",
                  f"{c.model_type} token embedding", base)
+    emb_weights = {name: (None, q) for name, (_, q) in emb_weights.items()}  # release the float table
+    gc.collect()
+    with state.modules("model.norm", head_name) as model:
         head = model.get_submodule(head_name)
-        head_weights = {}
         if config.embeddings == "int8":
             head_weights[head_name] = (head.weight, emb_weights[embed_name][1] if state.tied else quantize(head.weight, int8))
         logits = ct.TensorType(name="logits", dtype=np.float16 if precision == "float16" else np.float32)
-        _convert(HeadChunk(model.model.norm, head).eval(), (torch.zeros(1, 4, width),), [hidden_in], [], [logits],
+        example = (torch.zeros(1, 4, width),)
+        if head_weights:  # as the embedding: the float table only has to be found, then it is replaced
+            head.half()
+            example = (example[0].half(),)
+        _convert(HeadChunk(model.model.norm, head).eval(), example, [hidden_in], [], [logits],
                  precision, head_weights, folder / "head.mlpackage", f"{c.model_type} final norm and output head", base)
     for name, (_, q) in {**emb_weights, **head_weights}.items():
         read_back_tensors[name] = q
@@ -193,29 +206,29 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
 
 
 def read_back_chunks(folder, quantized: dict, embeddings: dict, tied: bool) -> tuple[dict, dict[str, int]]:
-    """Check every package's quantized constants against our weights; return the float tensors read back for
-    the embedding / head (state names) and the op counts over all packages."""
-    stored, ops = {}, {}
+    """Check every package's quantized constants against our weights, one package at a time; return the
+    float tensors read back for the embedding / head (state names) and the op counts over all packages."""
+    expected = {constant_name(name): (name, q) for name, q in {**quantized, **embeddings}.items()}
+    seen, tensors, ops = set(), {}, {}
     for package in sorted(folder.glob("*.mlpackage")):
+        if package.name == "vision.mlpackage":
+            continue
         found, counts = read_back_weights(package)
-        stored.update({(package.name, n): w for n, w in found.items()})
         for op, n in counts.items():
             ops[op] = ops.get(op, 0) + n
-    by_name = {}
-    for (package, name), weight in stored.items():
-        by_name.setdefault(name, []).append((package, weight))
-    for name, q in {**quantized, **embeddings}.items():
-        copies = by_name.get(constant_name(name))
-        if not copies:
-            raise CompressError(f"coreml: no package in {folder.name} holds the quantized weight of '{name}'")
-        for package, weight in copies:
+        for constant, weight in found.items():
+            if constant not in expected:
+                continue
+            name, q = expected[constant]
             if not torch.equal(weight, q.dequantize()):
-                raise CompressError(f"coreml: weight of '{name}' read back from {package} differs from the one written")
-    tensors = {}
-    if "model.embed_tokens" in embeddings:
-        tensors["model.embed_tokens.weight"] = by_name[constant_name("model.embed_tokens")][0][1]
-    if "lm_head" in embeddings and not tied:
-        tensors["lm_head.weight"] = by_name[constant_name("lm_head")][0][1]
+                raise CompressError(f"coreml: weight of '{name}' read back from {package.name} differs from the one written")
+            seen.add(name)
+            if name == "model.embed_tokens" or (name == "lm_head" and not tied):
+                tensors[f"{name}.weight"] = weight
+        del found
+    missing = sorted((set(quantized) | set(embeddings)) - seen)
+    if missing:
+        raise CompressError(f"coreml: no package in {folder.name} holds the quantized weight of '{missing[0]}'")
     return tensors, ops
 
 
