@@ -45,8 +45,9 @@ class Evaluator:
     def measure(self, subject, desc: str = "evaluate", features: list[torch.Tensor] | None = None) -> Metrics:
         """Metrics of a runner, a module, or a ModelState as deployed (quantized linears dequantized).
 
-        MiniCPM-V: a module runs on `features` (per window, e.g. from an exported vision encoder read back)
-        when given, else on the reference's image features."""
+        MiniCPM-V: the subject runs on `features` (per window, e.g. from an exported vision encoder read
+        back) when given; else a state on its own vision half's, a module or runtime on the reference's (a
+        runtime with its own vision reports their cosine as `image_cosine`)."""
         from ..state import ModelState
 
         windows, cosine = self.windows, None
