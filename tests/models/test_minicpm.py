@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from minicpm_compress.models.builtin import minicpm_from_llama
@@ -63,3 +64,18 @@ def test_builtin_minicpm_equals_smollm2_within_1e4(smollm2_path, minicpm_path, t
         a, b = llama(ids).logits, minicpm(ids).logits
     assert (a - b).abs().max().item() <= 1e-4
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "minicpm"])
+def test_widened_model_computes_the_same_logits(model_type):
+    """minicpmv-smollm2's LLM is minicpm-smollm2 widened: zero channels, rescaled norms, repeated KV heads."""
+    from minicpm_compress.models.builtin_vlm import widen
+
+    model = tiny_model(model_type)  # hidden 64, 4 heads of 16, 2 KV heads
+    wide = widen(model, 128)
+    assert wide.config.hidden_size == 128 and wide.config.num_attention_heads == 8 == wide.config.num_key_value_heads
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot widen"):
+        widen(model, 120)
