@@ -82,7 +82,7 @@ def vlm_tokenizer(tokenizer):
     return tok
 
 
-def write_tiny_vlm(folder, version: str, tokenizer, use_image_id: bool = True):
+def write_tiny_vlm(folder, version: str, tokenizer, use_image_id: bool = True, max_slice_nums: int = 4):
     """A MiniCPM-V checkpoint folder with tiny random weights under the real names (`llm.*`, `vpm.*`, `resampler.*`)."""
     import json
 
@@ -95,12 +95,13 @@ def write_tiny_vlm(folder, version: str, tokenizer, use_image_id: bool = True):
     llm = tiny_model(llm_type, vocab_size=len(tokenizer), hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=64, intermediate_size=256, tie_word_embeddings=version == "4.0")
     vision_config = VisionConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2)
-    settings = VLMSettings(version=version, vision=vision_config, query_num=16, scale_resolution=112, max_slice_nums=4,
+    settings = VLMSettings(version=version, vision=vision_config, query_num=16, scale_resolution=112,
+                           max_slice_nums=max_slice_nums,
                            use_image_id=use_image_id, llm_width=128)
     vision = seeded_vision(settings, 1, 1.0)
     config = config_dict(llm.config)
     config.update(model_type="minicpmv", version=float(version), query_num=16, image_size=112, patch_size=14,
-                  slice_mode=True, slice_config={"max_slice_nums": 4}, use_image_id=use_image_id,
+                  slice_mode=True, slice_config={"max_slice_nums": max_slice_nums}, use_image_id=use_image_id,
                   vision_config={"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
                                  "num_attention_heads": 2, "image_size": 980, "patch_size": 14, "model_type": "siglip"},
                   architectures=["MiniCPMV"])

@@ -2,7 +2,7 @@
 
 Architectures: `llama` for Llama/Mistral-shaped models, `minicpm` for MiniCPM (with the three muP keys
 `minicpm.embedding_scale`, `.residual_scale`, `.logit_scale`; without them llama.cpp silently applies a
-wrong default). Tied embeddings are written once (no `output.weight`); q/k rows are permuted the way
+wrong default), `qwen2` / `qwen3` for Qwen (rope on halves: their q/k rows are not permuted). Tied embeddings are written once (no `output.weight`); q/k rows are permuted the way
 llama.cpp's rope expects; the tokenizer (byte-level BPE from tokenizer.json, or SentencePiece from
 tokenizer.model as MiniCPM's own tokenizers use) and the chat template go into the metadata.
 
@@ -203,10 +203,11 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     from ..models.minicpm import mup_scales
 
     c = state.config
-    if c.model_type not in ("llama", "mistral", "minicpm"):
-        raise CompressError(f"gguf: model_type '{c.model_type}' is not supported yet (llama, mistral, minicpm)")
-    arch = "minicpm" if c.model_type == "minicpm" else "llama"
-    arch_id = gguf.MODEL_ARCH.MINICPM if arch == "minicpm" else gguf.MODEL_ARCH.LLAMA
+    arch = {"llama": "llama", "mistral": "llama", "minicpm": "minicpm", "qwen2": "qwen2", "qwen3": "qwen3"}.get(c.model_type)
+    if arch is None:
+        raise CompressError(f"gguf: model_type '{c.model_type}' is not supported yet (llama, mistral, minicpm, qwen2, qwen3)")
+    arch_id = getattr(gguf.MODEL_ARCH, arch.upper())
+    neox = arch in ("qwen2", "qwen3")  # llama.cpp runs their rope on halves: q/k rows stay as they are
     names = gguf.get_tensor_name_map(arch_id, c.num_hidden_layers)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
@@ -279,7 +280,7 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for key, gguf_name, how, target, shape in plan:
-        heads = c.num_attention_heads if key.endswith("q_proj.weight") else (
+        heads = None if neox else c.num_attention_heads if key.endswith("q_proj.weight") else (
             c.num_key_value_heads if key.endswith("k_proj.weight") else None)
         index = rope_permutation(shape[0], heads) if heads else None
         if how == "extra":

@@ -223,3 +223,33 @@ def test_longrope_with_an_attention_factor_is_refused(tmp_path, tokenizer):
     with pytest.raises(CompressError, match="attention factor"):
         write_gguf(ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny")), tmp_path / "m.gguf", "F32")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_files_compute_in_llama_cpp_like_in_torch(model_type, tmp_path, tokenizer):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): llama.cpp's qwen2 / qwen3 archs, rope on halves (no q/k
+    row permutation)."""
+    from minicpm_compress.export.gguf import LlamaCppRunner
+
+    model = tiny_model(model_type)
+    extra = {n: p for n, p in model.named_parameters() if n.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight"))}
+    assert extra  # q/k/v biases (Qwen2) or q/k norms (Qwen3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in extra.items():  # away from their defaults, so the file must carry them
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if n.endswith("norm.weight") else 0.0))
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    write_gguf(state, tmp_path / "q.gguf", "F32")
+    ids = torch.tensor([tokenizer("It is a truth universally acknowledged, that a single man")["input_ids"]])
+    runner = LlamaCppRunner(tmp_path / "q.gguf", ids.shape[1])
+    try:
+        ours = runner.logits(ids)
+    finally:
+        runner.close()
+    with torch.no_grad():
+        theirs = model(ids).logits
+        for n, p in extra.items():  # at their defaults the logits differ, so the match means something
+            p.fill_(1.0 if n.endswith("norm.weight") else 0.0)
+        changed = model(ids).logits
+    assert (ours - theirs).abs().max().item() < 2e-2
+    assert (changed - theirs).abs().max().item() > 0.1
