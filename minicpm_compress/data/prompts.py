@@ -13,10 +13,9 @@ VLM is measured on the same held-out text as the LLM alone.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
-
-import hashlib
 
 import numpy as np
 import torch
