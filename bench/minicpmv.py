@@ -42,8 +42,9 @@ def main() -> None:
     from minicpm_compress.data.prompts import image_prompts
     from minicpm_compress.data.textsets import evaluation_windows
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.export.mmproj import MtmdRunner, embedding_scale
+    from minicpm_compress.export.mmproj import MtmdRunner
     from minicpm_compress.export.onnx_vision import OnnxVisionRunner
+    from minicpm_compress.models.minicpm import input_scale
     from minicpm_compress.models.source import resolve_model
     from minicpm_compress.pipeline import run_recipe
     from minicpm_compress.recipe import build_recipe
@@ -85,7 +86,7 @@ def main() -> None:
                                                   read_images(data.evaluation_images), windows))
     gated = Evaluator.against(state.evaluated_model(), prompts)
     agreement = {}
-    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", data.eval_window, embedding_scale(state))
+    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", data.eval_window, input_scale(state.config))
     try:
         m = gated.measure(llama)
         agreement["llama.cpp GGUF Q4_0 (AWQ codes copied) + mmproj F16"] = {"kld": m.kld, "top1": m.top1,

@@ -183,8 +183,9 @@ def test_minicpmv_recipe_end_to_end(tmp_path):
     from minicpm_compress.data.images import read_images
     from minicpm_compress.data.prompts import image_prompts
     from minicpm_compress.data.textsets import evaluation_windows
-    from minicpm_compress.export.mmproj import MtmdRunner, embedding_scale
+    from minicpm_compress.export.mmproj import MtmdRunner
     from minicpm_compress.export.onnx_vision import OnnxVisionRunner
+    from minicpm_compress.models.minicpm import input_scale
     from minicpm_compress.models.source import resolve_model
     from minicpm_compress.state import ModelState
 
@@ -213,7 +214,7 @@ def test_minicpmv_recipe_end_to_end(tmp_path):
                                                   read_images("skimage-heldout")[:1], windows[:1]))
     expected = torch_greedy(state.evaluated_model(), prompts, 8)
     assert OnnxVisionRunner(out / "onnx-int4", state).generate(prompts, 0, 8) == expected
-    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", 512, embedding_scale(state))
+    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", 512, input_scale(state.config))
     try:
         assert llama.generate(prompts, 0, 8) == expected
     finally:

@@ -503,9 +503,9 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
                             "beyond the float16 KV-cache state")
     embed_scale = None
     if state.vision is not None:
-        from .onnx_vision import embedding_scale
+        from ..models.minicpm import input_scale
 
-        embed_scale = embedding_scale(state.config)
+        embed_scale = input_scale(state.config)
     if config.chunks == 1:
         weights, paths = write_coreml(state, folder, config, precision, embed_scale)
         package = folder / PACKAGE_NAME

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import CompressError
-from ..models.minicpm import mup_scales
+from ..models.minicpm import input_scale
 from ..models.minicpmv import sincos_2d
 
 MMPROJ_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
@@ -82,10 +82,6 @@ def _mmproj_tensors(vision, scale_emb: float):
     yield "resampler.proj.weight", (t("resampler.proj") / scale_emb).T.contiguous(), True
 
 
-def embedding_scale(state) -> float:
-    return mup_scales(state.config)[0] if state.config.model_type == "minicpm" else 1.0
-
-
 def write_mmproj(state, path: Path, type_name: str = "F16") -> dict:
     """Write the vision half of a MiniCPM-V `state` as an mmproj GGUF; return tensor counts per stored type."""
     import gguf
@@ -117,7 +113,7 @@ def write_mmproj(state, path: Path, type_name: str = "F16") -> dict:
 
     counts: dict[str, int] = {}
     block = 32
-    for name, array, matmul in _mmproj_tensors(state.vision, embedding_scale(state)):
+    for name, array, matmul in _mmproj_tensors(state.vision, input_scale(state.config)):
         a = array.numpy().astype(np.float32)
         if matmul and type_name not in ("F32", "F16") and a.shape[-1] % block == 0:
             stored = type_name

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import CompressError
-from ..models.minicpm import mup_scales
+from ..models.minicpm import input_scale
 from ..models.minicpmv import patch_positions, sincos_2d
 
 VISION_NAME = "vision.onnx"
@@ -51,10 +51,6 @@ class _EmbeddingGraph(torch.nn.Module):
         index = (torch.cumsum(mask.reshape(-1).to(torch.int64), 0) - 1).clamp(min=0)
         picked = image_features.index_select(0, index.clamp(max=image_features.shape[0] - 1)).reshape(embeds.shape)
         return torch.where(mask.unsqueeze(-1), picked, embeds)
-
-
-def embedding_scale(config) -> float:
-    return mup_scales(config)[0] if config.model_type == "minicpm" else 1.0
 
 
 def placeholder_id(tokenizer) -> int:
@@ -95,7 +91,7 @@ def write_vision_graphs(state, folder: Path, int8: bool = False) -> None:
         for leftover in folder.glob(f".{VISION_NAME}*"):
             leftover.unlink()
     embed = state.tensor("model.embed_tokens.weight")
-    module = _EmbeddingGraph(embed, embedding_scale(state.config), placeholder_id(state.tokenizer))
+    module = _EmbeddingGraph(embed, input_scale(state.config), placeholder_id(state.tokenizer))
     _export(module, (torch.zeros(2, 5, dtype=torch.long), torch.zeros(3, embed.shape[1])), folder / EMBEDDING_NAME,
             ["input_ids", "image_features"], ["inputs_embeds"], ({0: dyn, 1: dyn}, {0: dyn}))
 

@@ -42,6 +42,12 @@ class MiniCPMConfig(LlamaConfig):
         super().__init__(**kwargs)
 
 
+def input_scale(config) -> float:
+    """What a model multiplies its token embeddings by before the first layer: MiniCPM's scale_emb, else 1
+    (MiniCPM-V's image rows enter after it, unscaled)."""
+    return mup_scales(config)[0] if config.model_type == "minicpm" else 1.0
+
+
 def mup_scales(config) -> tuple[float, float, float]:
     """(embedding scale, residual-branch scale, logit divisor) of a MiniCPM config; (1, 1, 1) if muP is off."""
     if not getattr(config, "use_mup", True):
