@@ -183,6 +183,16 @@ def test_sentencepiece_minicpm_tokenizes_and_computes_like_torch_in_llama_cpp(tm
     assert (ours - theirs).abs().max().item() < 1e-2
 
 
+def llama_cpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    from minicpm_compress.export.gguf import LlamaCppRunner
+
+    runner = LlamaCppRunner(path, ids.shape[1])
+    try:
+        return runner.logits(ids)
+    finally:
+        runner.close()
+
+
 LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 1024,
             "long_factor": [1.0 + 0.37 * i for i in range(8)], "short_factor": [1.0 + 0.21 * i for i in range(8)]}
 
@@ -191,8 +201,6 @@ def test_minicpm4_longrope_and_untied_head_compute_in_llama_cpp_like_in_torch(tm
     """MiniCPM4's fields: LongRoPE (factors as rope_factors_* tensors), an untied lm_head, a vocabulary
     larger than the tokenizer's."""
     from gguf import GGUFReader
-
-    from minicpm_compress.export.gguf import LlamaCppRunner
 
     model = tiny_model("minicpm", rope_scaling=LONGROPE, max_position_embeddings=1024, tie_word_embeddings=False,
                        vocab_size=49152 + 64)
@@ -203,11 +211,7 @@ def test_minicpm4_longrope_and_untied_head_compute_in_llama_cpp_like_in_torch(tm
     assert np.allclose(tensors["rope_factors_short.weight"].data, LONGROPE["short_factor"])
     assert "output.weight" in tensors
     ids = torch.tensor([tokenizer("It is a truth universally acknowledged, that a single man")["input_ids"]])
-    runner = LlamaCppRunner(tmp_path / "m.gguf", ids.shape[1])
-    try:
-        ours = runner.logits(ids)
-    finally:
-        runner.close()
+    ours = llama_cpp_logits(tmp_path / "m.gguf", ids)
     with torch.no_grad():
         theirs = model(ids).logits
         plain = tiny_model("minicpm", max_position_embeddings=1024, tie_word_embeddings=False,
@@ -229,8 +233,6 @@ def test_longrope_with_an_attention_factor_is_refused(tmp_path, tokenizer):
 def test_qwen_files_compute_in_llama_cpp_like_in_torch(model_type, tmp_path, tokenizer):
     """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): llama.cpp's qwen2 / qwen3 archs, rope on halves (no q/k
     row permutation)."""
-    from minicpm_compress.export.gguf import LlamaCppRunner
-
     model = tiny_model(model_type)
     extra = {n: p for n, p in model.named_parameters() if n.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight"))}
     assert extra  # q/k/v biases (Qwen2) or q/k norms (Qwen3)
@@ -241,11 +243,7 @@ def test_qwen_files_compute_in_llama_cpp_like_in_torch(model_type, tmp_path, tok
     state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     write_gguf(state, tmp_path / "q.gguf", "F32")
     ids = torch.tensor([tokenizer("It is a truth universally acknowledged, that a single man")["input_ids"]])
-    runner = LlamaCppRunner(tmp_path / "q.gguf", ids.shape[1])
-    try:
-        ours = runner.logits(ids)
-    finally:
-        runner.close()
+    ours = llama_cpp_logits(tmp_path / "q.gguf", ids)
     with torch.no_grad():
         theirs = model(ids).logits
         for n, p in extra.items():  # at their defaults the logits differ, so the match means something
