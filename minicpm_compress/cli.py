@@ -196,24 +196,60 @@ def rtn(**options):
     _run(build_recipe(**_recipe_fields("rtn", "rtn", settings, options)), options["out"], options["overwrite"])
 
 
+def _calibrated_options(command):
+    options = [
+        _calibration_option,
+        click.option("--calibration-samples", type=int, default=None, help="samples of 512 tokens (default 128)"),
+        click.option("--int8-linears", type=int, default=0, show_default=True,
+                     help="keep the N most sensitive linears at int8"),
+        click.option("--target-bits", type=float, default=None,
+                     help="average bits/weight of the decoder linears: keep the linears int8 most improves at int8 "
+                          "until it is reached (e.g. 4.5)"),
+        click.option("--no-clip", is_flag=True, help="skip the clipping search"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _calibrated_run(name: str, stages: list[tuple[str, dict]], options: dict) -> None:
+    """Run `stages` (the last one gated) after loading, with the calibration options applied to each."""
+    from .recipe import build_recipe
+
+    scheme = _scheme_settings(options)
+    budget = {"int8_linears": options.pop("int8_linears"), "target_bits": options.pop("target_bits")}
+    clip = not options.pop("no_clip")
+    fields = _recipe_fields(name, stages[-1][0], {**scheme, **budget, "clip": clip, **stages[-1][1]}, options)
+    fields["stages"][1:1] = [{stage: {**scheme, "clip": clip, **settings}} for stage, settings in stages[:-1]]
+    fields = _calibrated(fields, options["calibration"])
+    if options["calibration_samples"] is not None:
+        fields["data"]["calibration_samples"] = options["calibration_samples"]
+    _run(build_recipe(**fields), options["out"], options["overwrite"])
+
+
 @main.command()
 @_model_options
 @_scheme_options
-@_calibration_option
-@click.option("--calibration-samples", type=int, default=None, help="samples of 512 tokens (default 128)")
-@click.option("--int8-linears", type=int, default=0, show_default=True,
-              help="keep the N most sensitive linears at int8")
-@click.option("--no-clip", is_flag=True, help="skip the clipping search")
+@_calibrated_options
 @_reports_errors
-def awq(calibration, calibration_samples, int8_linears, no_clip, **options):
+def awq(**options):
     """Activation-aware weight quantization (scale search, clip search) on calibration text."""
-    from .recipe import build_recipe
+    _calibrated_run("awq", [("awq", {})], options)
 
-    settings = {**_scheme_settings(options), "int8_linears": int8_linears, "clip": not no_clip}
-    fields = _calibrated(_recipe_fields("awq", "awq", settings, options), calibration)
-    if calibration_samples is not None:
-        fields["data"]["calibration_samples"] = calibration_samples
-    _run(build_recipe(**fields), options["out"], options["overwrite"])
+
+@main.command()
+@_model_options
+@_scheme_options
+@_calibrated_options
+@click.option("--act-order", is_flag=True, help="quantize columns in decreasing order of activation energy")
+@click.option("--block-size", type=int, default=128, show_default=True, help="columns per lazy-batch block")
+@click.option("--dampening", type=float, default=0.01, show_default=True, help="fraction of mean(diag H) added")
+@click.option("--awq", "after_awq", is_flag=True, help="run AWQ's scale search first, then GPTQ on the scaled weights")
+@_reports_errors
+def gptq(act_order, block_size, dampening, after_awq, **options):
+    """GPTQ: error-feedback quantization from calibration statistics (optionally after AWQ's scaling)."""
+    settings = {"act_order": act_order, "block_size": block_size, "dampening": dampening}
+    _calibrated_run("awq-gptq" if after_awq else "gptq", [("awq", {})] * after_awq + [("gptq", settings)], options)
 
 
 def _training_options(command):

@@ -252,15 +252,17 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         shape = state.weights.shape(key)
         linear = key.removesuffix(".weight")
         q = state.qweights.get(linear)
-        if q is not None and is_lossless(q, file_type):
-            plan.append((key, gguf_name, "lossless", file_type, shape))
+        # linears a bit budget kept at int8 stay 8-bit (Q8_0) in a lower-bit file
+        own = "Q8_0" if q is not None and q.scheme.bits == 8 and quantized_type else file_type
+        if q is not None and is_lossless(q, own):
+            plan.append((key, gguf_name, "lossless", own, shape))
             paths["lossless"] += 1
             continue
         if len(shape) == 1:
             plan.append((key, gguf_name, "norm", "F32", shape))  # norms stay F32
             continue
         is_linear = linear in state.qweights or key.endswith("_proj.weight")
-        target = file_type if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
+        target = own if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
         if is_linear:
             paths["requantized" if quantized_type else "float"] += 1
         if target not in ("F32", "F16") and shape[1] % 32:

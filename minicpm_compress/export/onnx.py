@@ -326,7 +326,7 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
     if config.matmul_nbits:
         scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
         weights, paths = export_weights(
-            state, scheme, lambda q: q.scheme.bits == config.bits and fits_matmul_nbits(q, config.block_size))
+            state, scheme, lambda q: q.scheme.bits >= config.bits and fits_matmul_nbits(q, config.block_size))
         write_graph(state, folder, weights, config.block_size, config.accuracy_level, embeds)
     elif config.bits == 32:
         write_graph(state, folder, {}, config.block_size, embeds=embeds)

@@ -26,29 +26,23 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..errors import CompressError
 from ..layerwise import InputStatistics, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .budget import BudgetConfig, apply_budget, int8_error
 from .qweight import QuantScheme, QuantizedWeight, group_view, quantize
 
 
-class AWQConfig(QuantScheme, StageConfig):
+class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
     grid: int = Field(20, ge=1, description="scale exponents tried per group (the identity is always tried too)")
     clip: bool = Field(True, description="search a clipping ratio per output channel and group")
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1, description="clip search goes down to (1 - max_shrink) of the range")
-    int8_linears: int = Field(0, ge=0, description="keep the N linears with the largest int4 output error at int8")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward")
-
-    @model_validator(mode="after")
-    def _int8_needs_int4(self):
-        if self.int8_linears and self.bits != 4:
-            raise ValueError("int8_linears (mixed precision) applies to bits: 4 only")
-        return self
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -173,7 +167,7 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         alphas.append(alpha)
         gains.append(gain)
 
-    qweights, errors = {}, {}
+    qweights, errors, errors8 = {}, {}, {}
     for name in arch.linears:
         linear = layer.get_submodule(name)
         weight = linear.weight.detach()
@@ -185,15 +179,17 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         qweights[f"{prefix}.{name}"] = q.to("cpu")
         reference = output_error(weight, gram).item()
         errors[f"{prefix}.{name}"] = output_error(weight - q.dequantize(), gram).item() / max(reference, 1e-30)
+        if config.budgeted:
+            errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
         del gram
-    return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors}
+    return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors, "errors8": errors8}
 
 
 def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: QuantScheme):
     """AWQ over every decoder layer, one at a time; the folds are recorded in `state.weights`."""
     firsts = [g.linears[0] for g in arch.scaling_groups]  # one input statistic per distinct input
     inputs = state_layer_inputs(state, samples, config.batch_size)
-    qweights, summary = {}, {"alphas": [], "gains": [], "skipped": set(), "errors": {}}
+    qweights, summary = {}, {"alphas": [], "gains": [], "skipped": set(), "errors": {}, "errors8": {}}
     for index in progress(range(state.num_layers), desc="awq", total=state.num_layers, unit="layer"):
         with state.layer(index) as layer:
             stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
@@ -207,6 +203,7 @@ def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: Q
         summary["gains"] += layer_summary["gains"]
         summary["skipped"].update(layer_summary["skipped"])
         summary["errors"].update(layer_summary["errors"])
+        summary["errors8"].update(layer_summary["errors8"])
         inputs = outputs
         del stats
     return qweights, summary
@@ -219,24 +216,21 @@ def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
     arch = state.arch
     with state.computing_in(torch.float32):  # the search is float32 whatever the compute dtype
         qweights, summary = _awq_layers(state, samples, arch, config, scheme)
-    alphas, gains, skipped, errors = summary["alphas"], summary["gains"], summary["skipped"], summary["errors"]
+    alphas, gains, skipped = summary["alphas"], summary["gains"], summary["skipped"]
     state.weights_changed()
-
-    int8 = sorted(errors, key=errors.get, reverse=True)[: config.int8_linears]
-    for name in int8:
-        qweights[name] = quantize(state.tensor(f"{name}.weight"), scheme.model_copy(update={"bits": 8}))
     if not qweights:
         raise CompressError("awq: the model has no decoder linears to quantize")
+    mixed = apply_budget(qweights, state, config, scheme, summary["errors"], summary["errors8"])
     state.qweights = qweights
     details = {
-        "scheme": scheme.describe() + (f", {len(int8)} linears int8" if int8 else ""),
+        "scheme": scheme.describe() + (f", {len(mixed['int8_linears'])} linears int8" if mixed["int8_linears"] else ""),
         "calibration_tokens": samples.numel(),
         "scaling_groups": len(alphas),
         "skipped_groups": sorted(skipped),
         "mean_alpha": round(sum(a for a in alphas if a >= 0) / max(1, sum(a >= 0 for a in alphas)), 4),
         "identity_chosen": sum(a < 0 for a in alphas),
         "mean_error_reduction": round(sum(gains) / max(1, len(gains)), 4),
-        "int8_linears": int8,
         "quantized_linears": len(qweights),
+        **mixed,
     }
     return StageOutcome(state, details=details)

@@ -105,12 +105,8 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         codes = self.codes.to(torch.float32)
         scales = per_column(self.scales, self.group_size, codes.shape[1])
-        if self.scheme.symmetric:
-            return codes * scales
-        zeros = per_column(self.zeros, self.group_size, codes.shape[1])
-        if self.scheme.zero_point == "float":
-            return codes * scales + zeros
-        return (codes - zeros) * scales
+        zeros = None if self.scheme.symmetric else per_column(self.zeros, self.group_size, codes.shape[1])
+        return code_values(codes, scales, zeros, self.scheme)
 
 
 def pack_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -155,13 +151,20 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
 
     `clip` ([out, n_groups] or broadcastable, values in (0, 1]) shrinks each group's range before the
     scale is chosen; activation-aware methods search it. This is the project's only quantizer: it
-    chooses scales (and zero points) from each group's range, then `encode` rounds.
+    chooses scales (and zero points) from each group's range (`group_params`), then `encode` rounds.
     """
     w = weight.detach().to(torch.float32)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    group = scheme.group_size or w.shape[1]
-    g = group_view(w, group)
+    return encode(w, *group_params(w, scheme, clip), scheme)
+
+
+def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per (output row, group): the scale [out, n_groups] (float16-exact) and zero point (uint8 or float16-exact
+    float offset; None if symmetric) that map the group's range, shrunk by `clip`, onto the code range."""
+    w = weight.detach().to(torch.float32)
+    g = group_view(w, scheme.group_size or w.shape[1])
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
     if scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
@@ -175,7 +178,7 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
             zeros = torch.clamp(torch.round(-lo / scales), 0, qmax).squeeze(2).to(torch.uint8)
         else:
             zeros = _f16(lo).squeeze(2)
-    return encode(w, scales.squeeze(2).contiguous(), zeros, scheme)
+    return scales.squeeze(2).contiguous(), zeros
 
 
 def code_range(scheme: QuantScheme) -> tuple[int, int]:
@@ -206,14 +209,29 @@ def fake_quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     bit for bit: both evaluate the same float32 expression.
     """
     group, cols = scheme.group_size or weight.shape[1], weight.shape[1]
-    lo, hi = code_range(scheme)
     s = per_column(scales, group, cols)
+    z = None if scheme.symmetric else per_column(zeros, group, cols)
+    return code_values(round_codes(weight, s, z, scheme, _RoundSTE.apply), s, z, scheme)
+
+
+def round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme,
+                rounding=torch.round) -> torch.Tensor:
+    """Codes (as float32) of weights `w` under scales `s` and zero points `z` of the same shape."""
+    lo, hi = code_range(scheme)
     if scheme.symmetric:
-        return torch.clamp(_RoundSTE.apply(weight / s), lo, hi) * s
-    z = per_column(zeros, group, cols)
+        return torch.clamp(rounding(w / s), lo, hi)
     if scheme.zero_point == "float":
-        return torch.clamp(_RoundSTE.apply((weight - z) / s), lo, hi) * s + z
-    return (torch.clamp(_RoundSTE.apply(weight / s) + z, lo, hi) - z) * s
+        return torch.clamp(rounding((w - z) / s), lo, hi)
+    return torch.clamp(rounding(w / s) + z, lo, hi)
+
+
+def code_values(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """The weights that float32 `codes` stand for under scales `s` and zero points `z` of the same shape."""
+    if scheme.symmetric:
+        return codes * s
+    if scheme.zero_point == "float":
+        return codes * s + z
+    return (codes - z) * s
 
 
 def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -221,14 +239,9 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
     """The codes of `weight` [out, in] under given scales [out, n_groups] (and zero points)."""
     w = weight.detach().to(torch.float32)
     group, cols = scheme.group_size or w.shape[1], w.shape[1]
-    lo, hi = code_range(scheme)
     s = per_column(scales, group, cols)
-    if scheme.symmetric:
-        codes = torch.clamp(torch.round(w / s), lo, hi).to(torch.int8)
-    else:
-        z = per_column(zeros, group, cols)
-        x = torch.round((w - z) / s) if scheme.zero_point == "float" else torch.round(w / s) + z
-        codes = torch.clamp(x, lo, hi).to(torch.uint8)
+    z = None if scheme.symmetric else per_column(zeros, group, cols)
+    codes = round_codes(w, s, z, scheme).to(torch.int8 if scheme.symmetric else torch.uint8)
     return QuantizedWeight(codes.contiguous(), scales.to(torch.float32), zeros, scheme)
 
 

@@ -107,7 +107,7 @@ def register_stage(name: str, config_class: type[StageConfig], summary: str, tra
 
 # Built-in stages register themselves on import.
 from . import load, evaluate  # noqa: E402,F401
-from ..quant import awq, qat, rtn  # noqa: E402,F401
+from ..quant import awq, gptq, qat, rtn  # noqa: E402,F401
 from ..export import coreml, gguf, hf_awq, onnx  # noqa: E402,F401
 from ..prune import stage as prune_stage  # noqa: E402,F401
 from ..train import heal  # noqa: E402,F401

@@ -1,0 +1,175 @@
+"""The `gptq` stage: GPTQ (Frantar et al., ICLR 2023), error-feedback quantization from second-order statistics.
+
+For each linear, with H = XᵀX over its calibration inputs (the Gram matrix AWQ accumulates too; GPTQ's
+2XᵀX differs by a factor that cancels), the columns are quantized one at a time and each column's
+rounding error is spread onto the columns not yet quantized, in the proportions that minimise the
+layer's output error tr(ΔHΔᵀ):
+
+    H ← H + λ·mean(diag H)·I            (dampening)
+    U = chol(H⁻¹)ᵀ                      (upper Cholesky factor of the inverse)
+    for column j:  q_j = Q(w_j);  e = (w_j − q_j) / U_jj;  w_k −= e·U_jk  for k > j
+
+applied in blocks of columns, with the updates to later blocks batched (the "lazy batch" of the paper).
+Group scales and zero points are chosen from the updated weights when the sweep reaches a group's first
+column, by the project's one quantizer (`group_params`), optionally with a clipping ratio searched on
+the group's block of H (AWQ's clip search). With `act_order` the columns are visited in decreasing
+order of diag(H) and the groups are static (chosen from the weight before the sweep), so the result is
+the plain grouped layout every exporter reads: codes, scales and zero points as `quantize` would store.
+
+Layer by layer: the Gram matrices of a layer are gathered from its inputs, which are the outputs of the
+already quantized layers before it (as in GPTQ), then its linears are quantized and the quantized layer
+produces the next layer's inputs. After an `awq` stage this runs on the AWQ-scaled weights: AWQ's scales
+stay folded, GPTQ's error feedback replaces its round-to-nearest codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from ..errors import CompressError
+from ..layerwise import InputStatistics, run_layer, state_layer_inputs
+from ..models.architectures import layer_prefix
+from ..progress import progress
+from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .awq import output_error, search_clip
+from .budget import BudgetConfig, apply_budget, int8_error
+from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, round_codes
+
+
+class GPTQConfig(QuantScheme, BudgetConfig, StageConfig):
+    block_size: int = Field(128, ge=1, description="columns per lazy-batch block (rounded up to whole groups)")
+    dampening: float = Field(0.01, gt=0, le=1, description="λ: fraction of mean(diag H) added to the diagonal")
+    act_order: bool = Field(False, description="quantize columns in decreasing order of diag(H); groups static")
+    clip: bool = Field(True, description="search a clipping ratio per group on H's diagonal block (AWQ's clip search)")
+    clip_grid: int = Field(20, ge=1)
+    max_shrink: float = Field(0.5, gt=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward")
+
+
+def _params(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, config: GPTQConfig | None):
+    """Scales and zero points for `weight`'s groups, clipped by a search on `gram` when asked."""
+    clip = None
+    if config is not None and config.clip:
+        clip = search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
+    return group_params(weight, scheme, clip)
+
+
+def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
+                  config: GPTQConfig | None = None) -> QuantizedWeight:
+    """GPTQ codes for `weight` [out, in] given its inputs' Gram matrix `gram` [in, in] (any float dtype)."""
+    config = config or GPTQConfig(**scheme.model_dump(), clip=False)
+    w = weight.detach().to(torch.float32).clone()
+    out, cols = w.shape
+    h = gram.to(torch.float32).clone()
+    dead = torch.diagonal(h) == 0  # inputs that never fire: no error to feed, any code will do
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    group = scheme.group_size or cols
+    n_groups = math.ceil(cols / group)
+    static = config.act_order or scheme.group_size is None
+    if static:  # one set of group parameters, from the weight as it is
+        scales, zeros = _params(w, h, scheme, config)
+    else:
+        scales = torch.empty(out, n_groups)
+        zeros = None if scheme.symmetric else torch.empty(out, n_groups, dtype=torch.uint8 if scheme.zero_point == "int"
+                                                            else torch.float32)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    w, h = w[:, order], h[order][:, order]
+    h.diagonal().add_(config.dampening * h.diagonal().mean())
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError("the dampened Gram matrix is not positive definite (raise dampening)") from None
+    column_group = order // group
+    block = group * math.ceil(config.block_size / group) if not static else config.block_size
+    codes = torch.empty(out, cols)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        wb, errors, ub = w[:, b0:b1].clone(), torch.empty(out, b1 - b0), u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            j = b0 + i
+            if not static and j % group == 0:  # a new group: parameters from the weights as updated so far
+                g, end = j // group, min(j + group, cols) - b0
+                gs, gz = _params(wb[:, i:end], h[j : b0 + end, j : b0 + end],
+                                 scheme.model_copy(update={"group_size": None}), config)
+                scales[:, g] = gs[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = gz[:, 0]
+            g = column_group[j]
+            s = scales[:, g]
+            z = None if zeros is None else zeros[:, g].to(torch.float32)
+            col = wb[:, i]
+            c = round_codes(col, s, z, scheme)
+            codes[:, j] = c
+            err = (col - code_values(c, s, z, scheme)) / ub[i, i]
+            wb[:, i:] -= err.unsqueeze(1) * ub[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
+    codes = codes[:, torch.argsort(order)]
+    dtype = torch.int8 if scheme.symmetric else torch.uint8
+    return QuantizedWeight(codes.to(dtype).contiguous(), scales.contiguous(), zeros, scheme)
+
+
+def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch, scheme: QuantScheme,
+               config: GPTQConfig) -> tuple[dict[str, QuantizedWeight], dict[str, float], dict[str, float]]:
+    """GPTQ codes for every linear of one decoder layer, their relative output errors, and (with a bit budget)
+    those of round-to-nearest int8."""
+    grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
+    qweights, errors, errors8 = {}, {}, {}
+    for name in arch.linears:
+        weight = layer.get_submodule(name).weight.detach().float()
+        q = gptq_quantize(weight, grams[name], scheme, config)
+        gram = grams[name].float()
+        errors[f"{prefix}.{name}"] = (output_error(weight - q.dequantize(), gram).item()
+                                      / max(output_error(weight, gram).item(), 1e-30))
+        if config.budgeted:
+            errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
+        qweights[f"{prefix}.{name}"] = q
+    return qweights, errors, errors8
+
+
+@register_stage("gptq", GPTQConfig, "GPTQ: error-feedback weight quantization from calibration statistics",
+                calibrates=True)
+def apply_gptq(config: GPTQConfig, state, ctx: RunContext) -> StageOutcome:
+    scheme = config.scheme()
+    samples = ctx.calibration(state)
+    arch = state.arch
+    firsts = [g.linears[0] for g in arch.scaling_groups]  # one Gram matrix per distinct input
+    qweights, errors, errors8 = {}, {}, {}
+    with state.computing_in(torch.float32):
+        inputs = state_layer_inputs(state, samples, config.batch_size)
+        for index in progress(range(state.num_layers), desc="gptq", total=state.num_layers, unit="layer"):
+            prefix = layer_prefix(index)
+            with state.layer(index) as layer:
+                stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
+                try:
+                    run_layer(layer, inputs)
+                finally:
+                    stats.close()
+                layer_q, layer_errors, layer_errors8 = gptq_layer(layer, prefix, stats, arch, scheme, config)
+                del stats
+                with torch.no_grad():  # the next layer sees this one as deployed
+                    for name in arch.linears:
+                        layer.get_submodule(name).weight.copy_(layer_q[f"{prefix}.{name}"].dequantize())
+                inputs = run_layer(layer, inputs)
+            qweights.update(layer_q)
+            errors.update(layer_errors)
+            errors8.update(layer_errors8)
+    if not qweights:
+        raise CompressError("gptq: the model has no decoder linears to quantize")
+    mixed = apply_budget(qweights, state, config, scheme, errors, errors8)
+    state.qweights = qweights
+    details = {
+        "scheme": scheme.describe() + (f", {len(mixed['int8_linears'])} linears int8" if mixed["int8_linears"] else ""),
+        "calibration_tokens": samples.numel(),
+        "act_order": config.act_order,
+        "clip": config.clip,
+        "dampening": config.dampening,
+        "mean_relative_output_error": round(sum(errors.values()) / len(errors), 6),
+        "quantized_linears": len(qweights),
+        **mixed,
+    }
+    return StageOutcome(state, details=details)

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from minicpm_compress.errors import CompressError
+from minicpm_compress.pipeline import run_recipe
+from minicpm_compress.quant.budget import BudgetConfig, bits_per_weight, choose_int8
+from minicpm_compress.quant.gptq import GPTQConfig
+from minicpm_compress.quant.qweight import QuantScheme
+from minicpm_compress.recipe import build_recipe
+
+G128 = QuantScheme(bits=4, group_size=128)
+
+
+def test_bits_per_weight_counts_codes_scales_and_zero_points():
+    assert bits_per_weight(G128, 576) == pytest.approx(4 + 5 * (16 + 4) / 576)  # 5 groups, the last narrower
+    assert bits_per_weight(QuantScheme(bits=4, group_size=32, symmetric=True), 64) == 4.5
+    assert bits_per_weight(QuantScheme(bits=8, group_size=None, symmetric=True), 100) == 8.16
+    assert bits_per_weight(QuantScheme(bits=4, group_size=32, zero_point="float"), 64) == 5.0
+
+
+def test_the_budget_buys_the_most_error_per_bit_and_is_not_exceeded():
+    shapes = {"big": (512, 512), "small": (64, 512), "mid": (256, 512), "useless": (64, 512)}
+    errors4 = {"big": 0.05, "small": 0.04, "mid": 0.03, "useless": 0.001}
+    errors8 = {"big": 0.001, "small": 0.001, "mid": 0.001, "useless": 0.001}
+    base = bits_per_weight(G128, 512)
+    total = sum(o * i for o, i in shapes.values())
+    small_cost = 64 * 512 * 4 / total  # the 4 extra code bits (and zero bits) of "small", per weight of all
+    chosen, average = choose_int8(BudgetConfig(target_bits=base + 1.2 * small_cost), G128, shapes, errors4, errors8)
+    assert chosen == ["small"]  # the largest error removed per bit; "big" removes more but does not fit
+    assert base < average <= base + 1.2 * small_cost
+    everything, average = choose_int8(BudgetConfig(target_bits=9), G128, shapes, errors4, errors8)
+    assert set(everything) == {"big", "small", "mid"}  # no gain, no promotion
+    with pytest.raises(CompressError, match="target_bits 4.0 is below the 4.156 bits/weight of int4 g128 asym"):
+        choose_int8(BudgetConfig(target_bits=4.0), G128, shapes, errors4, errors8)
+
+
+def test_budget_settings_are_checked():
+    with pytest.raises(ValueError, match="bits: 4 only"):
+        GPTQConfig(bits=8, target_bits=8.5)
+    with pytest.raises(ValueError, match="not both"):
+        GPTQConfig(int8_linears=2, target_bits=4.5)
+
+
+def test_a_bit_budget_is_kept_by_the_stage_and_every_exporter(tmp_path, tiny_checkpoint):
+    """int4 g32 symmetric with a budget of 5 bits/weight: the linears kept at int8 (g32 symmetric) stay Q8_0 in a
+    Q4_0 file, 8-bit MatMulNBits in ONNX and int8 constants in Core ML; none is requantized."""
+    scheme = {"group_size": 32, "symmetric": True}
+    recipe = build_recipe(model=str(tiny_checkpoint("llama")), data={"calibration_samples": 4, "eval_tokens": 512},
+                          stages=[{"gptq": {**scheme, "target_bits": 5.0}}, {"gguf": {"type": "Q4_0"}},
+                                  {"onnx": {"bits": 4, "block_size": 32}},
+                                  {"coreml": {"bits": 4, "block_size": 32, "context": 64}}])
+    run_recipe(recipe, tmp_path / "o")
+    gptq, gguf_stage, onnx, coreml = json.loads((tmp_path / "o/manifest.json").read_text())["stages"][1:]
+    int8 = gptq["details"]["int8_linears"]
+    assert int8 and 4.5 < gptq["details"]["linear_bits_per_weight"] <= 5.0
+    assert gguf_stage["details"]["tensors"] == {"lossless": 14, "requantized": 0, "float": 0}
+    assert onnx["details"]["linears"] == {"lossless": 14, "requantized": 0}
+    assert coreml["details"]["linears"]["lossless"] == 14
+
+    import gguf
+
+    reader = gguf.GGUFReader(tmp_path / "o/model-Q4_0.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    gguf_name = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    expected = {f"blk.{n.split('.')[2]}.{gguf_name[n.split('.', 3)[3]]}.weight" for n in int8}
+    assert {n for n, t in types.items() if t == "Q8_0" and n.startswith("blk.")} == expected
