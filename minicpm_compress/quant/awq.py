@@ -24,6 +24,7 @@ inputs, which step 1 captures from the model's own forward, and not the search.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +43,10 @@ class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
     clip: bool = Field(True, description="search a clipping ratio per output channel and group")
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1, description="clip search goes down to (1 - max_shrink) of the range")
+    objective: Literal["linears", "block"] = Field(
+        "linears", description="score a norm-fed group's scales by its linears' outputs (exact, over every calibration "
+                               "token) or by the output of the block they feed (AutoAWQ's; over block_tokens tokens)")
+    block_tokens: int = Field(4096, ge=1, description="calibration tokens the block objective runs the block on")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward")
 
 
@@ -57,12 +62,9 @@ def _effective(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) 
     return quantize(scaled, scheme).dequantize().reshape(k, out, cols) / scales.unsqueeze(1)
 
 
-def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, scheme: QuantScheme,
-                  grid: int, chunk: int = 4) -> tuple[torch.Tensor, float, float]:
-    """Best per-input-channel scales for the concatenated group weight [out, in].
-
-    Returns (scales, chosen α or -1 for the identity, relative error reduction against the identity).
-    """
+def scale_candidates(weight: torch.Tensor, x_mean: torch.Tensor, scheme: QuantScheme, grid: int
+                     ) -> tuple[torch.Tensor, list[float]]:
+    """[1 + grid, in] candidate scales (the identity first, then s = mean|x|^α / mean|ŵ|^(1-α)) and their α."""
     group = scheme.group_size or weight.shape[1]
     g = group_view(weight.abs(), group)
     w_mean = (g / (g.amax(dim=2, keepdim=True) + 1e-6)).reshape(weight.shape[0], -1)[:, : weight.shape[1]].mean(0)
@@ -71,7 +73,23 @@ def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor
     for a in alphas:
         s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
         candidates.append(s / (s.max() * s.min()).sqrt())
-    candidates = torch.stack(candidates)
+    return torch.stack(candidates), alphas
+
+
+def _best(candidates: torch.Tensor, alphas: list[float], errors: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    best = int(errors.argmin())
+    alpha = -1.0 if best == 0 else alphas[best - 1]
+    gain = 1 - (errors[best] / errors[0]).item() if errors[0] > 0 else 0.0
+    return candidates[best], alpha, gain
+
+
+def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, scheme: QuantScheme,
+                  grid: int, chunk: int = 4) -> tuple[torch.Tensor, float, float]:
+    """Best per-input-channel scales for the concatenated group weight [out, in], by the group's linears' outputs.
+
+    Returns (scales, chosen α or -1 for the identity, relative error reduction against the identity).
+    """
+    candidates, alphas = scale_candidates(weight, x_mean, scheme, grid)
     errors = []
     gram = gram.float()
     # Bound the candidates' memory (~0.25 GB of float32 per temporary): fewer candidates at once, then
@@ -86,11 +104,53 @@ def search_scales(weight: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor
             w = weight[r : r + rows]
             error = error + output_error(w.unsqueeze(0) - _effective(w, part, scheme), gram)
         errors.append(error)
-    errors = torch.cat(errors)
-    best = int(errors.argmin())
-    alpha = -1.0 if best == 0 else alphas[best - 1]
-    gain = 1 - (errors[best] / errors[0]).item() if errors[0] > 0 else 0.0
-    return candidates[best], alpha, gain
+    return _best(candidates, alphas, torch.cat(errors))
+
+
+class BlockCalls:
+    """The calls a decoder layer makes to one of its blocks (attention, MLP) for its first calibration batches,
+    with the float outputs: enough to score candidate weights by the block's output, as AutoAWQ does."""
+
+    def __init__(self, block: torch.nn.Module, max_tokens: int):
+        self.block, self.max_tokens, self.tokens = block, max_tokens, 0
+        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
+        self._handle = block.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.tokens < self.max_tokens:
+            self.calls.append((args, kwargs, output[0] if isinstance(output, tuple) else output))
+            self.tokens += hidden.shape[:-1].numel()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def error(self, linears: list[torch.nn.Linear], weights: list[torch.Tensor]) -> float:
+        """Σ squared difference of the block's output from the float one with `linears` holding `weights`."""
+        saved = [l.weight.data for l in linears]
+        try:
+            for linear, w in zip(linears, weights):
+                linear.weight.data = w
+            total = 0.0
+            with torch.inference_mode():
+                for args, kwargs, reference in self.calls:
+                    out = self.block(*args, **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    total += (out.float() - reference.float()).pow(2).sum().item()
+            return total
+        finally:
+            for linear, w in zip(linears, saved):
+                linear.weight.data = w
+
+
+def search_scales_by_block(linears: list[torch.nn.Linear], calls: BlockCalls, x_mean: torch.Tensor,
+                           scheme: QuantScheme, grid: int) -> tuple[torch.Tensor, float, float]:
+    """Best scales for a group of linears by the output of the block they feed (AutoAWQ's objective)."""
+    weights = [l.weight.detach() for l in linears]
+    candidates, alphas = scale_candidates(torch.cat(weights), x_mean, scheme, grid)
+    errors = [calls.error(linears, [_effective(w, s.unsqueeze(0), scheme)[0].to(w.dtype) for w in weights])
+              for s in candidates]
+    return _best(candidates, alphas, torch.tensor(errors))
 
 
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
@@ -138,11 +198,20 @@ def _record_fold(weights, prefix: str, group, prev: torch.nn.Module, scales: tor
         weights.scale_columns(f"{prefix}.{name}.weight", scales)
 
 
+def scored_block(group, arch) -> str | None:
+    """The block (e.g. `self_attn`, `mlp`) whose output the block objective scores `group` by: groups fed by a
+    norm; a group fed by a linear (v→o, up→down) is that block's last linear, scored by its own output."""
+    if group.prev in arch.linears:
+        return None
+    return group.linears[0].rsplit(".", 1)[0]
+
+
 def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch, config: AWQConfig,
-              scheme: QuantScheme, weights=None) -> tuple[dict[str, QuantizedWeight], dict]:
+              scheme: QuantScheme, weights=None, blocks: dict[str, BlockCalls] | None = None
+              ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Scale, clip and quantize one decoder layer in place (recording the folds in `weights` if given);
     return its quantized weights and a summary. `stats` covers the first linear of each scaling group:
-    the group's linears share its input."""
+    the group's linears share its input. `blocks`: recorded block calls, for the block objective."""
     grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
     alphas, gains, skipped = [], [], []
     for group in arch.scaling_groups:
@@ -154,8 +223,12 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
             skipped.append(f"{group.prev}→{','.join(group.linears)}")
             continue
         first = group.linears[0]
-        weight = torch.cat([l.weight.detach() for l in linears])
-        scales, alpha, gain = search_scales(weight, grams[first], stats.mean_abs(first), scheme, config.grid)
+        block = blocks.get(scored_block(group, arch)) if blocks else None
+        if block is not None:
+            scales, alpha, gain = search_scales_by_block(linears, block, stats.mean_abs(first), scheme, config.grid)
+        else:
+            weight = torch.cat([l.weight.detach() for l in linears])
+            scales, alpha, gain = search_scales(weight, grams[first], stats.mean_abs(first), scheme, config.grid)
         _fold(prev, linears, scales)
         if weights is not None:
             _record_fold(weights, prefix, group, prev, scales)
@@ -193,11 +266,19 @@ def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: Q
     for index in progress(range(state.num_layers), desc="awq", total=state.num_layers, unit="layer"):
         with state.layer(index) as layer:
             stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
+            blocks = {}
+            if config.objective == "block":
+                names = {scored_block(g, arch) for g in arch.scaling_groups} - {None}
+                blocks = {b: BlockCalls(layer.get_submodule(b), config.block_tokens) for b in sorted(names)}
             try:
                 outputs = run_layer(layer, inputs)  # float outputs: the next layer's inputs
             finally:
                 stats.close()
-            layer_q, layer_summary = awq_layer(layer, layer_prefix(index), stats, arch, config, scheme, state.weights)
+                for calls in blocks.values():
+                    calls.close()
+            layer_q, layer_summary = awq_layer(layer, layer_prefix(index), stats, arch, config, scheme, state.weights,
+                                               blocks)
+            del blocks
         qweights.update(layer_q)
         summary["alphas"] += layer_summary["alphas"]
         summary["gains"] += layer_summary["gains"]

@@ -127,3 +127,39 @@ def test_awq_beats_rtn_on_the_real_model_where_rtn_loses(tmp_path, minicpm_path)
     assert rtn["ppl_increase"] > 0.2
     assert awq["ppl_increase"] < 0.6 * rtn["ppl_increase"]  # measured: removes ~60% of RTN's increase
     assert awq["kld"] < 0.7 * rtn["kld"] and awq["top1"] > rtn["top1"]
+
+
+def test_block_objective_scores_scales_by_the_blocks_output(tokenizer):
+    """AutoAWQ's objective: q/k/v scales by the attention output, gate/up by the MLP's; the identity is a candidate,
+    so the chosen scales never do worse, and scoring leaves the layer's weights as they were."""
+    from minicpm_compress.quant.awq import BlockCalls, search_scales_by_block
+
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    inputs = first_layer_inputs(model, torch.randint(0, 49152, (4, 32)), batch_size=2)
+    calls = BlockCalls(layer.mlp, max_tokens=64)  # the first of two batches
+    stats = InputStatistics({"gate": layer.mlp.gate_proj})
+    run_layer(layer, inputs)
+    calls.close()
+    stats.close()
+    assert calls.tokens == 64 and len(calls.calls) == 1
+    before = layer.mlp.gate_proj.weight.clone()
+    scheme = QuantScheme(bits=4, group_size=32)
+    linears = [layer.mlp.gate_proj, layer.mlp.up_proj]
+    assert calls.error(linears, [l.weight for l in linears]) == 0  # the float weights reproduce the outputs
+    scales, alpha, gain = search_scales_by_block(linears, calls, stats.mean_abs("gate"), scheme, grid=10)
+    assert torch.equal(layer.mlp.gate_proj.weight, before) and 0 <= gain < 1
+    plain = calls.error(linears, [quantize(l.weight, scheme).dequantize() for l in linears])
+    scaled = calls.error(linears, [quantize(l.weight * scales, scheme).dequantize() / scales for l in linears])
+    assert scaled == pytest.approx((1 - gain) * plain, rel=1e-4)
+
+
+def test_awq_with_the_block_objective_keeps_the_float_function(tokenizer):
+    state = _tiny_state("minicpm", tokenizer)
+    original = copy.deepcopy(state.model)
+    recipe = build_recipe(model="minicpm-smollm2", data={"calibration_samples": 4, "sequence_length": 64},
+                          stages=[{"awq": {}}])
+    outcome = apply_awq(AWQConfig(group_size=32, objective="block", block_tokens=128), state, RunContext(recipe))
+    ids = torch.randint(0, 49152, (2, 16))
+    torch.testing.assert_close(_logits(state.model, ids), _logits(original, ids), atol=2e-4, rtol=1e-4)
+    assert len(state.qweights) == 14 and outcome.details["mean_error_reduction"] >= 0
