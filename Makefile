@@ -40,7 +40,7 @@ test: install
 bench: install
 	mkdir -p out
 	$(BIN)/python bench/rtn_settings.py > out/bench-rtn.json
-	$(BIN)/python bench/awq.py > out/bench-awq.json
+	$(BIN)/python bench/int4_methods.py > out/bench-int4-methods.json
 	$(BIN)/python bench/gguf_int4.py > out/bench-gguf.json
 	$(BIN)/python bench/qat.py > out/bench-qat.json
 	$(BIN)/python bench/prune.py > out/bench-prune.json

@@ -90,15 +90,21 @@ class HFAWQConfig(StageConfig):
 def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     if not state.qweights:
         raise CompressError("hf_awq: the model has no quantized weights (run rtn or awq first)")
-    groups = {q.group_size for q in state.qweights.values()}
+    # linears a bit budget kept at int8: AWQ kernels are 4-bit only, so they are written in float16 and
+    # listed in modules_to_not_convert (the loaders keep them as plain linears)
+    int4 = {n: q for n, q in state.qweights.items() if q.scheme.bits == 4}
+    kept = sorted(n for n in state.qweights if n not in int4)
+    groups = {q.group_size for q in int4.values()}
     if len(groups) != 1:
-        raise CompressError(f"hf_awq: one group size is needed for the whole model, found {sorted(groups)}")
+        raise CompressError(f"hf_awq: one group size is needed for the int4 linears, found {sorted(groups)}")
     group = groups.pop()
-    symmetric = {q.scheme.symmetric for q in state.qweights.values()}
+    symmetric = {q.scheme.symmetric for q in int4.values()}
     prefix = LLM_PREFIX if state.vision is not None else ""
     tensors = {}
-    for name, q in sorted(state.qweights.items()):
+    for name, q in sorted(int4.items()):
         tensors.update(to_awq(prefix + name, q))
+    for name in kept:
+        tensors[f"{prefix}{name}.weight"] = state.qweights[name].dequantize().to(torch.float16)
     quantized = {f"{name}.weight" for name in state.qweights}
     for key, value in untied_state_dict(state.model).items():
         if key not in quantized:
@@ -108,7 +114,8 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     folder = ctx.out_dir / config.folder
     quantization_config = {
         "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
-        "modules_to_not_convert": ["vpm", "resampler"] if state.vision is not None else None,
+        "modules_to_not_convert": (["vpm", "resampler"] if state.vision is not None else []) + [prefix + n for n in kept]
+        or None,
     }
     save_checkpoint(state.model, state.tokenizer, folder, tensors,
                     {"quantization_config": quantization_config, "dtype": "float16"}, config=state.config_dict())
@@ -127,7 +134,7 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     with torch.no_grad():
         for key, param in model.named_parameters():
             name = key.removesuffix(".weight")
-            if name in state.qweights:
+            if name in int4:
                 param.copy_(from_awq(written, name, group))
             elif key in written:
                 param.copy_(written[key].to(torch.float32))
@@ -136,11 +143,13 @@ def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
                                 else "checkpoint metadata", 4 if p.name == WEIGHTS_NAME else None)
                  for p in sorted(folder.iterdir())]
     details = {
-        "summary": f"{config.folder}/, int4 g{group}, codes copied, read back",
+        "summary": f"{config.folder}/, int4 g{group}, codes copied, read back"
+                   + (f", {len(kept)} int8 linears in float16 (not converted)" if kept else ""),
         "folder": config.folder,
         "group_size": group,
         "path": "codes copied (lossless)",
         "symmetric_stored_as_zero_point_8": True in symmetric,
+        "not_converted_linears": kept,
         "measured": "read back, dequantized in torch",
     }
     return StageOutcome(state, metrics, details, artifacts)

@@ -13,10 +13,11 @@ Layer by layer over the calibration samples (only one layer's activations in mem
      group's output error, and quantize with the project's one quantizer.
 Layer outputs passed on are the float layer's, as in AutoAWQ.
 
-Difference from AutoAWQ, stated plainly: AutoAWQ scores a scaling group by the output of the module
-after it (the attention block for q/k/v, the MLP for gate/up); this scores the outputs of the group's
-linears themselves (exactly, over every calibration token, through G). For v→o and up→down the two are
-the same. MiniCPM's muP factors sit outside every scaling group (embedding scale before layer 0, the
+Objectives: by default a scaling group is scored by the outputs of the group's linears themselves
+(exactly, over every calibration token, through G). `objective: block` scores the norm-fed groups as
+AutoAWQ does, by the output of the block they feed (the attention block for q/k/v, the MLP for gate/up),
+running the block per candidate on the first `block_tokens` calibration tokens. For v→o and up→down the
+two objectives are the same. MiniCPM's muP factors sit outside every scaling group (embedding scale before layer 0, the
 residual factor after o_proj/down_proj, the logit divisor after the last layer), so they change layer
 inputs, which step 1 captures from the model's own forward, and not the search.
 """

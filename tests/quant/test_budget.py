@@ -44,19 +44,25 @@ def test_budget_settings_are_checked():
 
 def test_a_bit_budget_is_kept_by_the_stage_and_every_exporter(tmp_path, tiny_checkpoint):
     """int4 g32 symmetric with a budget of 5 bits/weight: the linears kept at int8 (g32 symmetric) stay Q8_0 in a
-    Q4_0 file, 8-bit MatMulNBits in ONNX and int8 constants in Core ML; none is requantized."""
+    Q4_0 file, 8-bit MatMulNBits in ONNX and int8 constants in Core ML (none is requantized), and float16
+    linears that AWQ loaders do not convert in a Hugging Face AWQ checkpoint."""
     scheme = {"group_size": 32, "symmetric": True}
     recipe = build_recipe(model=str(tiny_checkpoint("llama")), data={"calibration_samples": 4, "eval_tokens": 512},
                           stages=[{"gptq": {**scheme, "target_bits": 5.0}}, {"gguf": {"type": "Q4_0"}},
                                   {"onnx": {"bits": 4, "block_size": 32}},
-                                  {"coreml": {"bits": 4, "block_size": 32, "context": 64}}])
+                                  {"coreml": {"bits": 4, "block_size": 32, "context": 64}}, {"hf_awq": {}}])
     run_recipe(recipe, tmp_path / "o")
-    gptq, gguf_stage, onnx, coreml = json.loads((tmp_path / "o/manifest.json").read_text())["stages"][1:]
+    gptq, gguf_stage, onnx, coreml, hf = json.loads((tmp_path / "o/manifest.json").read_text())["stages"][1:]
     int8 = gptq["details"]["int8_linears"]
     assert int8 and 4.5 < gptq["details"]["linear_bits_per_weight"] <= 5.0
     assert gguf_stage["details"]["tensors"] == {"lossless": 14, "requantized": 0, "float": 0}
     assert onnx["details"]["linears"] == {"lossless": 14, "requantized": 0}
     assert coreml["details"]["linears"]["lossless"] == 14
+    assert hf["details"]["not_converted_linears"] == sorted(int8)
+    hf_config = json.loads((tmp_path / "o/hf-awq/config.json").read_text())["quantization_config"]
+    assert hf_config["modules_to_not_convert"] == sorted(int8)
+    for export in (gguf_stage, onnx, hf):  # measured in their runtimes / read back: the budgeted model's loss
+        assert abs(export["metrics"]["kld"] - gptq["metrics"]["kld"]) < 0.1 * gptq["metrics"]["kld"] + 2e-3
 
     import gguf
 
