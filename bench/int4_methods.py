@@ -154,7 +154,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--llmcompressor-settings", default=",".join(SETTINGS),
                         help="settings llm-compressor runs at ('' for none)")
-    parser.add_argument("--llmcompressor-models", default=",".join(MODELS))
+    parser.add_argument("--llmcompressor-models", default="smollm2-135m",
+                        help="models llm-compressor runs on (minicpm-smollm2 loads too: bench/llmcompressor_run.py "
+                             "registers this package's MiniCPM class)")
     parser.add_argument("--llmcompressor-timeout", type=float, default=1800)
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "SETTING", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)

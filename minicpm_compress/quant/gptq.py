@@ -73,22 +73,23 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
     if static:  # one set of group parameters, from the weight as it is
         scales, zeros = _params(w, h, scheme, config)
     else:
-        scales = torch.empty(out, n_groups)
-        zeros = None if scheme.symmetric else torch.empty(out, n_groups, dtype=torch.uint8 if scheme.zero_point == "int"
-                                                            else torch.float32)
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
+        scales = torch.empty(out, n_groups, device=w.device)
+        zeros = None if scheme.symmetric else torch.empty(
+            out, n_groups, dtype=torch.uint8 if scheme.zero_point == "int" else torch.float32, device=w.device)
+    order = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order
+             else torch.arange(cols, device=w.device))
     w, h = w[:, order], h[order][:, order]
     h.diagonal().add_(config.dampening * h.diagonal().mean())
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError:
-        raise ValueError("the dampened Gram matrix is not positive definite (raise dampening)") from None
+        raise CompressError("the dampened Gram matrix of its inputs is not positive definite (raise dampening)") from None
     column_group = order // group
     block = group * math.ceil(config.block_size / group) if not static else config.block_size
-    codes = torch.empty(out, cols)
+    codes = torch.empty(out, cols, device=w.device)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb, errors, ub = w[:, b0:b1].clone(), torch.empty(out, b1 - b0), u[b0:b1, b0:b1]
+        wb, errors, ub = w[:, b0:b1].clone(), torch.empty(out, b1 - b0, device=w.device), u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             j = b0 + i
             if not static and j % group == 0:  # a new group: parameters from the weights as updated so far
@@ -121,13 +122,16 @@ def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch
     qweights, errors, errors8 = {}, {}, {}
     for name in arch.linears:
         weight = layer.get_submodule(name).weight.detach().float()
-        q = gptq_quantize(weight, grams[name], scheme, config)
+        try:
+            q = gptq_quantize(weight, grams[name], scheme, config)
+        except CompressError as e:
+            raise CompressError(f"gptq: '{prefix}.{name}': {e}") from None
         gram = grams[name].float()
         errors[f"{prefix}.{name}"] = (output_error(weight - q.dequantize(), gram).item()
                                       / max(output_error(weight, gram).item(), 1e-30))
         if config.budgeted:
             errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
-        qweights[f"{prefix}.{name}"] = q
+        qweights[f"{prefix}.{name}"] = q.to("cpu")
     return qweights, errors, errors8
 
 
