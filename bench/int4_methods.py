@@ -184,8 +184,8 @@ def main() -> None:
                 if rtn_gap and "ppl_increase" in row:
                     row["removes_of_rtn_increase"] = round(1 - row["ppl_increase"] / rtn_gap, 4)
             entry[setting] = rows
-            print(f"{model} {setting}: " + ", ".join(f"{m} {r.get('ppl_increase', r.get('error'))}"
-                                                     for m, r in rows.items()), file=sys.stderr)
+            # every row in full as it completes: a run stopped early keeps what it measured
+            print(json.dumps({"model": model, "setting": setting, "rows": rows}), file=sys.stderr, flush=True)
         results["models"][model] = entry
     print(json.dumps(results, indent=2))
 
