@@ -56,6 +56,11 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((delta @ gram) * delta).sum(dim=(-2, -1))
 
 
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Output error of `approx` in place of `weight`, relative to the output's own energy (both through G)."""
+    return output_error(weight - approx, gram).item() / max(output_error(weight, gram).item(), 1e-30)
+
+
 def _effective(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Q(W·s)/s for a batch of candidate scales [k, in] → [k, out, in]."""
     k, (out, cols) = scales.shape[0], weight.shape
@@ -251,8 +256,7 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
             clip = search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
         q = quantize(weight, scheme, clip)
         qweights[f"{prefix}.{name}"] = q.to("cpu")
-        reference = output_error(weight, gram).item()
-        errors[f"{prefix}.{name}"] = output_error(weight - q.dequantize(), gram).item() / max(reference, 1e-30)
+        errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
         if config.budgeted:
             errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
         del gram

@@ -52,11 +52,9 @@ def bits_per_weight(scheme: QuantScheme, cols: int) -> float:
 
 def int8_error(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> float:
     """Relative output error of `weight` rounded to int8 at `scheme`'s grouping, over the Gram matrix's tokens."""
-    from .awq import output_error
+    from .awq import relative_error  # awq imports this module
 
-    gram = gram.float()
-    delta = weight - quantize(weight, int8_scheme(scheme)).dequantize()
-    return output_error(delta, gram).item() / max(output_error(weight, gram).item(), 1e-30)
+    return relative_error(weight, quantize(weight, int8_scheme(scheme)).dequantize(), gram.float())
 
 
 def choose_int8(config: BudgetConfig, scheme: QuantScheme, shapes: dict[str, tuple[int, int]],

@@ -34,7 +34,7 @@ from ..layerwise import InputStatistics, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
-from .awq import output_error, search_clip
+from .awq import relative_error, search_clip
 from .budget import BudgetConfig, apply_budget, int8_error
 from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, round_codes
 
@@ -127,8 +127,7 @@ def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch
         except CompressError as e:
             raise CompressError(f"gptq: '{prefix}.{name}': {e}") from None
         gram = grams[name].float()
-        errors[f"{prefix}.{name}"] = (output_error(weight - q.dequantize(), gram).item()
-                                      / max(output_error(weight, gram).item(), 1e-30))
+        errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
         if config.budgeted:
             errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
         qweights[f"{prefix}.{name}"] = q.to("cpu")
