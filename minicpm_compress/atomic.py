@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,30 +38,77 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def check_destination(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output folder that could not be written or would destroy something.
+
+    Refused: a regular file; the current folder or one above it; a folder holding (or inside) one of the
+    `inputs`; an existing non-empty folder without `overwrite`."""
+    from .errors import CompressError
+
+    final = Path(final)
+    target = final.resolve()
+    if final.exists() and not final.is_dir():
+        raise CompressError(f"{final}: exists and is not a folder; choose a new output folder "
+                            "(--overwrite replaces only output folders)")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise CompressError(f"{final}: is the current folder or one above it; choose a new output folder")
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise CompressError(f"{final}: overlaps the input {source}; choose a folder outside it")
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise CompressError(f"{final}: output folder exists and is not empty (pass --overwrite to replace it)")
+
+
+def _write_failure(final: Path, error: OSError):
+    """An OSError while writing `final`'s staging folder, as the one-line error a user should see."""
+    from .errors import CompressError, ResourceError
+
+    where = error.filename or final
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        free = shutil.disk_usage(final.parent).free if final.parent.exists() else 0
+        return ResourceError(f"{where}: {error.strerror} while writing {final} ({free / 2**20:.0f} MiB free "
+                             "there); nothing was written")
+    return CompressError(f"{where}: cannot write ({error.strerror}); nothing was written to {final}")
+
+
 @contextlib.contextmanager
-def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final` in one rename.
 
-    On any exception the temporary folder is removed and `final` is left as it was.
+    On any exception (or signal turned into one) the temporary folder is removed and `final` is left as it
+    was; an OSError of writing (disk full, read-only) becomes a one-line error.
     """
     final = Path(final)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+    check_destination(final, overwrite, inputs)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as e:
         from .errors import CompressError
 
-        raise CompressError(f"{final}: output folder exists and is not empty (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+        raise CompressError(f"{final}: cannot create the output folder here ({e.strerror})") from None
     try:
         yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failure(final, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)  # put the previous output back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -71,11 +120,19 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     """
     if metadata and len(metadata) > 1:
         raise ValueError("pass at most one metadata key (safetensors orders the map differently each run)")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CompressError
+from .errors import CompressError, GateFailure, Interrupted
 
 
 def _quiet_libraries() -> None:
@@ -22,16 +22,35 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="rdata")
 
 
+def _terminate(signum, frame):
+    raise Interrupted()
+
+
 def _reports_errors(command):
-    """CompressError → one line on stderr and its exit code (2, or 3 for a failed gate)."""
+    """CompressError → one line on stderr and its exit code (2 input, 3 gate, 4 resources); SIGINT and
+    SIGTERM → staging folders removed, one line, 130 / 143; an OSError from the file system → one line."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        import errno
+        import signal
+
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except CompressError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except (KeyboardInterrupt, Interrupted) as e:
+            name, code = ("SIGTERM", Interrupted.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
+            click.echo(f"error: interrupted ({name}); no output was written (staging folders removed)", err=True)
+            sys.exit(code)
+        except OSError as e:  # the machine, not the input: a full disk or an unwritable folder outside staging
+            code = 4 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+            click.echo(f"error: {e.filename or 'file system'}: {e.strerror or e}", err=True)
+            sys.exit(code)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -108,13 +127,16 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
                    + f", {r.wall_s:.0f}s" + (f"  GATE FAILED: {'; '.join(r.failures)}"
                                                               if r.failures else ""), err=True)
 
+    def show(folder: Path) -> None:
+        click.echo("\n" + summary(json.loads((folder / "manifest.json").read_text())))
+        click.echo(f"\nwrote {folder}/ (manifest.json, report.md)")
+
     try:
         run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage, on_start=on_start)
-    finally:
-        manifest_path = out / "manifest.json"
-        if manifest_path.is_file():
-            click.echo("\n" + summary(json.loads(manifest_path.read_text())))
-            click.echo(f"\nwrote {out}/ (manifest.json, report.md)")
+    except GateFailure as e:
+        show(e.record_dir)
+        raise
+    show(out)
 
 
 @main.command()

@@ -1,4 +1,10 @@
-"""The two kinds of failure a user sees, each with its own exit code."""
+"""The kinds of failure a user sees, each with its own exit code (documented in the README).
+
+    2  bad input or an impossible request (CompressError)
+    3  an accuracy gate failed (GateFailure)
+    4  the machine lacks the memory or disk the run needs (ResourceError)
+    130 / 143  interrupted by SIGINT / SIGTERM (Interrupted)
+"""
 
 
 class CompressError(Exception):
@@ -8,6 +14,24 @@ class CompressError(Exception):
 
 
 class GateFailure(CompressError):
-    """A stage's accuracy gate was exceeded; nothing after it ran. Exit code 3."""
+    """A stage's accuracy gate was exceeded; nothing after it ran. Exit code 3.
+
+    `record_dir` is the folder holding the failed run's manifest and report (no artifacts)."""
 
     exit_code = 3
+
+    def __init__(self, message: str, record_dir=None):
+        super().__init__(message)
+        self.record_dir = record_dir
+
+
+class ResourceError(CompressError):
+    """Not enough memory or disk for what was asked (estimated before starting, or hit while writing). Exit code 4."""
+
+    exit_code = 4
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised where the process is so that every staging folder is cleaned up (like KeyboardInterrupt)."""
+
+    exit_code = 143

@@ -87,3 +87,23 @@ def available_memory() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def _stored_bits(config) -> int:
+    """The widest weight an exporter's config asks for (GGUF types by name; K-quants up to 6 bits)."""
+    bits = getattr(config, "bits", None)
+    if bits is not None:
+        return int(bits)
+    kind = str(getattr(config, "type", "") or "")
+    return {"F32": 32, "F16": 16, "Q8_0": 8}.get(kind, 6 if kind else 16)
+
+
+def disk_estimate(state: "ModelState", config) -> int:
+    """Upper estimate of the bytes an exporter writes: decoder linears at the config's bits (plus ~10% for
+    scales), every other LLM weight (embedding, head, norms) as float32, and a MiniCPM-V vision half as float32."""
+    bits = _stored_bits(config)
+    linear = sum(torch.Size(state.weights.shape(n)).numel() for n in state.weights.names()
+                 if n.startswith("model.layers.") and len(state.weights.shape(n)) == 2)
+    other = _numel(state, "") - linear
+    vision = state.vision.parameter_count() if state.vision is not None else 0
+    return int(linear * bits / 8 * 1.1 + (other + vision) * 4)

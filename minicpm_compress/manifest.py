@@ -114,7 +114,7 @@ def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | No
 def write_outputs(record: "RunRecord", state: "ModelState | None", root: Path) -> dict:
     from .report import render_report
 
-    artifacts = [a for s in record.stages for a in s.artifacts]
+    artifacts = [] if record.failed else [a for s in record.stages for a in s.artifacts]  # a failed run ships nothing
     artifacts += write_model(state, root) if state is not None else []
     manifest = build_manifest(record, artifacts, source_entry(state) if state is not None else None)
     atomic.write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Callable
 import torch
 
 from . import atomic
-from .errors import CompressError, GateFailure
+from .errors import GateFailure, ResourceError
 from .evaluate.metrics import Metrics
-from .footprint import GIB, available_memory, memory_estimate, stage_memory
+from .footprint import GIB, available_memory, disk_estimate, memory_estimate, stage_memory
 from .manifest import write_outputs
 from .recipe import Recipe
 from .stages import STAGES, RunContext
@@ -51,55 +52,82 @@ def check_memory(name: str, estimate: dict, enforce: bool) -> None:
     available = available_memory()
     if enforce and estimate["bytes"] > available:
         biggest = max(estimate["parts"], key=estimate["parts"].get)
-        raise CompressError(
+        raise ResourceError(
             f"stage '{name}' needs about {estimate['bytes'] / GIB:.1f} GiB (mostly {biggest}), "
             f"{available / GIB:.1f} GiB is available; use a machine with more memory or pass --no-memory-check"
         )
 
 
+def check_disk(name: str, needed: int, folder: Path, enforce: bool) -> None:
+    """Refuse an exporter whose artifact would not fit on the output folder's file system."""
+    free = shutil.disk_usage(folder).free
+    if enforce and needed > free:
+        raise ResourceError(f"stage '{name}' writes up to about {needed / GIB:.2f} GiB into {folder.parent}, "
+                            f"which has {free / GIB:.2f} GiB free; free some space or pass --no-memory-check")
+
+
+class _Stop(Exception):
+    """A gate failed: leave the staging folder (and so every artifact of the run) unwritten."""
+
+
+def _input_folders(recipe: Recipe) -> tuple[Path, ...]:
+    return tuple(Path(m) for m in (recipe.model, recipe.reference) if m and Path(m).is_dir())
+
+
 def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                on_stage: Callable[[StageRecord], None] = lambda r: None,
                on_start: Callable[[int, str, dict | None], None] = lambda i, n, e: None) -> RunRecord:
-    """Run `recipe`, writing `out` atomically; raise GateFailure (after writing the record) if a gate fails.
+    """Run `recipe`, writing `out` atomically; raise GateFailure if a gate fails.
 
     Before each stage after `load`, its peak memory is estimated, reported through `on_start` and
-    checked against the memory available (recipe `memory_check`)."""
+    checked against the memory available, and an exporter's output size against the free disk (recipe
+    `memory_check`). A failed gate writes no artifact and leaves `out` as it was: the failed run's
+    manifest and report go to `out` if it did not hold an earlier output, else beside it, to OUT.failed.
+    """
+    out = Path(out)
     torch.manual_seed(recipe.seed)
     record = RunRecord(recipe)
     state = None
     transformed = False
-    with atomic.staged_dir(Path(out), overwrite=overwrite) as tmp:
-        ctx = RunContext(recipe, out_dir=tmp)
-        for index, (name, config) in enumerate(recipe.stage_list()):
-            stage = STAGES[name]
-            estimate = None
-            if state is not None:
-                estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrates)
-                on_start(index, name, estimate)
-                check_memory(name, estimate, recipe.memory_check)
-            start = time.perf_counter()
-            outcome = stage.handler(config, state, ctx)
-            state = outcome.state
-            metrics = outcome.metrics or ctx.evaluator.measure(state, desc=f"evaluate {name}")
-            gate = config.gate
-            details = dict(outcome.details)
-            if estimate is not None:
-                details["memory_estimate_gib"] = round(estimate["bytes"] / GIB, 2)
-            stage_record = StageRecord(
-                index, name, config.model_dump(mode="json", exclude={"gate"}), details, metrics,
-                gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
-                time.perf_counter() - start, outcome.artifacts,
-            )
-            record.stages.append(stage_record)
-            on_stage(stage_record)
-            transformed |= stage.transforms
-            if stage_record.failures:
-                break
-        if not record.failed:
+    try:
+        with atomic.staged_dir(out, overwrite=overwrite, inputs=_input_folders(recipe)) as tmp:
+            ctx = RunContext(recipe, out_dir=tmp)
+            for index, (name, config) in enumerate(recipe.stage_list()):
+                stage = STAGES[name]
+                estimate = None
+                if state is not None:
+                    estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrates)
+                    on_start(index, name, estimate)
+                    check_memory(name, estimate, recipe.memory_check)
+                    if stage.exports:
+                        check_disk(name, disk_estimate(state, config), tmp, recipe.memory_check)
+                start = time.perf_counter()
+                outcome = stage.handler(config, state, ctx)
+                state = outcome.state
+                metrics = outcome.metrics or ctx.evaluator.measure(state, desc=f"evaluate {name}")
+                gate = config.gate
+                details = dict(outcome.details)
+                if estimate is not None:
+                    details["memory_estimate_gib"] = round(estimate["bytes"] / GIB, 2)
+                stage_record = StageRecord(
+                    index, name, config.model_dump(mode="json", exclude={"gate"}), details, metrics,
+                    gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
+                    time.perf_counter() - start, outcome.artifacts,
+                )
+                record.stages.append(stage_record)
+                on_stage(stage_record)
+                transformed |= stage.transforms
+                if stage_record.failures:
+                    raise _Stop
             record.memory = memory_estimate(state)
-        write_outputs(record, state if transformed and not record.failed else None, tmp)
-    if record.failed:
+            write_outputs(record, state if transformed else None, tmp)
+    except _Stop:
         s = record.failed
-        raise GateFailure(f"gate failed after stage {s.index} '{s.name}': {'; '.join(s.failures)}")
+        keep = out.is_dir() and any(out.iterdir())
+        record_dir = out.with_name(out.name + ".failed") if keep else out
+        with atomic.staged_dir(record_dir, overwrite=True) as tmp:
+            write_outputs(record, None, tmp)
+        kept = f"; {out} was left as it was, this run's record is in {record_dir}" if keep else ""
+        raise GateFailure(f"gate failed after stage {s.index} '{s.name}': {'; '.join(s.failures)}{kept}",
+                          record_dir) from None
     return record
-

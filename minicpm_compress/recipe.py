@@ -186,6 +186,10 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise CompressError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise CompressError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a YAML file") from None
+    if not text.strip():
+        raise CompressError(f"{path}: the recipe is empty (it needs at least 'model' and 'stages')")
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

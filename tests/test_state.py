@@ -64,10 +64,10 @@ def test_awq_keeps_scales_as_vectors_and_a_folder_round_trips(tmp_path, tiny_che
 
     out = tmp_path / "awq-out"
     out.mkdir()
-    write_model(state, out)
-    (out / "manifest.json").write_text(
-        '{"reference": "%s", "source": {"checkpoint": "%s", "weights_sha256": "%s"}}'
-        % (folder, folder.resolve(), state.weights.base.fingerprint()))
+    artifacts = write_model(state, out)
+    (out / "manifest.json").write_text(json.dumps({
+        "reference": str(folder), "artifacts": artifacts,
+        "source": {"checkpoint": str(folder.resolve()), "weights_sha256": state.weights.base.fingerprint()}}))
     changes = (out / "modified.safetensors").stat().st_size
     assert changes < 0.05 * (folder / "model.safetensors").stat().st_size  # norms and scale vectors only
     again = _open(out)
@@ -117,7 +117,7 @@ def test_a_stage_that_would_not_fit_in_memory_is_refused(tmp_path, tiny_checkpoi
     monkeypatch.setattr(pipeline, "available_memory", lambda: 1 << 20)
     args = ["rtn", "--model", str(tiny_checkpoint("llama")), "--eval-tokens", "512", "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "stage 'rtn' needs about" in result.stderr and "--no-memory-check" in result.stderr
+    assert result.exit_code == 4 and "stage 'rtn' needs about" in result.stderr and "--no-memory-check" in result.stderr
     assert not (tmp_path / "o").exists()
     assert CliRunner().invoke(main, args + ["--no-memory-check"]).exit_code == 0
 

@@ -369,7 +369,8 @@ class GGUFConfig(StageConfig):
         return value
 
 
-@register_stage("gguf", GGUFConfig, "export a llama.cpp GGUF file and measure it in llama.cpp", transforms=False)
+@register_stage("gguf", GGUFConfig, "export a llama.cpp GGUF file and measure it in llama.cpp", transforms=False,
+                exports=True)
 def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
     path = ctx.out_dir / (config.file or f"model-{config.type}.gguf")
     if config.type in LLAMA_CPP_TYPES:

@@ -86,7 +86,7 @@ class HFAWQConfig(StageConfig):
 
 
 @register_stage("hf_awq", HFAWQConfig, "export a Hugging Face AWQ (GEMM) checkpoint and measure it read back",
-                transforms=False, whole_model=2)
+                transforms=False, whole_model=2, exports=True)
 def export_hf_awq(config: HFAWQConfig, state, ctx: RunContext) -> StageOutcome:
     if not state.qweights:
         raise CompressError("hf_awq: the model has no quantized weights (run rtn or awq first)")

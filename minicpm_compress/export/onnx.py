@@ -350,7 +350,7 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
 
 
 @register_stage("onnx", OnnxConfig, "export an ONNX decoder with KV cache (MatMulNBits) and measure it in onnxruntime",
-                transforms=False, whole_model=lambda c: None if c.matmul_nbits or c.bits == 32 else 3)
+                transforms=False, whole_model=lambda c: None if c.matmul_nbits or c.bits == 32 else 3, exports=True)
 def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     kind = {4: "int4", 8: "int8", 32: "fp32"}[config.bits]
     folder = ctx.out_dir / (config.folder or f"onnx-{kind}")

@@ -23,9 +23,11 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise CompressError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CompressError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise CompressError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise CompressError(f"{path}: missing key 'model_type'")
     return raw
@@ -60,11 +62,35 @@ def supported_config(folder: Path, raw: dict | None = None):
             f"{Path(folder) / 'config.json'}: model_type '{raw['model_type']}' is not supported "
             f"(supported: {', '.join(sorted(ARCHITECTURES))}; other types need --trust-remote-code)"
         )
+    path = Path(folder) / "config.json"
+    check_shape_settings(raw, path)
     settings = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures")}
     try:
         return arch.config_class.from_dict(settings)
-    except (TypeError, ValueError) as e:
-        raise CompressError(f"{Path(folder) / 'config.json'}: invalid settings ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - transformers raises its own validation errors; say which setting
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CompressError(f"{path}: invalid settings ({lines[-1] if lines else type(e).__name__})") from None
+
+
+# the settings every decoder's shapes follow from: positive integers, heads dividing as attention needs
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")
+
+
+def check_shape_settings(raw: dict, path: Path) -> None:
+    """One-line errors naming the key for shape settings of the wrong type, out of range or inconsistent."""
+    for key in _SHAPE_KEYS:
+        value = raw.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim", "intermediate_size"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CompressError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    heads, kv = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv:
+        raise CompressError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if raw.get("head_dim") is None and raw["hidden_size"] % heads:
+        raise CompressError(f"{path}: hidden_size {raw['hidden_size']} is not a multiple of "
+                            f"num_attention_heads {heads} (and no head_dim is given)")
 
 
 def check_tensors(weights, skeleton: torch.nn.Module, source) -> None:

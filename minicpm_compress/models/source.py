@@ -27,6 +27,24 @@ class ModelSource:
     weights_sha256: str | None = None  # what the source checkpoint's weights must hash to (output folders)
 
 
+def verify_model_files(folder: Path, manifest: dict) -> None:
+    """The files that make an output folder a model are there and hash to what its manifest recorded."""
+    from .tensors import weights_sha256
+
+    listed = {a.get("path"): a for a in manifest.get("artifacts") or [] if isinstance(a, dict)}
+    model_files = [p for p in listed if p in (CONFIG_NAME, QWEIGHTS_NAME, MODIFIED_NAME)
+                   or str(p).startswith(f"{MODEL_SUBDIR}/")]
+    for name in (CONFIG_NAME, QWEIGHTS_NAME, MODIFIED_NAME):
+        if (folder / name).is_file() and name not in listed:
+            raise CompressError(f"{folder / name}: not listed in {MANIFEST_NAME} (added after the run?)")
+    for name in model_files:
+        path = folder / name
+        if not path.is_file():
+            raise CompressError(f"{path}: missing (listed in {MANIFEST_NAME}); the output folder is incomplete")
+        if weights_sha256(folder, [path]) != listed[name].get("sha256"):
+            raise CompressError(f"{path}: sha256 differs from {MANIFEST_NAME} (changed after the run)")
+
+
 def resolve_model(spec: str) -> ModelSource:
     if spec in BUILTIN_MODELS:
         return ModelSource(spec, builtin_path(spec), spec)
@@ -36,8 +54,12 @@ def resolve_model(spec: str) -> ModelSource:
             manifest = json.loads((folder / MANIFEST_NAME).read_text())
             reference = manifest["reference"]
             origin = manifest.get("source")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise CompressError(f"{folder / MANIFEST_NAME}: not a minicpm-compress manifest (no 'reference')") from None
+        if manifest.get("status") == "failed":
+            raise CompressError(f"{folder / MANIFEST_NAME}: this run failed its gate (status 'failed') and holds "
+                                "no model; rerun it or use an earlier output folder")
+        verify_model_files(folder, manifest)
         qweights = folder / QWEIGHTS_NAME
         qweights = qweights if qweights.is_file() else None
         if isinstance(origin, dict) and (folder / CONFIG_NAME).is_file():

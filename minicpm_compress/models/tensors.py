@@ -70,8 +70,12 @@ class _SafetensorsFile:
                 (length,) = struct.unpack("<Q", f.read(8))
                 if length > size - 8 or length > 100_000_000:
                     raise ValueError("header length beyond the end of the file")
-                header = json.loads(f.read(length))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+                raw = f.read(length)
+            try:
+                header = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"header is not valid JSON: {e}") from None
+        except (struct.error, ValueError) as e:
             raise CompressError(f"{path}: unreadable safetensors file ({e})") from None
         if not isinstance(header, dict):
             raise CompressError(f"{path}: unreadable safetensors file (header is not an object)")
@@ -163,9 +167,11 @@ class CheckpointTensors:
 
     def get(self, name: str) -> torch.Tensor:
         where = self._entry(name)
-        if isinstance(where, _SafetensorsFile):
-            return where.read(name)
-        return self._pickle(where)[name].clone()
+        t = where.read(name) if isinstance(where, _SafetensorsFile) else self._pickle(where)[name].clone()
+        if t.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
+            file = where.path if isinstance(where, _SafetensorsFile) else where
+            raise CompressError(f"{file}: tensor '{name}' contains NaN or Inf values")
+        return t
 
     def fingerprint(self) -> str:
         return weights_sha256(self.folder, self.files)

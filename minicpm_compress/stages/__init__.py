@@ -85,6 +85,7 @@ class StageType:
     # the stage's config giving either
     whole_model: float | Callable[[StageConfig], float | None] | None = None
     calibrates: bool = False  # runs calibration samples through the layers (memory for their activations)
+    exports: bool = False  # writes an artifact for a runtime (free disk is checked before it starts)
 
     def memory_multiple(self, config: StageConfig) -> float | None:
         return self.whole_model(config) if callable(self.whole_model) else self.whole_model
@@ -95,11 +96,11 @@ STAGES: dict[str, StageType] = {}
 
 def register_stage(name: str, config_class: type[StageConfig], summary: str, transforms: bool = True,
                    whole_model: float | Callable[[StageConfig], float | None] | None = None,
-                   calibrates: bool = False):
+                   calibrates: bool = False, exports: bool = False):
     def decorate(handler):
         if name in STAGES:
             raise RuntimeError(f"stage '{name}' registered twice")
-        STAGES[name] = StageType(name, config_class, handler, summary, transforms, whole_model, calibrates)
+        STAGES[name] = StageType(name, config_class, handler, summary, transforms, whole_model, calibrates, exports)
         return handler
 
     return decorate
