@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .quant.qweight import QuantizedWeight
+from .errors import ResourceError
 
 if TYPE_CHECKING:
+    from .quant.qweight import QuantizedWeight
     from .state import ModelState
 
 DEFAULT_CONTEXT = 2048
@@ -107,3 +110,22 @@ def disk_estimate(state: "ModelState", config) -> int:
     other = _numel(state, "") - linear
     vision = state.vision.parameter_count() if state.vision is not None else 0
     return int(linear * bits / 8 * 1.1 + (other + vision) * 4)
+
+
+def check_memory(name: str, estimate: dict, enforce: bool) -> None:
+    """Refuse a stage whose estimated peak exceeds the memory available now (unless told not to)."""
+    available = available_memory()
+    if enforce and estimate["bytes"] > available:
+        biggest = max(estimate["parts"], key=estimate["parts"].get)
+        raise ResourceError(
+            f"stage '{name}' needs about {estimate['bytes'] / GIB:.1f} GiB (mostly {biggest}), "
+            f"{available / GIB:.1f} GiB is available; use a machine with more memory or pass --no-memory-check"
+        )
+
+
+def check_disk(name: str, needed: int, folder: Path, enforce: bool) -> None:
+    """Refuse an exporter whose artifact would not fit on the output folder's file system."""
+    free = shutil.disk_usage(folder).free
+    if enforce and needed > free:
+        raise ResourceError(f"stage '{name}' writes up to about {needed / GIB:.2f} GiB into {folder.parent}, "
+                            f"which has {free / GIB:.2f} GiB free; free some space or pass --no-memory-check")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +10,9 @@ from typing import Callable
 import torch
 
 from . import atomic
-from .errors import GateFailure, ResourceError
+from .errors import GateFailure
 from .evaluate.metrics import Metrics
-from .footprint import GIB, available_memory, disk_estimate, memory_estimate, stage_memory
+from .footprint import GIB, check_disk, check_memory, disk_estimate, memory_estimate, stage_memory
 from .manifest import write_outputs
 from .recipe import Recipe
 from .stages import STAGES, RunContext
@@ -45,25 +44,6 @@ class RunRecord:
     @property
     def failed(self) -> StageRecord | None:
         return next((s for s in self.stages if s.failures), None)
-
-
-def check_memory(name: str, estimate: dict, enforce: bool) -> None:
-    """Refuse a stage whose estimated peak exceeds the memory available now (unless told not to)."""
-    available = available_memory()
-    if enforce and estimate["bytes"] > available:
-        biggest = max(estimate["parts"], key=estimate["parts"].get)
-        raise ResourceError(
-            f"stage '{name}' needs about {estimate['bytes'] / GIB:.1f} GiB (mostly {biggest}), "
-            f"{available / GIB:.1f} GiB is available; use a machine with more memory or pass --no-memory-check"
-        )
-
-
-def check_disk(name: str, needed: int, folder: Path, enforce: bool) -> None:
-    """Refuse an exporter whose artifact would not fit on the output folder's file system."""
-    free = shutil.disk_usage(folder).free
-    if enforce and needed > free:
-        raise ResourceError(f"stage '{name}' writes up to about {needed / GIB:.2f} GiB into {folder.parent}, "
-                            f"which has {free / GIB:.2f} GiB free; free some space or pass --no-memory-check")
 
 
 class _Stop(Exception):

@@ -111,13 +111,13 @@ def test_commit_keeps_only_what_changed(tokenizer):
 def test_a_stage_that_would_not_fit_in_memory_is_refused(tmp_path, tiny_checkpoint, monkeypatch):
     from click.testing import CliRunner
 
-    from minicpm_compress import pipeline
+    from minicpm_compress import footprint
     from minicpm_compress.cli import main
 
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(footprint, "available_memory", lambda: 1 << 20)
     args = ["rtn", "--model", str(tiny_checkpoint("llama")), "--eval-tokens", "512", "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 4 and "stage 'rtn' needs about" in result.stderr and "--no-memory-check" in result.stderr
+    assert result.exit_code == 4 and "stage 'load' needs about" in result.stderr and "--no-memory-check" in result.stderr
     assert not (tmp_path / "o").exists()
     assert CliRunner().invoke(main, args + ["--no-memory-check"]).exit_code == 0
 

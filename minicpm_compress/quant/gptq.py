@@ -34,7 +34,7 @@ from ..layerwise import InputStatistics, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
-from .awq import relative_error, search_clip
+from . import awq  # used at call time: importing awq first (it registers its stage) comes back here
 from .budget import BudgetConfig, apply_budget, int8_error
 from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, round_codes
 
@@ -53,7 +53,7 @@ def _params(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, confi
     """Scales and zero points for `weight`'s groups, clipped by a search on `gram` when asked."""
     clip = None
     if config is not None and config.clip:
-        clip = search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
+        clip = awq.search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
     return group_params(weight, scheme, clip)
 
 
@@ -127,7 +127,7 @@ def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch
         except CompressError as e:
             raise CompressError(f"gptq: '{prefix}.{name}': {e}") from None
         gram = grams[name].float()
-        errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
+        errors[f"{prefix}.{name}"] = awq.relative_error(weight, q.dequantize(), gram)
         if config.budgeted:
             errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
         qweights[f"{prefix}.{name}"] = q.to("cpu")

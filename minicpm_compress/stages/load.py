@@ -11,6 +11,7 @@ from ..devices import compute_device
 from ..errors import CompressError
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.metrics import reference_metrics
+from ..footprint import check_memory, stage_memory
 from ..models.source import resolve_model
 from ..state import ModelState
 from . import RunContext, StageConfig, StageOutcome, register_stage
@@ -33,7 +34,8 @@ def apply_load(config: LoadConfig, _state, ctx: RunContext) -> StageOutcome:
     options = dict(allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code, device=device,
                    dtype=dtype)
     source = resolve_model(recipe.model)
-    state = ModelState.open(source, **options)
+    state = ModelState.open(source, **options)  # headers only: the weights are read layer by layer
+    check_memory("load", stage_memory(state, None, recipe.data), recipe.memory_check)
 
     ref_source = resolve_model(recipe.reference) if recipe.reference else resolve_model(source.reference)
     is_reference = (not state.qweights and not state.weights.changed()
