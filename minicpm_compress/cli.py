@@ -179,6 +179,9 @@ def _scheme_options(command):
         click.option("--zero-point/--symmetric", default=True, show_default=True,
                      help="asymmetric with zero points, or symmetric"),
         click.option("--float-zero", is_flag=True, help="store zero points as float offsets (GGUF Q4_1 style)"),
+        click.option("--layout", default=None, metavar="TYPE",
+                     help="the exact layout of a GGUF type instead (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): "
+                          "sets bits, group size, symmetry and the K-quant scale grid"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -187,6 +190,12 @@ def _scheme_options(command):
 
 def _scheme_settings(options: dict) -> dict:
     group = options.pop("group_size")
+    layout = options.pop("layout")
+    if layout is not None:
+        chosen = (options.pop("bits"), group, options.pop("zero_point"), options.pop("float_zero"))
+        if chosen != ("4", "128", True, False):
+            raise CompressError("--layout sets the whole scheme; leave out --bits, --group-size, --symmetric and --float-zero")
+        return {"layout": layout}
     return {
         "bits": int(options.pop("bits")),
         "symmetric": not options.pop("zero_point"),

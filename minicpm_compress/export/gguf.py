@@ -7,11 +7,14 @@ llama.cpp's rope expects; the tokenizer (byte-level BPE from tokenizer.json, or 
 tokenizer.model as MiniCPM's own tokenizers use) and the chat template go into the metadata.
 
 How each decoder linear gets into the file, recorded in the manifest:
-  * lossless: our quantized weights already have the type's layout (Q8_0 = int8 symmetric group 32,
-    Q4_0 = int4 symmetric group 32, Q4_1 = int4 group 32 with float offsets); their codes and float16
-    scales are packed into the blocks as they are, so the file holds exactly what the gate measured;
+  * lossless: our quantized weights already have the type's layout (the scheme `layout: TYPE` of
+    quant/qweight.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the K-quants Q4_K, Q5_K, Q6_K with their
+    super-block scale grids); codes and scales are packed into the blocks as they are (gguf_blocks.py),
+    so the file holds exactly what the gate measured. In a K-quant file, rows that do not split into
+    256-wide super-blocks take llama.cpp's fallback type (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0);
   * requantized: other layouts; the float weights (AWQ-scaled when AWQ ran) are quantized by gguf-py
-    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or, for K-quants and IQ4_NL, by llama.cpp's own quantizer.
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), by our quantizer on the grid (Q4_K, Q5_K, Q6_K), or, for llama.cpp's
+    mixtures (Q4_K_M, …) and IQ4_NL, by llama.cpp's own quantizer.
 Token embeddings are stored as Q8_0 in quantized files, norms in F32.
 """
 
@@ -30,19 +33,16 @@ from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..models.checkpoint import untied_state_dict
-from ..quant.qweight import QuantizedWeight, QuantScheme
+from ..quant.qweight import K_FALLBACK, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .gguf_blocks import is_lossless, pack_blocks
 
-# types gguf-py quantizes in numpy
-NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# types this module writes itself: legacy types quantized by gguf-py when not already ours, K-quants by our
+# quantizer on their grid (gguf_blocks.py packs both)
+NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # types made by llama.cpp's quantizer (llama_model_quantize), by their llama_ftype constant's suffix
-LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL")
-# our quantized layouts that a type holds exactly
-LOSSLESS = {
-    "Q8_0": QuantScheme(bits=8, group_size=32, symmetric=True),
-    "Q4_0": QuantScheme(bits=4, group_size=32, symmetric=True),
-    "Q4_1": QuantScheme(bits=4, group_size=32, symmetric=False, zero_point="float"),
-}
+LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "IQ4_NL")
+K_TYPES = tuple(K_FALLBACK)
 # pre-tokenizer settings of byte-level BPE tokenizers → llama.cpp's `tokenizer.ggml.pre`
 KNOWN_PRE_TOKENIZERS = {
     json.dumps({"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": True},
@@ -54,27 +54,6 @@ def _ggml_type(name: str):
     import gguf
 
     return gguf.GGMLQuantizationType[name]
-
-
-def pack_lossless(q: QuantizedWeight, type_name: str) -> np.ndarray:
-    """Our codes and scales as GGUF blocks of 32 → uint8 [rows, blocks × bytes per block]."""
-    rows, cols = q.shape
-    blocks = cols // 32
-    d = q.scales.to(torch.float16).numpy().view(np.uint8).reshape(rows, blocks, 2)
-    codes = q.codes.numpy().reshape(rows, blocks, 32)
-    if type_name == "Q8_0":
-        parts = [d, codes.astype(np.int8).view(np.uint8)]
-    else:
-        nib = (codes.astype(np.int16) + (8 if q.scheme.symmetric else 0)).astype(np.uint8)
-        packed = nib[:, :, :16] | (nib[:, :, 16:] << 4)
-        parts = [d, packed] if type_name == "Q4_0" else [
-            d, q.zeros.to(torch.float16).numpy().view(np.uint8).reshape(rows, blocks, 2), packed]
-    return np.concatenate(parts, axis=2).reshape(rows, -1)
-
-
-def is_lossless(q: QuantizedWeight, type_name: str) -> bool:
-    scheme = LOSSLESS.get(type_name)
-    return scheme is not None and q.scheme == scheme and q.shape[1] % 32 == 0
 
 
 def rope_permutation(rows: int, heads: int) -> torch.Tensor:
@@ -226,7 +205,8 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     writer.add_key_length(head_dim)  # needed once pruning leaves head_dim != hidden / heads
     writer.add_value_length(head_dim)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if file_type == "F32" else f"MOSTLY_{file_type}"))
+    ftype = {"F32": "ALL_F32", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}.get(file_type, f"MOSTLY_{file_type}")
+    writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch == "minicpm":
         embedding, residual, divisor = mup_scales(c)
@@ -254,6 +234,8 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         q = state.qweights.get(linear)
         # linears a bit budget kept at int8 stay 8-bit (Q8_0) in a lower-bit file
         own = "Q8_0" if q is not None and q.scheme.bits == 8 and quantized_type else file_type
+        if own in K_TYPES and len(shape) == 2 and shape[1] % 256:
+            own = K_FALLBACK[own]  # rows that do not split into super-blocks: llama.cpp's own fallback type
         if q is not None and is_lossless(q, own):
             plan.append((key, gguf_name, "lossless", own, shape))
             paths["lossless"] += 1
@@ -290,7 +272,7 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
             continue
         if how == "lossless":
             q = state.qweights[key.removesuffix(".weight")]
-            writer.write_tensor_data(pack_lossless(q.rows(index) if heads else q, target))
+            writer.write_tensor_data(pack_blocks(q.rows(index) if heads else q, target))
             continue
         data = state.tensor(key)
         array = (data[index] if heads else data).numpy()
@@ -298,6 +280,8 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
             writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
         elif target == "F16":
             writer.write_tensor_data(array.astype(np.float16))
+        elif target in K_TYPES:  # gguf-py has no K-quant quantizer: ours, on the type's grid (RTN)
+            writer.write_tensor_data(pack_blocks(quantize(torch.from_numpy(array), QuantScheme(layout=target)), target))
         else:
             writer.write_tensor_data(gguf.quants.quantize(array, _ggml_type(target)))
         del data, array

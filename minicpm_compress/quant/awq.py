@@ -71,7 +71,7 @@ def _effective(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) 
 def scale_candidates(weight: torch.Tensor, x_mean: torch.Tensor, scheme: QuantScheme, grid: int
                      ) -> tuple[torch.Tensor, list[float]]:
     """[1 + grid, in] candidate scales (the identity first, then s = mean|x|^α / mean|ŵ|^(1-α)) and their α."""
-    group = scheme.group_size or weight.shape[1]
+    group = scheme.fitting(weight.shape[1]).group_size or weight.shape[1]
     g = group_view(weight.abs(), group)
     w_mean = (g / (g.amax(dim=2, keepdim=True) + 1e-6)).reshape(weight.shape[0], -1)[:, : weight.shape[1]].mean(0)
     alphas = [i / grid for i in range(grid)]
@@ -163,6 +163,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, g
                 max_shrink: float) -> torch.Tensor:
     """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups]."""
     out, cols = weight.shape
+    scheme = scheme.fitting(cols)
     group = scheme.group_size or cols
     n_groups = math.ceil(cols / group)
     pad = n_groups * group - cols

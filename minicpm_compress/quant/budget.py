@@ -5,13 +5,11 @@ weight and of round-to-nearest int8 at the same grouping, both exactly over the 
 through the Gram matrix of the linear's inputs. Linears are then promoted to int8 greedily by the error
 they remove per extra bit stored, until the average bits per weight of the decoder linears reaches
 `target_bits` (or, with `int8_linears: N`, the N linears with the largest int4 error are promoted, as
-before). Bits per weight count codes, scales (16 bits per group) and zero points (their code width, or
-16 bits for float offsets).
+before). Bits per weight (`QuantScheme.bits_per_weight`) count codes, scales and zero points.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -40,14 +38,10 @@ class BudgetConfig(BaseModel):
 
 
 def int8_scheme(scheme: QuantScheme) -> QuantScheme:
-    return scheme.model_copy(update={"bits": 8})
-
-
-def bits_per_weight(scheme: QuantScheme, cols: int) -> float:
-    """Stored bits per weight of one linear with `cols` input columns under `scheme`."""
-    group = scheme.group_size or cols
-    zero = 0 if scheme.symmetric else (scheme.bits if scheme.zero_point == "int" else 16)
-    return scheme.bits + math.ceil(cols / group) * (16 + zero) / cols
+    """The 8-bit scheme a budget promotes a linear to: the same grouping, or Q8_0 for a K-quant grid."""
+    if scheme.super_block:
+        return QuantScheme(layout="Q8_0")
+    return scheme.scheme().model_copy(update={"bits": 8})
 
 
 def int8_error(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> float:
@@ -61,7 +55,7 @@ def choose_int8(config: BudgetConfig, scheme: QuantScheme, shapes: dict[str, tup
                 errors4: dict[str, float], errors8: dict[str, float]) -> tuple[list[str], float]:
     """The linears to keep at int8, and the decoder linears' resulting average bits per weight."""
     total = sum(o * i for o, i in shapes.values())
-    bits = {n: (o * i, bits_per_weight(scheme, i), bits_per_weight(int8_scheme(scheme), i)) for n, (o, i) in shapes.items()}
+    bits = {n: (o * i, scheme.bits_per_weight(i), int8_scheme(scheme).bits_per_weight(i)) for n, (o, i) in shapes.items()}
     spent = sum(n * b4 for n, b4, _ in bits.values())
     if config.int8_linears:
         chosen = sorted(errors4, key=errors4.get, reverse=True)[: config.int8_linears]

@@ -67,9 +67,11 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
     dead = torch.diagonal(h) == 0  # inputs that never fire: no error to feed, any code will do
     h[dead, dead] = 1
     w[:, dead] = 0
+    scheme = scheme.fitting(cols)
     group = scheme.group_size or cols
     n_groups = math.ceil(cols / group)
-    static = config.act_order or scheme.group_size is None
+    # a K-quant grid ties the groups of a super-block together: its parameters are set once, up front
+    static = config.act_order or scheme.group_size is None or scheme.super_block is not None
     if static:  # one set of group parameters, from the weight as it is
         scales, zeros = _params(w, h, scheme, config)
     else:

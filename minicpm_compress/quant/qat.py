@@ -28,6 +28,7 @@ from pydantic import Field
 from ..models.architectures import quantizable_linears
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from ..train.distill import DistillSettings, ParamGroup, checkpoint_path, distill
+from .budget import int8_scheme
 from .qweight import MIN_SCALE, QuantizedWeight, QuantScheme, encode, fake_quantize, quantize
 
 
@@ -73,7 +74,7 @@ class FakeQuantLinear(torch.nn.Module):
 def _initial(name: str, linear: torch.nn.Linear, existing: dict[str, QuantizedWeight], scheme: QuantScheme):
     """The starting quantized weight of one linear, and where it came from."""
     q = existing.get(name)
-    if q is not None and q.scheme in (scheme, scheme.model_copy(update={"bits": 8})):
+    if q is not None and q.scheme in (scheme.fitting(q.shape[1]), int8_scheme(scheme)):
         return q, "given"
     return quantize(linear.weight, scheme), "rtn"
 

@@ -7,14 +7,23 @@ group of `group_size` input columns, a scale and (asymmetric schemes) a zero poi
   asymmetric, int zero   w = scale * (code - zero)            code, zero in [0, 2^b - 1]        (uint8)
   asymmetric, float zero w = scale * code + zero              code in [0, 2^b - 1]; zero = the group's offset
 
-Scales (and float zeros) are always exactly representable in float16, so formats that store them in
-float16 (GGUF, AWQ, ONNX MatMulNBits, Core ML) carry them without rounding. If `in` is not a multiple
-of the group size the last group is narrower.
+Scales (and float zeros) are exactly representable in float16, so formats that store them in float16
+(GGUF, AWQ, ONNX MatMulNBits, Core ML) carry them without rounding. If `in` is not a multiple of the
+group size the last group is narrower.
+
+K-quant grids (`super_block: 256`, GGUF Q4_K / Q5_K / Q6_K) quantize the scales themselves: within each
+super-block of 256 columns, every group's scale is d · sc with one float16 d and an integer sc of
+`scale_bits` bits (and every float offset is −dmin · m likewise), so scales are exact float32 products,
+not float16 values. The largest sc (and m) of a super-block is always the top of its range, which makes
+d = max(scale) / top: the packer recovers d and every sc from the scales alone. A weight whose width is
+not a multiple of 256 takes llama.cpp's fallback type instead (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+Schemes can be named by the GGUF type whose layout they are: `layout: Q4_K` (see GGUF_GRIDS).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -30,32 +39,104 @@ MIN_SCALE = 1e-5
 FILE_FORMAT = "minicpm-compress-qweights/2"  # /2: 4-bit codes packed two per byte
 
 
+# GGUF types whose blocks hold our codes and scales exactly: the scheme each one is
+GGUF_GRIDS: dict[str, dict] = {
+    "Q8_0": dict(bits=8, group_size=32, symmetric=True),
+    "Q4_0": dict(bits=4, group_size=32, symmetric=True),
+    "Q4_1": dict(bits=4, group_size=32, symmetric=False, zero_point="float"),
+    "Q5_0": dict(bits=5, group_size=32, symmetric=True),
+    "Q5_1": dict(bits=5, group_size=32, symmetric=False, zero_point="float"),
+    "Q4_K": dict(bits=4, group_size=32, symmetric=False, zero_point="float", super_block=256, scale_bits=6),
+    "Q5_K": dict(bits=5, group_size=32, symmetric=False, zero_point="float", super_block=256, scale_bits=6),
+    "Q6_K": dict(bits=6, group_size=16, symmetric=True, super_block=256, scale_bits=8),
+}
+# the type llama.cpp uses for a weight whose rows do not split into 256-wide super-blocks
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
 class QuantScheme(BaseModel):
     """How a weight is quantized (the settings every quantizing stage shares)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bits: Literal[4, 8] = 4
+    bits: Literal[4, 5, 6, 8] = 4
     group_size: int | None = Field(128, description="input columns per scale; null = one scale per output channel")
     symmetric: bool = False
     zero_point: Literal["int", "float"] = Field(
         "int", description="asymmetric only: integer zero points (ONNX, Core ML, AWQ) or float offsets (GGUF Q4_1)"
     )
+    super_block: Literal[256] | None = Field(
+        None, description="K-quant grid: group scales (and offsets) quantized per super-block of 256 columns")
+    scale_bits: Literal[6, 8] | None = Field(None, description="K-quant grid: bits of each group's scale integer")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_layout(cls, data):
+        """`layout: Q4_K` stands for the settings of that GGUF type (explicit settings must agree with it)."""
+        if not isinstance(data, dict) or data.get("layout") is None:
+            if isinstance(data, dict):
+                data = {k: v for k, v in data.items() if k != "layout"}
+            return data
+        data = dict(data)
+        name = data.pop("layout")
+        if name not in GGUF_GRIDS:
+            raise ValueError(f"layout '{name}' is not one of {', '.join(GGUF_GRIDS)}")
+        for key, value in GGUF_GRIDS[name].items():
+            if key in data and data[key] != value:
+                raise ValueError(f"layout {name} has {key} {value!r}, not {data[key]!r}")
+        return {**data, **GGUF_GRIDS[name]}
 
     @model_validator(mode="after")
     def _check(self):
         if self.group_size is not None and (self.group_size < 8 or self.group_size % 8):
             raise ValueError("group_size must be a multiple of 8 (e.g. 32, 64, 128) or null for per-channel")
+        if (self.super_block is None) != (self.scale_bits is None):
+            raise ValueError("super_block and scale_bits go together (a K-quant grid; e.g. layout: Q4_K)")
+        if self.super_block is not None and self.layout is None:
+            raise ValueError(f"a K-quant grid must be one of {', '.join(K_FALLBACK)} (use layout: NAME)")
         return self
+
+    @property
+    def layout(self) -> str | None:
+        """The GGUF type whose blocks hold this scheme exactly, if any."""
+        fields = {k: getattr(self, k) for k in QuantScheme.model_fields}
+        for name, spec in GGUF_GRIDS.items():
+            full = QuantScheme.model_construct(**spec)
+            if all(getattr(full, k) == v for k, v in fields.items()):
+                return name
+        return None
 
     def scheme(self) -> "QuantScheme":
         """Just the scheme, without the fields a subclass (a stage config) adds."""
         return QuantScheme(**{k: getattr(self, k) for k in QuantScheme.model_fields})
 
+    def fitting(self, cols: int) -> "QuantScheme":
+        """The scheme a weight of `cols` input columns takes: a K-quant grid falls back (as llama.cpp does)
+        when the row does not split into super-blocks."""
+        scheme = self.scheme()
+        if scheme.super_block and cols % scheme.super_block:
+            return QuantScheme(**GGUF_GRIDS[K_FALLBACK[scheme.layout]])
+        return scheme
+
     def describe(self) -> str:
+        if self.super_block:
+            return f"{self.layout} (int{self.bits} g{self.group_size}, {self.scale_bits}-bit scales per 256)"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float-zero")
         return f"int{self.bits} {group} {kind}"
+
+    def bits_per_weight(self, cols: int) -> float:
+        """Stored bits per weight of a row of `cols` columns: codes, scales and zero points (float16 scales
+        and offsets; a K-quant grid's integer scales plus its float16 factors per super-block)."""
+        scheme = self.fitting(cols)
+        group = scheme.group_size or cols
+        groups = math.ceil(cols / group)
+        if scheme.super_block:
+            per_group = scheme.scale_bits * (1 if scheme.symmetric else 2)
+            per_super = 16 * (1 if scheme.symmetric else 2)
+            return scheme.bits + (groups * per_group + cols // scheme.super_block * per_super) / cols
+        zero = 0 if scheme.symmetric else (scheme.bits if scheme.zero_point == "int" else 16)
+        return scheme.bits + groups * (16 + zero) / cols
 
 
 class QuantizedWeight:
@@ -68,9 +149,10 @@ class QuantizedWeight:
                  scheme: QuantScheme, *, packed: torch.Tensor | None = None, cols: int | None = None):
         if packed is None:
             packed, cols = pack_codes(codes, scheme), codes.shape[1]
-        self.packed = packed  # uint8 [out, ceil(cols / 2)] for 4 bits; the int8/uint8 codes for 8 bits
+        self.packed = packed  # uint8 [out, ceil(cols · bits / 8)]; the int8/uint8 codes themselves for 8 bits
         self.cols = int(cols)
-        self._scales = scales.to(torch.float16)  # float16-exact by construction: held at half the size
+        # float16-exact by construction (held at half the size), except a K-quant grid's d · sc products
+        self._scales = scales.to(torch.float32 if scheme.super_block else torch.float16)
         self.zeros = zeros  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
         self.scheme = scheme
 
@@ -110,22 +192,43 @@ class QuantizedWeight:
 
 
 def pack_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Codes [out, in] → their storage: 8-bit codes as they are, 4-bit codes two per byte (low nibble first)."""
+    """Codes [out, in] → their storage: 8-bit codes as they are; narrower codes bit-packed along each row,
+    least significant bit first (for 4 bits: two per byte, the first in the low nibble), rows padded to
+    whole bytes. Symmetric codes are stored in two's complement."""
     if scheme.bits == 8:
         return codes.contiguous()
-    nib = codes.to(torch.uint8) & 0x0F  # two's complement nibble for symmetric codes
-    if nib.shape[1] % 2:
-        nib = torch.cat([nib, torch.zeros_like(nib[:, :1])], dim=1)
-    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+    if scheme.bits == 4:  # the same layout as below, the fast way
+        nib = codes.to(torch.uint8) & 0x0F
+        if nib.shape[1] % 2:
+            nib = torch.cat([nib, torch.zeros_like(nib[:, :1])], dim=1)
+        return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+    bits = scheme.bits
+    values = codes.to(torch.int16) & (2**bits - 1)
+    planes = (values.unsqueeze(2) >> torch.arange(bits, dtype=torch.int16)) & 1  # [out, in, bits]
+    stream = planes.reshape(values.shape[0], -1).to(torch.uint8)
+    pad = -stream.shape[1] % 8
+    if pad:
+        stream = torch.cat([stream, torch.zeros(stream.shape[0], pad, dtype=torch.uint8)], dim=1)
+    weights = (1 << torch.arange(8, dtype=torch.int16)).to(torch.uint8)
+    return (stream.reshape(stream.shape[0], -1, 8) * weights).sum(dim=2, dtype=torch.uint8).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, cols: int, scheme: QuantScheme) -> torch.Tensor:
     if scheme.bits == 8:
         return packed
-    nib = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)[:, :cols]
+    if scheme.bits == 4:
+        nib = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)[:, :cols]
+        if scheme.symmetric:
+            return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend the nibble
+        return nib.contiguous()
+    bits = scheme.bits
+    stream = (packed.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1  # [out, bytes, 8]
+    planes = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
+    values = (planes.to(torch.int16) << torch.arange(bits, dtype=torch.int16)).sum(dim=2)
     if scheme.symmetric:
-        return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend the nibble
-    return nib.contiguous()
+        half = 2 ** (bits - 1)
+        return ((values ^ half) - half).to(torch.int8)  # sign-extend
+    return values.to(torch.uint8).contiguous()
 
 
 def per_column(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
@@ -156,14 +259,17 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
     w = weight.detach().to(torch.float32)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    scheme = scheme.fitting(w.shape[1])
     return encode(w, *group_params(w, scheme, clip), scheme)
 
 
 def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per (output row, group): the scale [out, n_groups] (float16-exact) and zero point (uint8 or float16-exact
-    float offset; None if symmetric) that map the group's range, shrunk by `clip`, onto the code range."""
+    """Per (output row, group): the scale [out, n_groups] and zero point (uint8, or a float offset; None if
+    symmetric) that map the group's range, shrunk by `clip`, onto the code range. Scales and offsets are
+    float16-exact, or on the scheme's K-quant grid (`k_grid`)."""
     w = weight.detach().to(torch.float32)
+    scheme = scheme.fitting(w.shape[1])
     g = group_view(w, scheme.group_size or w.shape[1])
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
     if scheme.symmetric:
@@ -173,12 +279,37 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     else:
         qmax = 2**scheme.bits - 1
         hi, lo = g.amax(dim=2, keepdim=True) * shrink, g.amin(dim=2, keepdim=True) * shrink
+        if scheme.super_block:
+            lo = lo.clamp(max=0)  # K-quant offsets are −dmin · m with m ≥ 0
         scales = _f16(((hi - lo) / qmax).clamp(min=MIN_SCALE))
         if scheme.zero_point == "int":
             zeros = torch.clamp(torch.round(-lo / scales), 0, qmax).squeeze(2).to(torch.uint8)
         else:
             zeros = _f16(lo).squeeze(2)
-    return scales.squeeze(2).contiguous(), zeros
+    scales = scales.squeeze(2).contiguous()
+    if scheme.super_block:
+        return k_grid(scales, zeros, scheme)
+    return scales, zeros
+
+
+def k_grid(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: QuantScheme, rounding=torch.round
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales [out, n_groups] (≥ 0) and float offsets (≤ 0) moved onto the scheme's K-quant grid: per
+    super-block, d · sc with d float16 and sc an integer in [0, top], the largest sc equal to top (so d is
+    max / top, exactly). Idempotent: scales already on the grid come back unchanged."""
+    top = 2 ** (scheme.scale_bits - (1 if scheme.symmetric else 0)) - 1  # Q6_K: int8 scales; Q4_K/Q5_K: 6 bits
+    per_super = scheme.super_block // scheme.group_size
+
+    def snap(v: torch.Tensor) -> torch.Tensor:
+        rows = v.shape[0]
+        v = v.reshape(rows, -1, per_super)
+        peak = v.amax(dim=2, keepdim=True)
+        d = _f16(peak / top)
+        ints = torch.clamp(rounding(v / torch.where(d > 0, d, 1.0)), 0, top)
+        ints = torch.where(v == peak, float(top), ints)
+        return (d * torch.where(d > 0, ints, 0.0)).reshape(rows, -1)
+
+    return snap(scales), (None if zeros is None else -snap(-zeros))
 
 
 def code_range(scheme: QuantScheme) -> tuple[int, int]:
@@ -208,6 +339,9 @@ def fake_quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     code to the scale (LSQ). The result equals `encode(weight, scales, zeros, scheme).dequantize()`
     bit for bit: both evaluate the same float32 expression.
     """
+    scheme = scheme.fitting(weight.shape[1])
+    if scheme.super_block:
+        scales, zeros = k_grid(scales, zeros, scheme, _RoundSTE.apply)
     group, cols = scheme.group_size or weight.shape[1], weight.shape[1]
     s = per_column(scales, group, cols)
     z = None if scheme.symmetric else per_column(zeros, group, cols)
@@ -218,6 +352,7 @@ def round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme
                 rounding=torch.round) -> torch.Tensor:
     """Codes (as float32) of weights `w` under scales `s` and zero points `z` of the same shape."""
     lo, hi = code_range(scheme)
+    s = torch.where(s > 0, s, 1.0)  # a K-quant grid's all-zero super-block: every code stands for 0 (or the offset)
     if scheme.symmetric:
         return torch.clamp(rounding(w / s), lo, hi)
     if scheme.zero_point == "float":
@@ -238,6 +373,9 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
            scheme: QuantScheme) -> QuantizedWeight:
     """The codes of `weight` [out, in] under given scales [out, n_groups] (and zero points)."""
     w = weight.detach().to(torch.float32)
+    scheme = scheme.fitting(w.shape[1])
+    if scheme.super_block:
+        scales, zeros = k_grid(scales, zeros, scheme)
     group, cols = scheme.group_size or w.shape[1], w.shape[1]
     s = per_column(scales, group, cols)
     z = None if scheme.symmetric else per_column(zeros, group, cols)
@@ -252,9 +390,10 @@ def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:
     for name in sorted(qweights):
         q = qweights[name]
         tensors[f"{name}.codes"] = q.packed.contiguous()
-        tensors[f"{name}.scales"] = q.scales.to(torch.float16).contiguous()  # float16-exact by construction
+        scale_dtype = torch.float32 if q.scheme.super_block else torch.float16  # float16-exact, or d · sc products
+        tensors[f"{name}.scales"] = q.scales.to(scale_dtype).contiguous()
         if q.zeros is not None:
-            zeros = q.zeros if q.zeros.dtype == torch.uint8 else q.zeros.to(torch.float16)
+            zeros = q.zeros if q.zeros.dtype == torch.uint8 else q.zeros.to(scale_dtype)
             tensors[f"{name}.zeros"] = zeros.contiguous()
         schemes[name] = {**q.scheme.model_dump(), "cols": q.cols}
     # One metadata key: safetensors writes its metadata map in no fixed order, and artifacts must be
@@ -279,7 +418,7 @@ def load_qweights(path: Path) -> dict[str, QuantizedWeight]:
         try:
             zeros = tensors.get(f"{name}.zeros")
             if zeros is not None and zeros.dtype != torch.uint8:
-                zeros = zeros.float()  # float offsets, stored as float16 (exact)
+                zeros = zeros.float()  # float offsets, stored as float16 (exact) or float32 (K-quant grids)
             out[name] = QuantizedWeight(None, tensors[f"{name}.scales"].float(), zeros, QuantScheme(**scheme),
                                         packed=tensors[f"{name}.codes"], cols=cols)
         except KeyError as e:

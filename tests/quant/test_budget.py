@@ -4,7 +4,7 @@ import pytest
 
 from minicpm_compress.errors import CompressError
 from minicpm_compress.pipeline import run_recipe
-from minicpm_compress.quant.budget import BudgetConfig, bits_per_weight, choose_int8
+from minicpm_compress.quant.budget import BudgetConfig, choose_int8
 from minicpm_compress.quant.gptq import GPTQConfig
 from minicpm_compress.quant.qweight import QuantScheme
 from minicpm_compress.recipe import build_recipe
@@ -12,18 +12,11 @@ from minicpm_compress.recipe import build_recipe
 G128 = QuantScheme(bits=4, group_size=128)
 
 
-def test_bits_per_weight_counts_codes_scales_and_zero_points():
-    assert bits_per_weight(G128, 576) == pytest.approx(4 + 5 * (16 + 4) / 576)  # 5 groups, the last narrower
-    assert bits_per_weight(QuantScheme(bits=4, group_size=32, symmetric=True), 64) == 4.5
-    assert bits_per_weight(QuantScheme(bits=8, group_size=None, symmetric=True), 100) == 8.16
-    assert bits_per_weight(QuantScheme(bits=4, group_size=32, zero_point="float"), 64) == 5.0
-
-
 def test_the_budget_buys_the_most_error_per_bit_and_is_not_exceeded():
     shapes = {"big": (512, 512), "small": (64, 512), "mid": (256, 512), "useless": (64, 512)}
     errors4 = {"big": 0.05, "small": 0.04, "mid": 0.03, "useless": 0.001}
     errors8 = {"big": 0.001, "small": 0.001, "mid": 0.001, "useless": 0.001}
-    base = bits_per_weight(G128, 512)
+    base = G128.bits_per_weight(512)
     total = sum(o * i for o, i in shapes.values())
     small_cost = 64 * 512 * 4 / total  # the 4 extra code bits (and zero bits) of "small", per weight of all
     chosen, average = choose_int8(BudgetConfig(target_bits=base + 1.2 * small_cost), G128, shapes, errors4, errors8)

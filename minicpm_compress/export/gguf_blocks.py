@@ -1,0 +1,110 @@
+"""Our quantized weights as GGUF blocks, byte for byte what llama.cpp (and gguf-py) decode back to them.
+
+Each type here is a scheme of the one quantizer (`GGUF_GRIDS` in quant/qweight.py), so packing is lossless:
+codes and scales are only rearranged. Legacy types have blocks of 32 with a float16 scale (and offset);
+K-quants have super-blocks of 256 whose group scales are integers times a float16 factor, recovered from
+our scales as described in qweight.py. Layouts follow ggml's block_q5_0, block_q4_K, block_q6_K, …
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..quant.qweight import GGUF_GRIDS, QuantizedWeight, QuantScheme
+
+BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+
+
+def is_lossless(q: QuantizedWeight, type_name: str) -> bool:
+    """Whether `q` is exactly a `type_name` tensor (its scheme is that type's grid and its rows split into blocks)."""
+    spec = GGUF_GRIDS.get(type_name)
+    return (spec is not None and type_name in BLOCK_WIDTH and q.scheme == QuantScheme(**spec)
+            and q.shape[1] % BLOCK_WIDTH[type_name] == 0)
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    """float32 values that are float16-exact → their float16 bytes, [..., 2]."""
+    half = values.astype(np.float16)
+    return half.view(np.uint8).reshape(*values.shape, 2)
+
+
+def _high_bits(bits: np.ndarray) -> np.ndarray:
+    """[..., 32] bits (0/1) → [..., 4] bytes of a little-endian uint32 with bit i = bits[..., i]."""
+    word = (bits.astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+    return word.astype("<u4").view(np.uint8).reshape(*bits.shape[:-1], 4)
+
+
+def _nibbles(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    return (low & 0x0F) | ((high & 0x0F) << 4)
+
+
+def _super_factor(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grid values [..., groups per super-block] (d · int, the largest int = top) → (d, the integers)."""
+    d = values.max(axis=-1, keepdims=True) / top  # exact: the grid makes max = d · top
+    ints = np.where(d > 0, np.rint(values / np.where(d > 0, d, 1)), 0)
+    return d[..., 0], ints.astype(np.int64)
+
+
+def _pack_legacy(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
+    """Blocks of 32: codes [n, 32], scales/zeros [n] → [n, bytes per block]."""
+    d = _f16_bytes(scales)
+    if type_name == "Q8_0":
+        return np.concatenate([d, codes.astype(np.int8).view(np.uint8)], axis=1)
+    bits = 4 if type_name in ("Q4_0", "Q4_1") else 5
+    u = codes.astype(np.int16) + (2 ** (bits - 1) if type_name in ("Q4_0", "Q5_0") else 0)  # unsigned
+    parts = [d] + ([_f16_bytes(zeros)] if type_name in ("Q4_1", "Q5_1") else [])
+    if bits == 5:
+        parts.append(_high_bits((u >> 4) & 1))
+    parts.append(_nibbles(u[:, :16], u[:, 16:]).astype(np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins [n, 8] → the 12 bytes of block_q4_K / block_q5_K."""
+    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
+    return out
+
+
+def _pack_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
+    """Super-blocks of 256: codes [n, 256], scales/zeros [n, groups] → [n, bytes per block]."""
+    n = codes.shape[0]
+    if type_name == "Q6_K":
+        d, sc = _super_factor(scales, 127)
+        u = codes.astype(np.int16) + 32
+        halves = u.reshape(n, 2, 128)
+        ql = _nibbles(halves[:, :, :64], halves[:, :, 64:]).reshape(n, 128)  # element h·128 + k·64 + b
+        hi = (halves >> 4) & 3
+        qh = (hi[:, :, 0:32] | (hi[:, :, 32:64] << 2) | (hi[:, :, 64:96] << 4) | (hi[:, :, 96:128] << 6)).reshape(n, 64)
+        return np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), sc.astype(np.int8).view(np.uint8),
+                               _f16_bytes(d)], axis=1)
+    d, sc = _super_factor(scales, 63)
+    dmin, m = _super_factor(-zeros, 63)
+    u = codes.astype(np.int16).reshape(n, 4, 2, 32)  # pairs of groups of 32
+    qs = _nibbles(u[:, :, 0], u[:, :, 1]).reshape(n, 128).astype(np.uint8)
+    parts = [_f16_bytes(d), _f16_bytes(dmin), _k_scales(sc.astype(np.uint8), m.astype(np.uint8))]
+    if type_name == "Q5_K":
+        groups = codes.astype(np.int16).reshape(n, 8, 32)
+        qh = ((groups >> 4) & 1) << np.arange(8, dtype=np.int16).reshape(1, 8, 1)
+        parts.append(qh.sum(axis=1).astype(np.uint8))
+    parts.append(qs)
+    return np.concatenate(parts, axis=1)
+
+
+def pack_blocks(q: QuantizedWeight, type_name: str) -> np.ndarray:
+    """`q` as `type_name` blocks → uint8 [rows, blocks × bytes per block]."""
+    if not is_lossless(q, type_name):
+        raise ValueError(f"{q.scheme.describe()} [{q.shape[0]}, {q.shape[1]}] is not a {type_name} layout")
+    rows, cols = q.shape
+    width = BLOCK_WIDTH[type_name]
+    n = rows * cols // width
+    codes = q.codes.numpy().reshape(n, width)
+    scales = q.scales.numpy().reshape(n, -1)
+    zeros = None if q.zeros is None else q.zeros.numpy().astype(np.float32).reshape(n, -1)
+    if width == 32:
+        packed = _pack_legacy(type_name, codes, scales[:, 0], None if zeros is None else zeros[:, 0])
+    else:
+        packed = _pack_k(type_name, codes, scales, zeros)
+    return np.ascontiguousarray(packed).reshape(rows, -1)
