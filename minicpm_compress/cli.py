@@ -356,18 +356,23 @@ def export():
 @export.command("gguf")
 @_model_options
 @click.option("--type", "type_", default="Q4_0", show_default=True,
-              help="Q4_0, Q4_1, Q8_0, F16, F32, Q5_0, Q5_1, or a llama.cpp type (Q4_K_M, Q6_K, IQ4_NL, ...)")
+              help="written here: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; "
+                   "or a llama.cpp mixture made by its quantizer (Q4_K_M, Q5_K_M, Q3_K_M, IQ4_NL, ...)")
 @click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if not recognised")
 @click.option("--mmproj-type", default="F16", show_default=True,
               help="MiniCPM-V: the vision file's matmul weights (F16, F32, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1)")
+@click.option("--no-imatrix", is_flag=True,
+              help="llama.cpp mixtures: quantize without an importance matrix from the calibration text")
+@_calibration_option
 @_reports_errors
-def export_gguf(type_, tokenizer_pre, mmproj_type, **options):
+def export_gguf(type_, tokenizer_pre, mmproj_type, no_imatrix, calibration, **options):
     """A llama.cpp GGUF file (OUT/model-TYPE.gguf), measured in llama.cpp; for MiniCPM-V also the vision
     file (OUT/mmproj-TYPE.gguf), with images through llama.cpp's mtmd."""
     from .recipe import build_recipe
 
-    settings = {"type": type_, "mmproj_type": mmproj_type, **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {})}
-    recipe = build_recipe(**_recipe_fields(f"gguf-{type_}", "gguf", settings, options))
+    settings = {"type": type_, "mmproj_type": mmproj_type, "imatrix": not no_imatrix,
+                **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {})}
+    recipe = build_recipe(**_calibrated(_recipe_fields(f"gguf-{type_}", "gguf", settings, options), calibration))
     _run(recipe, options["out"], options["overwrite"])
 
 

@@ -121,16 +121,17 @@ class InputStatistics:
     calibration tokens.
     """
 
-    def __init__(self, linears: dict[str, torch.nn.Linear]):
+    def __init__(self, linears: dict[str, torch.nn.Linear], gram: bool = True):
         self.gram: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self._full = gram  # False: only the diagonal Σx² per channel (an importance matrix's statistic)
         self._handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears.items()]
 
     def _hook(self, name: str):
         def accumulate(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            gram = (x.T @ x).double()
+            gram = (x.T @ x).double() if self._full else x.double().pow(2).sum(0)
             if name in self.gram:
                 self.gram[name] += gram
                 self.abs_sum[name] += x.abs().sum(0).double()
@@ -142,6 +143,11 @@ class InputStatistics:
 
     def mean_abs(self, name: str) -> torch.Tensor:
         return (self.abs_sum[name] / self.tokens[name]).float()
+
+    def sum_squares(self, name: str) -> torch.Tensor:
+        """Σ x² per input channel over all tokens (the Gram matrix's diagonal)."""
+        g = self.gram[name]
+        return torch.diagonal(g) if self._full else g
 
     def close(self) -> None:
         for handle in self._handles:

@@ -54,6 +54,32 @@ def _input_folders(recipe: Recipe) -> tuple[Path, ...]:
     return tuple(Path(m) for m in (recipe.model, recipe.reference) if m and Path(m).is_dir())
 
 
+def _run_stage(index: int, name: str, config, state, ctx: RunContext,
+               on_start: Callable[[int, str, dict | None], None]) -> tuple[StageRecord, object]:
+    """One stage: its memory (and, for an exporter, disk) checked first, then run, measured and gated."""
+    recipe, stage = ctx.recipe, STAGES[name]
+    estimate = None
+    if state is not None:
+        estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrating(config))
+        on_start(index, name, estimate)
+        check_memory(name, estimate, recipe.memory_check)
+        if stage.exports:
+            check_disk(name, disk_estimate(state, config), ctx.out_dir, recipe.memory_check)
+    start = time.perf_counter()
+    outcome = stage.handler(config, state, ctx)
+    metrics = outcome.metrics or ctx.evaluator.measure(outcome.state, desc=f"evaluate {name}")
+    gate = config.gate
+    details = dict(outcome.details)
+    if estimate is not None:
+        details["memory_estimate_gib"] = round(estimate["bytes"] / GIB, 2)
+    record = StageRecord(
+        index, name, config.model_dump(mode="json", exclude={"gate"}), details, metrics,
+        gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
+        time.perf_counter() - start, outcome.artifacts,
+    )
+    return record, outcome.state
+
+
 def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                on_stage: Callable[[StageRecord], None] = lambda r: None,
                on_start: Callable[[int, str, dict | None], None] = lambda i, n, e: None) -> RunRecord:
@@ -73,30 +99,10 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
         with atomic.staged_dir(out, overwrite=overwrite, inputs=_input_folders(recipe)) as tmp:
             ctx = RunContext(recipe, out_dir=tmp)
             for index, (name, config) in enumerate(recipe.stage_list()):
-                stage = STAGES[name]
-                estimate = None
-                if state is not None:
-                    estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrates)
-                    on_start(index, name, estimate)
-                    check_memory(name, estimate, recipe.memory_check)
-                    if stage.exports:
-                        check_disk(name, disk_estimate(state, config), tmp, recipe.memory_check)
-                start = time.perf_counter()
-                outcome = stage.handler(config, state, ctx)
-                state = outcome.state
-                metrics = outcome.metrics or ctx.evaluator.measure(state, desc=f"evaluate {name}")
-                gate = config.gate
-                details = dict(outcome.details)
-                if estimate is not None:
-                    details["memory_estimate_gib"] = round(estimate["bytes"] / GIB, 2)
-                stage_record = StageRecord(
-                    index, name, config.model_dump(mode="json", exclude={"gate"}), details, metrics,
-                    gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
-                    time.perf_counter() - start, outcome.artifacts,
-                )
+                stage_record, state = _run_stage(index, name, config, state, ctx, on_start)
                 record.stages.append(stage_record)
                 on_stage(stage_record)
-                transformed |= stage.transforms
+                transformed |= STAGES[name].transforms
                 if stage_record.failures:
                     raise _Stop
             record.memory = memory_estimate(state)

@@ -106,7 +106,8 @@ def test_manifest_records_settings_metrics_gates_and_artifacts(tmp_path, tiny_ch
     m = _manifest(tmp_path / "o")
     assert m["tool"]["name"] == "minicpm-compress" and m["status"] == "passed"
     rtn = m["stages"][1]
-    assert rtn["settings"] == {"bits": 8, "group_size": None, "symmetric": True, "zero_point": "int"}
+    assert rtn["settings"] == {"bits": 8, "group_size": None, "symmetric": True, "zero_point": "int",
+                               "super_block": None, "scale_bits": None}
     assert rtn["gate"]["max_ppl_increase"] == 0.5 and rtn["gate_passed"] is True
     assert set(rtn["metrics"]) >= {"ppl", "kld", "top1", "ppl_increase", "ref_ppl", "tokens"}
     for artifact in m["artifacts"]:

@@ -171,6 +171,18 @@ def longrope_factors(c, rope: dict, head_dim: int, arch: str) -> dict[str, np.nd
             "rope_factors_short": np.asarray(short, dtype=np.float32)}
 
 
+def gguf_architecture(config):
+    """(llama.cpp architecture name, gguf-py's MODEL_ARCH) of a model config."""
+    import gguf
+
+    arch = {"llama": "llama", "mistral": "llama", "minicpm": "minicpm", "qwen2": "qwen2", "qwen3": "qwen3"}.get(
+        config.model_type)
+    if arch is None:
+        raise CompressError(f"gguf: model_type '{config.model_type}' is not supported yet "
+                            "(llama, mistral, minicpm, qwen2, qwen3)")
+    return arch, getattr(gguf.MODEL_ARCH, arch.upper())
+
+
 def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = None) -> dict:
     """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES); return how tensors were stored.
 
@@ -182,10 +194,7 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     from ..models.minicpm import mup_scales
 
     c = state.config
-    arch = {"llama": "llama", "mistral": "llama", "minicpm": "minicpm", "qwen2": "qwen2", "qwen3": "qwen3"}.get(c.model_type)
-    if arch is None:
-        raise CompressError(f"gguf: model_type '{c.model_type}' is not supported yet (llama, mistral, minicpm, qwen2, qwen3)")
-    arch_id = getattr(gguf.MODEL_ARCH, arch.upper())
+    arch, arch_id = gguf_architecture(c)
     neox = arch in ("qwen2", "qwen3")  # llama.cpp runs their rope on halves: q/k rows stay as they are
     names = gguf.get_tensor_name_map(arch_id, c.num_hidden_layers)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -289,7 +298,8 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     return paths
 
 
-def llama_cpp_quantize(source: Path, target: Path, type_name: str) -> None:
+def llama_cpp_quantize(source: Path, target: Path, type_name: str, imatrix: dict | None = None) -> None:
+    """llama.cpp's own quantizer, with our importance matrix (GGUF tensor name → (Σx², tokens)) if given."""
     try:
         import llama_cpp
     except ImportError:
@@ -297,8 +307,18 @@ def llama_cpp_quantize(source: Path, target: Path, type_name: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
     params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-        raise CompressError(f"gguf: llama.cpp could not quantize {source.name} to {type_name}")
+    if imatrix:
+        from .imatrix import llama_cpp_imatrix
+
+        array, _buffers = llama_cpp_imatrix(imatrix)  # the buffers stay referenced until quantizing is done
+        params.imatrix = array
+    from .mmproj import native_log
+
+    with native_log() as log:  # llama.cpp prints a line per tensor
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0
+    if failed:
+        last = next((line for line in reversed(log) if line.strip()), "no message")
+        raise CompressError(f"gguf: llama.cpp could not quantize {source.name} to {type_name} ({last.strip()})")
 
 
 class LlamaCppRunner:
@@ -333,6 +353,8 @@ class GGUFConfig(StageConfig):
     file: str | None = Field(None, description="file name in the output folder (default model-TYPE.gguf)")
     tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name, if not recognised")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
+    imatrix: bool = Field(True, description="llama.cpp types: compute an importance matrix on the calibration text, "
+                          "quantize with it and write it beside the file (imatrix.gguf)")
     mmproj_type: str = Field("F16", description="MiniCPM-V: type of the vision file's matmul weights "
                              "(F32, F16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1)")
 
@@ -354,18 +376,28 @@ class GGUFConfig(StageConfig):
 
 
 @register_stage("gguf", GGUFConfig, "export a llama.cpp GGUF file and measure it in llama.cpp", transforms=False,
-                exports=True)
+                exports=True, calibrates=lambda c: c.imatrix and c.type in LLAMA_CPP_TYPES)
 def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
     path = ctx.out_dir / (config.file or f"model-{config.type}.gguf")
+    artifacts, imatrix = [], None
     if config.type in LLAMA_CPP_TYPES:
+        if config.imatrix:
+            from .imatrix import collect_imatrix, gguf_names, write_imatrix
+
+            data = ctx.recipe.data
+            imatrix = gguf_names(state, collect_imatrix(state, ctx.calibration(state)))
+            write_imatrix(ctx.out_dir / "imatrix.gguf", imatrix, "minicpm-compress calibration: " + ", ".join(
+                f"{name}×{weight:g}" for name, weight in data.calibration_sources()), data.sequence_length)
+            artifacts.append(artifact_entry(ctx.out_dir, ctx.out_dir / "imatrix.gguf",
+                                            "llama.cpp importance matrix (llama-quantize --imatrix)", 32))
         base = ctx.out_dir / f".{path.name}.f32"
         paths = write_gguf(state, base, "F32", config.tokenizer_pre)
-        llama_cpp_quantize(base, path, config.type)
+        llama_cpp_quantize(base, path, config.type, imatrix)
         base.unlink()
         paths = {"llama.cpp quantizer": paths["float"]}
     else:
         paths = write_gguf(state, path, config.type, config.tokenizer_pre)
-    artifacts = [artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", int(re.search(r"\d+", config.type).group()))]
+    artifacts.insert(0, artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", int(re.search(r"\d+", config.type).group())))
     vision = {}
     if state.vision is not None:  # MiniCPM-V: the vision half as the mmproj file llama.cpp's mtmd loads
         from ..models.minicpm import input_scale
@@ -397,6 +429,8 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,
                          "total_bytes": size + kv},
         "measured": "in llama.cpp (llama-cpp-python)" + (", images through mtmd" if vision else ""),
+        **({"imatrix": {"file": "imatrix.gguf", "tensors": len(imatrix),
+                        "tokens": max(count for _, count in imatrix.values())}} if imatrix else {}),
     }
     if vision:
         vision["bytes"] = (ctx.out_dir / vision["file"]).stat().st_size

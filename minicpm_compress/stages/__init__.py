@@ -84,11 +84,15 @@ class StageType:
     # model in memory, about this many times over (training state, a traced graph, …); or a function of
     # the stage's config giving either
     whole_model: float | Callable[[StageConfig], float | None] | None = None
-    calibrates: bool = False  # runs calibration samples through the layers (memory for their activations)
+    # runs calibration samples through the layers (memory for their activations); or a function of the config
+    calibrates: bool | Callable[[StageConfig], bool] = False
     exports: bool = False  # writes an artifact for a runtime (free disk is checked before it starts)
 
     def memory_multiple(self, config: StageConfig) -> float | None:
         return self.whole_model(config) if callable(self.whole_model) else self.whole_model
+
+    def calibrating(self, config: StageConfig) -> bool:
+        return self.calibrates(config) if callable(self.calibrates) else self.calibrates
 
 
 STAGES: dict[str, StageType] = {}
@@ -96,7 +100,7 @@ STAGES: dict[str, StageType] = {}
 
 def register_stage(name: str, config_class: type[StageConfig], summary: str, transforms: bool = True,
                    whole_model: float | Callable[[StageConfig], float | None] | None = None,
-                   calibrates: bool = False, exports: bool = False):
+                   calibrates: bool | Callable[[StageConfig], bool] = False, exports: bool = False):
     def decorate(handler):
         if name in STAGES:
             raise RuntimeError(f"stage '{name}' registered twice")

@@ -1,0 +1,77 @@
+"""GGUF K-quants: llama.cpp's own Q3_K_M / Q4_K_M / Q5_K_M (from the float model, without and with an
+importance matrix computed on our calibration text) against our calibrated codes on the K-quant grids,
+copied into the file. Everything is measured in llama.cpp itself, on the same held-out windows.
+
+    .venv/bin/python bench/gguf_kquants.py [--models minicpm-smollm2,smollm2-135m] [--eval-tokens 32768] \
+        [--calibration-samples 128] [--rows ...] > gguf-kquants.json
+
+Each row prints to stderr as it completes; the JSON (one object per row: file size, bits per weight,
+Δppl, KLD and top-1 against the float model, wall time) goes to stdout at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = {
+    # name: stages (the last one is the gguf export measured in llama.cpp)
+    "llama.cpp Q3_K_M": [{"gguf": {"type": "Q3_K_M", "imatrix": False}}],
+    "llama.cpp Q3_K_M + imatrix": [{"gguf": {"type": "Q3_K_M"}}],
+    "llama.cpp Q4_K_M": [{"gguf": {"type": "Q4_K_M", "imatrix": False}}],
+    "llama.cpp Q4_K_M + imatrix": [{"gguf": {"type": "Q4_K_M"}}],
+    "llama.cpp Q5_K_M": [{"gguf": {"type": "Q5_K_M", "imatrix": False}}],
+    "llama.cpp Q5_K_M + imatrix": [{"gguf": {"type": "Q5_K_M"}}],
+    "ours RTN Q4_K": [{"rtn": {"layout": "Q4_K"}}, {"gguf": {"type": "Q4_K"}}],
+    "ours GPTQ act-order Q4_K": [{"gptq": {"layout": "Q4_K", "act_order": True}}, {"gguf": {"type": "Q4_K"}}],
+    "ours AWQ→GPTQ Q4_K": [{"awq": {"layout": "Q4_K"}}, {"gptq": {"layout": "Q4_K", "act_order": True}},
+                           {"gguf": {"type": "Q4_K"}}],
+    "ours GPTQ act-order Q5_K": [{"gptq": {"layout": "Q5_K", "act_order": True}}, {"gguf": {"type": "Q5_K"}}],
+}
+
+
+def run_row(model: str, name: str, args) -> dict:
+    from minicpm_compress.pipeline import run_recipe
+    from minicpm_compress.recipe import build_recipe
+
+    data = {"calibration_samples": args.calibration_samples, "eval_tokens": args.eval_tokens}
+    recipe = build_recipe(model=model, data=data, seed=0, stages=ROWS[name])
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        record = run_recipe(recipe, Path(tmp) / "out")
+        wall = time.perf_counter() - start
+    gguf = record.stages[-1]
+    m = gguf.metrics
+    file = next(a for a in gguf.artifacts if a["path"].endswith(".gguf") and a["path"] != "imatrix.gguf")
+    return {
+        "model": model, "row": name, "file_bytes": file["bytes"], "file_mib": round(file["bytes"] / 2**20, 2),
+        "bits_per_weight": gguf.details["bits_per_weight"], "ppl": round(m.ppl, 4), "ppl_increase": round(m.ppl_increase, 5),
+        "kld": round(m.kld, 5), "top1": round(m.top1, 5), "tokens": m.tokens, "tensors": gguf.details["tensors"],
+        "wall_s": round(wall, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minicpm-smollm2,smollm2-135m")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    args = parser.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        for name in args.rows.split(","):
+            row = run_row(model, name, args)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    json.dump({"benchmark": "gguf_kquants", "eval_tokens": args.eval_tokens,
+               "calibration_samples": args.calibration_samples, "rows": rows}, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
