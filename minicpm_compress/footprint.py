@@ -17,11 +17,10 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT = 2048
 
 
-def quantized_bytes(q: QuantizedWeight) -> int:
-    """Packed codes, float16 scales, and zero points (packed integers or float16 offsets)."""
-    groups = q.scales.numel()
-    zeros = 0 if q.zeros is None else (groups * 2 if q.scheme.zero_point == "float" else groups * q.scheme.bits / 8)
-    return int(q.packed.numel() + groups * 2 + zeros)
+def quantized_bytes(q: "QuantizedWeight") -> int:
+    """Packed codes plus scales and zero points as the scheme stores them (`QuantScheme.bits_per_weight`)."""
+    rows, cols = q.shape
+    return int(q.packed.numel() + rows * cols * (q.scheme.bits_per_weight(cols) - q.scheme.bits) / 8)
 
 
 def kv_cache_bytes(config, context: int = DEFAULT_CONTEXT) -> int:

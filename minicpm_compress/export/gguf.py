@@ -33,7 +33,7 @@ from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..models.checkpoint import untied_state_dict
-from ..quant.qweight import K_FALLBACK, QuantScheme, quantize
+from ..quant.qweight import GGUF_GRIDS, K_FALLBACK, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .gguf_blocks import is_lossless, pack_blocks
 
@@ -241,8 +241,10 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         shape = state.weights.shape(key)
         linear = key.removesuffix(".weight")
         q = state.qweights.get(linear)
-        # linears a bit budget kept at int8 stay 8-bit (Q8_0) in a lower-bit file
-        own = "Q8_0" if q is not None and q.scheme.bits == 8 and quantized_type else file_type
+        # linears a bit budget promoted keep their width in a lower-bit file: int8 as Q8_0, a layout as itself
+        own = file_type
+        if q is not None and quantized_type and q.scheme.bits > GGUF_GRIDS[file_type]["bits"]:
+            own = "Q8_0" if q.scheme.bits == 8 else (q.scheme.layout or file_type)
         if own in K_TYPES and len(shape) == 2 and shape[1] % 256:
             own = K_FALLBACK[own]  # rows that do not split into super-blocks: llama.cpp's own fallback type
         if q is not None and is_lossless(q, own):

@@ -35,7 +35,7 @@ from ..layerwise import InputStatistics, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
-from .budget import BudgetConfig, apply_budget, int8_error
+from .budget import BudgetConfig, apply_budget, promotion_errors
 from .qweight import QuantScheme, QuantizedWeight, group_view, quantize
 
 
@@ -247,7 +247,7 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         alphas.append(alpha)
         gains.append(gain)
 
-    qweights, errors, errors8 = {}, {}, {}
+    qweights, errors, errors_up = {}, {}, {}
     for name in arch.linears:
         linear = layer.get_submodule(name)
         weight = linear.weight.detach()
@@ -259,16 +259,16 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
         qweights[f"{prefix}.{name}"] = q.to("cpu")
         errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
         if config.budgeted:
-            errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
+            errors_up[f"{prefix}.{name}"] = promotion_errors(weight, gram, scheme)
         del gram
-    return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors, "errors8": errors8}
+    return qweights, {"alphas": alphas, "gains": gains, "skipped": skipped, "errors": errors, "errors_up": errors_up}
 
 
 def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: QuantScheme):
     """AWQ over every decoder layer, one at a time; the folds are recorded in `state.weights`."""
     firsts = [g.linears[0] for g in arch.scaling_groups]  # one input statistic per distinct input
     inputs = state_layer_inputs(state, samples, config.batch_size)
-    qweights, summary = {}, {"alphas": [], "gains": [], "skipped": set(), "errors": {}, "errors8": {}}
+    qweights, summary = {}, {"alphas": [], "gains": [], "skipped": set(), "errors": {}, "errors_up": {}}
     for index in progress(range(state.num_layers), desc="awq", total=state.num_layers, unit="layer"):
         with state.layer(index) as layer:
             stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
@@ -290,7 +290,7 @@ def _awq_layers(state, samples: torch.Tensor, arch, config: AWQConfig, scheme: Q
         summary["gains"] += layer_summary["gains"]
         summary["skipped"].update(layer_summary["skipped"])
         summary["errors"].update(layer_summary["errors"])
-        summary["errors8"].update(layer_summary["errors8"])
+        summary["errors_up"].update(layer_summary["errors_up"])
         inputs = outputs
         del stats
     return qweights, summary
@@ -307,7 +307,7 @@ def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
     state.weights_changed()
     if not qweights:
         raise CompressError("awq: the model has no decoder linears to quantize")
-    mixed = apply_budget(qweights, state, config, scheme, summary["errors"], summary["errors8"])
+    mixed = apply_budget(qweights, state, config, scheme, summary["errors"], summary["errors_up"])
     state.qweights = qweights
     details = {
         "scheme": scheme.describe() + (f", {len(mixed['int8_linears'])} linears int8" if mixed["int8_linears"] else ""),

@@ -1,11 +1,12 @@
-"""Mixed precision to a budget: which decoder linears an int4 stage keeps at int8.
+"""Mixed precision to a budget: which decoder linears an int4 stage keeps at more bits, and how many.
 
-Each calibrating int4 stage (awq, gptq) measures, per linear, the relative output error of its int4
-weight and of round-to-nearest int8 at the same grouping, both exactly over the calibration tokens
-through the Gram matrix of the linear's inputs. Linears are then promoted to int8 greedily by the error
-they remove per extra bit stored, until the average bits per weight of the decoder linears reaches
-`target_bits` (or, with `int8_linears: N`, the N linears with the largest int4 error are promoted, as
-before). Bits per weight (`QuantScheme.bits_per_weight`) count codes, scales and zero points.
+Each calibrating int4 stage (awq, gptq) measures, per linear, the relative output error of its own int4
+weight and of round-to-nearest at each promotion — int8 at the same grouping, or for a K-quant layout
+each rung of Q4_K → Q5_K → Q6_K → Q8_0 — exactly over the calibration tokens through the Gram matrix
+of the linear's inputs. Linears are then promoted greedily by the error a promotion removes per extra
+bit stored, until the average bits per weight of the decoder linears reaches `target_bits` (or, with
+`int8_linears: N`, the N linears with the largest int4 error go to int8). Bits per weight
+(`QuantScheme.bits_per_weight`) count codes, scales and zero points.
 """
 
 from __future__ import annotations
@@ -44,49 +45,74 @@ def int8_scheme(scheme: QuantScheme) -> QuantScheme:
     return scheme.scheme().model_copy(update={"bits": 8})
 
 
-def int8_error(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> float:
-    """Relative output error of `weight` rounded to int8 at `scheme`'s grouping, over the Gram matrix's tokens."""
+def promotions(scheme: QuantScheme) -> list[QuantScheme]:
+    """The schemes a budget may promote a linear of `scheme` to, in increasing size: up the K-quant ladder
+    (Q4_K → Q5_K → Q6_K → Q8_0), or straight to int8 at the same grouping."""
+    ladder = ["Q4_K", "Q5_K", "Q6_K"]
+    if scheme.super_block and scheme.layout in ladder:
+        return [QuantScheme(layout=name) for name in ladder[ladder.index(scheme.layout) + 1:]] + [int8_scheme(scheme)]
+    return [int8_scheme(scheme)]
+
+
+def promotion_errors(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> list[float]:
+    """Relative output error of `weight` rounded to nearest at each promotion, over the Gram matrix's tokens."""
     from .awq import relative_error  # awq imports this module
 
-    return relative_error(weight, quantize(weight, int8_scheme(scheme)).dequantize(), gram.float())
+    return [relative_error(weight, quantize(weight, up).dequantize(), gram.float()) for up in promotions(scheme)]
 
 
-def choose_int8(config: BudgetConfig, scheme: QuantScheme, shapes: dict[str, tuple[int, int]],
-                errors4: dict[str, float], errors8: dict[str, float]) -> tuple[list[str], float]:
-    """The linears to keep at int8, and the decoder linears' resulting average bits per weight."""
+def choose_promotions(config: BudgetConfig, scheme: QuantScheme, shapes: dict[str, tuple[int, int]],
+                      errors: dict[str, float], errors_up: dict[str, list[float]]) -> tuple[dict[str, int], float]:
+    """Which linears to promote, to which rung of `promotions(scheme)` (index), and the decoder linears'
+    resulting average bits per weight. Greedy on the error removed per extra bit, any rung up at a time."""
+    ladder = [scheme] + promotions(scheme)
     total = sum(o * i for o, i in shapes.values())
-    bits = {n: (o * i, scheme.bits_per_weight(i), int8_scheme(scheme).bits_per_weight(i)) for n, (o, i) in shapes.items()}
-    spent = sum(n * b4 for n, b4, _ in bits.values())
+    bits = {n: [s.bits_per_weight(i) for s in ladder] for n, (o, i) in shapes.items()}
+    size = {n: o * i for n, (o, i) in shapes.items()}
+    spent = sum(size[n] * bits[n][0] for n in shapes)
     if config.int8_linears:
-        chosen = sorted(errors4, key=errors4.get, reverse=True)[: config.int8_linears]
-    elif config.target_bits is not None:
-        if config.target_bits < spent / total - 1e-9:
-            raise CompressError(f"target_bits {config.target_bits} is below the {spent / total:.3f} bits/weight of "
-                                f"{scheme.describe()} for every linear")
-        gain = {n: (errors4[n] - errors8[n]) / (bits[n][0] * (bits[n][2] - bits[n][1])) for n in shapes}
-        chosen = []
-        for name in sorted(gain, key=lambda n: (-gain[n], n)):
-            n, b4, b8 = bits[name]
-            if gain[name] <= 0 or spent + n * (b8 - b4) > config.target_bits * total:
-                continue  # a smaller linear further down may still fit
-            spent += n * (b8 - b4)
-            chosen.append(name)
-    else:
-        chosen = []
-    if config.int8_linears:
-        spent += sum(bits[n][0] * (bits[n][2] - bits[n][1]) for n in chosen)
-    return chosen, spent / total
+        chosen = {n: len(ladder) - 2 for n in sorted(errors, key=errors.get, reverse=True)[: config.int8_linears]}
+        spent += sum(size[n] * (bits[n][-1] - bits[n][0]) for n in chosen)
+        return chosen, spent / total
+    if config.target_bits is None:
+        return {}, spent / total
+    if config.target_bits < spent / total - 1e-9:
+        raise CompressError(f"target_bits {config.target_bits} is below the {spent / total:.3f} bits/weight of "
+                            f"{scheme.describe()} for every linear")
+    level = {n: 0 for n in shapes}
+    curve = {n: [errors[n]] + list(errors_up[n]) for n in shapes}
+    budget = config.target_bits * total
+    while True:
+        best = None  # (gain per bit, name, rung)
+        for n in sorted(shapes):
+            for rung in range(level[n] + 1, len(ladder)):
+                extra = size[n] * (bits[n][rung] - bits[n][level[n]])
+                removed = curve[n][level[n]] - curve[n][rung]
+                if extra <= 0 or removed <= 0 or spent + extra > budget:
+                    continue
+                if best is None or removed / extra > best[0]:
+                    best = (removed / extra, n, rung)
+        if best is None:
+            break
+        _, n, rung = best
+        spent += size[n] * (bits[n][rung] - bits[n][level[n]])
+        level[n] = rung
+    return {n: lvl - 1 for n, lvl in level.items() if lvl}, spent / total
 
 
 def apply_budget(qweights: dict[str, QuantizedWeight], state, config: BudgetConfig, scheme: QuantScheme,
-                 errors4: dict[str, float], errors8: dict[str, float]) -> dict:
-    """Replace the chosen linears' int4 weights by int8 ones (round to nearest on the state's float weights);
+                 errors: dict[str, float], errors_up: dict[str, list[float]]) -> dict:
+    """Replace the chosen linears' weights by their promotions (round to nearest on the state's float weights);
     return what was done, for the stage's details."""
     shapes = {n: q.shape for n, q in qweights.items()}
-    chosen, average = choose_int8(config, scheme, shapes, errors4, errors8)
-    for name in chosen:
-        qweights[name] = quantize(state.tensor(f"{name}.weight"), int8_scheme(scheme))
-    details = {"int8_linears": sorted(chosen), "linear_bits_per_weight": round(average, 4)}
+    chosen, average = choose_promotions(config, scheme, shapes, errors, errors_up)
+    ladder = promotions(scheme)
+    for name, rung in chosen.items():
+        qweights[name] = quantize(state.tensor(f"{name}.weight"), ladder[rung])
+    details = {"int8_linears": sorted(n for n, rung in chosen.items() if ladder[rung].bits == 8),
+               "linear_bits_per_weight": round(average, 4)}
+    if len(ladder) > 1:
+        details["promoted"] = {n: qweights[n].scheme.describe() for n in sorted(chosen)}
     if config.target_bits is not None:
         details["target_bits"] = config.target_bits
     return details

@@ -35,7 +35,7 @@ from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from . import awq  # used at call time: importing awq first (it registers its stage) comes back here
-from .budget import BudgetConfig, apply_budget, int8_error
+from .budget import BudgetConfig, apply_budget, promotion_errors
 from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, round_codes
 
 
@@ -117,11 +117,11 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
 
 
 def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch, scheme: QuantScheme,
-               config: GPTQConfig) -> tuple[dict[str, QuantizedWeight], dict[str, float], dict[str, float]]:
+               config: GPTQConfig) -> tuple[dict[str, QuantizedWeight], dict[str, float], dict[str, list[float]]]:
     """GPTQ codes for every linear of one decoder layer, their relative output errors, and (with a bit budget)
-    those of round-to-nearest int8."""
+    those of round-to-nearest at each promotion (budget.promotions)."""
     grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
-    qweights, errors, errors8 = {}, {}, {}
+    qweights, errors, errors_up = {}, {}, {}
     for name in arch.linears:
         weight = layer.get_submodule(name).weight.detach().float()
         try:
@@ -131,9 +131,9 @@ def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch
         gram = grams[name].float()
         errors[f"{prefix}.{name}"] = awq.relative_error(weight, q.dequantize(), gram)
         if config.budgeted:
-            errors8[f"{prefix}.{name}"] = int8_error(weight, gram, scheme)
+            errors_up[f"{prefix}.{name}"] = promotion_errors(weight, gram, scheme)
         qweights[f"{prefix}.{name}"] = q.to("cpu")
-    return qweights, errors, errors8
+    return qweights, errors, errors_up
 
 
 @register_stage("gptq", GPTQConfig, "GPTQ: error-feedback weight quantization from calibration statistics",
@@ -143,7 +143,7 @@ def apply_gptq(config: GPTQConfig, state, ctx: RunContext) -> StageOutcome:
     samples = ctx.calibration(state)
     arch = state.arch
     firsts = [g.linears[0] for g in arch.scaling_groups]  # one Gram matrix per distinct input
-    qweights, errors, errors8 = {}, {}, {}
+    qweights, errors, errors_up = {}, {}, {}
     with state.computing_in(torch.float32):
         inputs = state_layer_inputs(state, samples, config.batch_size)
         for index in progress(range(state.num_layers), desc="gptq", total=state.num_layers, unit="layer"):
@@ -154,7 +154,7 @@ def apply_gptq(config: GPTQConfig, state, ctx: RunContext) -> StageOutcome:
                     run_layer(layer, inputs)
                 finally:
                     stats.close()
-                layer_q, layer_errors, layer_errors8 = gptq_layer(layer, prefix, stats, arch, scheme, config)
+                layer_q, layer_errors, layer_errors_up = gptq_layer(layer, prefix, stats, arch, scheme, config)
                 del stats
                 with torch.no_grad():  # the next layer sees this one as deployed
                     for name in arch.linears:
@@ -162,10 +162,10 @@ def apply_gptq(config: GPTQConfig, state, ctx: RunContext) -> StageOutcome:
                 inputs = run_layer(layer, inputs)
             qweights.update(layer_q)
             errors.update(layer_errors)
-            errors8.update(layer_errors8)
+            errors_up.update(layer_errors_up)
     if not qweights:
         raise CompressError("gptq: the model has no decoder linears to quantize")
-    mixed = apply_budget(qweights, state, config, scheme, errors, errors8)
+    mixed = apply_budget(qweights, state, config, scheme, errors, errors_up)
     state.qweights = qweights
     details = {
         "scheme": scheme.describe() + (f", {len(mixed['int8_linears'])} linears int8" if mixed["int8_linears"] else ""),
