@@ -13,7 +13,7 @@ BAD_RECIPES = {
     "unknown stage setting": ("model: smollm2-135m\nstages:\n  - rtn: {bitz: 4}\n", ["r.yaml", "bitz"]),
     "unknown stage": ("model: smollm2-135m\nstages:\n  - rtm: {}\n", ["r.yaml", "rtm"]),
     "wrong type": ("model: smollm2-135m\nstages:\n  - rtn: {bits: four}\n", ["r.yaml", "bits"]),
-    "unsupported bit width": ("model: smollm2-135m\nstages:\n  - rtn: {bits: 5}\n", ["r.yaml", "bits"]),
+    "unsupported bit width": ("model: smollm2-135m\nstages:\n  - rtn: {bits: 3}\n", ["r.yaml", "bits"]),
     "negative eval tokens": ("model: smollm2-135m\ndata: {eval_tokens: -1}\nstages: [rtn]\n", ["r.yaml", "eval_tokens"]),
     "gate of the wrong type": ("model: smollm2-135m\nstages:\n  - rtn: {gate: 0.5}\n", ["r.yaml", "gate"]),
     "unknown gate key": ("model: smollm2-135m\nstages:\n  - rtn: {gate: {max_ppl: 0.5}}\n", ["r.yaml", "max_ppl"]),
@@ -31,7 +31,7 @@ BAD_RECIPES = {
                                 ["r.yaml", "target_params"]),
     "group size that divides nothing": ("model: smollm2-135m\nstages:\n  - rtn: {bits: 4, group_size: 0}\n",
                                         ["r.yaml", "group_size"]),
-    "binary garbage": ("", ["r.yaml", "UTF-8"]),
+    "binary garbage": (b"\x00\x01\x02\xff", ["r.yaml", "UTF-8"]),
 }
 
 
@@ -39,7 +39,7 @@ BAD_RECIPES = {
 def test_bad_recipe_is_refused_before_any_work(tmp_path, case):
     text, needles = BAD_RECIPES[case]
     recipe = tmp_path / "r.yaml"
-    recipe.write_bytes(text.encode("utf-8", "surrogateescape") if case != "binary garbage" else b"\x00\x01\x02\xff")
+    recipe.write_bytes(text if isinstance(text, bytes) else text.encode())
     out = tmp_path / "out"
     assert_refused(cli("run", recipe, "--out", out), 2, *needles, out=out)
 
