@@ -47,6 +47,10 @@ def tiny_config(model_type: str = "llama", **overrides):
     return ARCHITECTURES[model_type].config_class(**settings)
 
 
+# tiny_model settings whose rows split into GGUF's 256-wide K-quant super-blocks
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     from minicpm_compress.models.architectures import ARCHITECTURES
 

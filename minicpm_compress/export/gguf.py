@@ -314,7 +314,7 @@ def llama_cpp_quantize(source: Path, target: Path, type_name: str, imatrix: dict
 
         array, _buffers = llama_cpp_imatrix(imatrix)  # the buffers stay referenced until quantizing is done
         params.imatrix = array
-    from .mmproj import native_log
+    from .native import native_log
 
     with native_log() as log:  # llama.cpp prints a line per tensor
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0

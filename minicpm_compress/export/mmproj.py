@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +25,9 @@ import torch
 from ..errors import CompressError
 from ..models.minicpm import input_scale
 from ..models.minicpmv import sincos_2d
+from .native import native_log
 
 MMPROJ_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
-
-
-@contextlib.contextmanager
-def native_log():
-    """Collect what native code writes to stderr meanwhile (mtmd and clip log every tensor and image there);
-    yields a list that receives the collected lines."""
-    lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines += sink.read().decode(errors="replace").splitlines()
 
 
 def _mmproj_tensors(vision, scale_emb: float):

@@ -90,8 +90,9 @@ def test_a_k_quant_budget_reaches_the_gguf_file_rung_by_rung(tmp_path, tiny_chec
     Q4_K file, every tensor copied."""
     from gguf import GGUFReader
 
-    wide = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    recipe = build_recipe(model=str(tiny_checkpoint("llama", **wide)),
+    from ..conftest import WIDE
+
+    recipe = build_recipe(model=str(tiny_checkpoint("llama", **WIDE)),
                           data={"calibration_samples": 4, "sequence_length": 64, "eval_tokens": 512},
                           stages=[{"gptq": {"layout": "Q4_K", "target_bits": 5.2}}, {"gguf": {"type": "Q4_K"}}])
     run_recipe(recipe, tmp_path / "o")

@@ -8,6 +8,8 @@ from minicpm_compress.quant.qweight import (
     GGUF_GRIDS, QuantScheme, encode, fake_quantize, k_grid, load_qweights, per_column, quantize, save_qweights,
 )
 
+from ..conftest import WIDE
+
 K_GRIDS = ["Q4_K", "Q5_K", "Q6_K"]
 
 
@@ -114,9 +116,6 @@ def test_five_and_six_bit_codes_are_packed_and_round_trip(tmp_path, weight):
     for grid, q in qweights.items():
         assert back[grid].scheme == q.scheme
         assert torch.equal(back[grid].codes, q.codes) and torch.equal(back[grid].dequantize(), q.dequantize())
-
-
-WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
 @pytest.mark.parametrize("stage,grid", [("rtn", "Q5_K"), ("awq", "Q4_K"), ("gptq", "Q6_K"), ("qat", "Q4_K")])
