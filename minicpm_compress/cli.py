@@ -122,6 +122,11 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
 
     def on_stage(r):
         m = r.metrics
+        if r.reused:
+            click.echo(f"  [{r.index}] {r.name}: reused from the stage cache (inputs and settings unchanged): "
+                       f"ppl {m.ppl:.3f} ({m.ppl_increase:+.2%}), KLD {m.kld:.4f}"
+                       + (f"  GATE FAILED: {'; '.join(r.failures)}" if r.failures else ""), err=True)
+            return
         click.echo(f"  [{r.index}] {r.name}: ppl {m.ppl:.3f} ({m.ppl_increase:+.2%}), KLD {m.kld:.4f}, "
                    f"top-1 {m.top1:.2%}" + (f", img cos {m.image_cosine:.4f}" if m.image_cosine is not None else "")
                    + f", {r.wall_s:.0f}s" + (f"  GATE FAILED: {'; '.join(r.failures)}"
@@ -129,7 +134,8 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
 
     def show(folder: Path) -> None:
         click.echo("\n" + summary(json.loads((folder / "manifest.json").read_text())))
-        click.echo(f"\nwrote {folder}/ (manifest.json, report.md)")
+        written = [n for n in ("HANDOFF.md", "report.html", "report.md", "manifest.json") if (folder / n).is_file()]
+        click.echo(f"\nwrote {folder}/ ({', '.join(written)})")
 
     try:
         run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage, on_start=on_start)
@@ -159,9 +165,11 @@ def models(prepare: bool):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,
               help="override the recipe's compute device")
 @click.option("--no-memory-check", is_flag=True, help="run a stage even when its memory estimate exceeds free RAM")
+@click.option("--no-cache", is_flag=True, help="run every stage, reusing nothing from earlier runs")
 @_reports_errors
-def run(recipe_path: Path, out: Path | None, overwrite: bool, device: str | None, no_memory_check: bool):
-    """Run a YAML recipe."""
+def run(recipe_path: Path, out: Path | None, overwrite: bool, device: str | None, no_memory_check: bool,
+        no_cache: bool):
+    """Run a YAML recipe (leading stages whose inputs and settings are unchanged are reused from the last run)."""
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -169,6 +177,8 @@ def run(recipe_path: Path, out: Path | None, overwrite: bool, device: str | None
         recipe.device = device
     if no_memory_check:
         recipe.memory_check = False
+    if no_cache:
+        recipe.cache = False
     _run(recipe, out, overwrite)
 
 
@@ -441,6 +451,19 @@ def eval_(**options):
 
     recipe = build_recipe(**_recipe_fields("eval", "evaluate", {}, options))
     _run(recipe, options["out"], options["overwrite"])
+
+
+@main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="write the accuracy-vs-size plot (PNG) here")
+@_reports_errors
+def compare(folders: tuple[Path, ...], plot: Path | None):
+    """Every artifact of several output folders in one table, frontier marked (*): the choice a team makes."""
+    from .handoff.compare import compare as compare_runs
+
+    click.echo(compare_runs(list(folders), plot))
+    if plot is not None:
+        click.echo(f"\nwrote {plot}")
 
 
 def _int(value: str, option: str) -> int:

@@ -75,6 +75,22 @@ def write_model(state: "ModelState", root: Path) -> list[dict]:
     return artifacts
 
 
+RUNTIME_PACKAGES = ("llama-cpp-python", "onnxruntime", "onnxruntime-genai", "coremltools")
+
+
+def runtime_versions() -> dict:
+    """The versions of the runtimes (and converters) the artifacts were verified with; absent ones omitted."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in RUNTIME_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | None = None) -> dict:
     import torch
     import transformers
@@ -98,6 +114,7 @@ def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | No
                 "gate_passed": s.passed,
                 "failures": s.failures,
                 "wall_s": round(s.wall_s, 3),
+                **({"reused": True} if s.reused else {}),
             }
             for s in record.stages
         ],
@@ -107,16 +124,22 @@ def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | No
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            **runtime_versions(),
         },
     }
 
 
 def write_outputs(record: "RunRecord", state: "ModelState | None", root: Path) -> dict:
+    from .handoff import write_handoff
     from .report import render_report
 
-    artifacts = [] if record.failed else [a for s in record.stages for a in s.artifacts]  # a failed run ships nothing
+    # a failed run ships nothing; each shipped file names the stage that wrote (and measured) it, and a file
+    # a later stage wrote again (two exporters, one file name) is listed once, as that stage's
+    written = {} if record.failed else {a["path"]: {**a, "stage": s.index} for s in record.stages for a in s.artifacts}
+    artifacts = sorted(written.values(), key=lambda a: a["stage"])
     artifacts += write_model(state, root) if state is not None else []
     manifest = build_manifest(record, artifacts, source_entry(state) if state is not None else None)
     atomic.write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     atomic.write_text(root / REPORT_NAME, render_report(manifest))
+    write_handoff(manifest, root)
     return manifest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -11,10 +11,14 @@ import torch
 
 from . import atomic
 from .errors import GateFailure
+from .evaluate.greedy import smoke_test, with_torch_agreement
 from .evaluate.metrics import Metrics
+from .evaluate.runners import StreamedRunner
 from .footprint import GIB, check_disk, check_memory, disk_estimate, memory_estimate, stage_memory
 from .manifest import write_outputs
 from .recipe import Recipe
+from .stage_cache import CachedRun
+from .state import ModelState
 from .stages import STAGES, RunContext
 
 
@@ -29,10 +33,24 @@ class StageRecord:
     failures: list[str]
     wall_s: float
     artifacts: list[dict] = field(default_factory=list)
+    reused: bool = False  # taken from the stage cache, not run
 
     @property
     def passed(self) -> bool | None:
         return None if self.gate is None else not self.failures
+
+    def cached(self) -> dict:
+        """What the stage cache keeps of it (the gate is the reusing run's)."""
+        return {"settings": self.settings, "details": self.details, "metrics": asdict(self.metrics),  # unrounded
+                "wall_s": self.wall_s, "artifacts": self.artifacts}
+
+    @classmethod
+    def from_cache(cls, index: int, name: str, config, kept: dict) -> "StageRecord":
+        metrics = Metrics(**kept["metrics"])
+        gate = config.gate
+        return cls(index, name, kept["settings"], kept["details"], metrics,
+                   gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
+                   kept["wall_s"], kept["artifacts"], reused=True)
 
 
 @dataclass
@@ -72,6 +90,9 @@ def _run_stage(index: int, name: str, config, state, ctx: RunContext,
     details = dict(outcome.details)
     if estimate is not None:
         details["memory_estimate_gib"] = round(estimate["bytes"] / GIB, 2)
+    if stage.exports and outcome.artifacts:  # what the hand-off's load snippets must reproduce
+        ours = smoke_test(outcome.state.tokenizer, StreamedRunner(outcome.state), "the gated model in torch")
+        details["smoke_test"] = with_torch_agreement(details.get("smoke_test", ours), ours["tokens"])
     record = StageRecord(
         index, name, config.model_dump(mode="json", exclude={"gate"}), details, metrics,
         gate.model_dump(mode="json") if gate else None, gate.failures(metrics) if gate else [],
@@ -93,13 +114,24 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
     out = Path(out)
     torch.manual_seed(recipe.seed)
     record = RunRecord(recipe)
-    state = None
+    state = cached = None
     transformed = False
     try:
         with atomic.staged_dir(out, overwrite=overwrite, inputs=_input_folders(recipe)) as tmp:
             ctx = RunContext(recipe, out_dir=tmp)
-            for index, (name, config) in enumerate(recipe.stage_list()):
-                stage_record, state = _run_stage(index, name, config, state, ctx, on_start)
+            stages = recipe.stage_list()
+            for index, (name, config) in enumerate(stages):
+                if index == 1:
+                    cached = CachedRun.plan(recipe, state, stages[1:])
+                if cached and index <= cached.reusable:
+                    stage_record = StageRecord.from_cache(index, name, config, cached.reused_record(index, tmp))
+                    if index == cached.reusable and cached.last_model(index):
+                        state = ModelState.open(cached.cache.model_source(cached.last_model(index), state.source),
+                                                **_open_options(stages[0][1], state))
+                else:
+                    stage_record, state = _run_stage(index, name, config, state, ctx, on_start)
+                    if cached and not stage_record.failures:
+                        cached.store(index, stage_record.cached(), state, tmp, STAGES[name].transforms)
                 record.stages.append(stage_record)
                 on_stage(stage_record)
                 transformed |= STAGES[name].transforms
@@ -107,6 +139,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                     raise _Stop
             record.memory = memory_estimate(state)
             write_outputs(record, state if transformed else None, tmp)
+            if cached:
+                cached.finish()  # a passed run replaces the recipe's previous entries
     except _Stop:
         s = record.failed
         keep = out.is_dir() and any(out.iterdir())
@@ -117,3 +151,9 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
         raise GateFailure(f"gate failed after stage {s.index} '{s.name}': {'; '.join(s.failures)}{kept}",
                           record_dir) from None
     return record
+
+
+def _open_options(load_config, state) -> dict:
+    """How the load stage opened the model, to reopen a cached stage's model the same way."""
+    return dict(allow_pickle=load_config.allow_pickle, trust_remote_code=load_config.trust_remote_code,
+                device=state.device, dtype=state.dtype)

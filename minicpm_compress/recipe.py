@@ -78,6 +78,7 @@ class Recipe(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="compute device (auto: CUDA, then MPS, then CPU)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of materialised layers")
     memory_check: bool = Field(True, description="refuse a stage whose memory estimate exceeds available RAM")
+    cache: bool = Field(True, description="reuse the results of leading stages whose inputs and settings are unchanged")
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[_StageItem] = Field(min_length=1)
 

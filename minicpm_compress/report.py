@@ -40,7 +40,7 @@ def stage_rows(manifest: dict) -> list[list[str]]:
             str(s["index"]), s["name"], _settings(s), f"{m['ppl']:.3f}", f"{m['ppl_increase']:+.2%}",
             f"{m['kld']:.4f}", f"{m['top1']:.2%}",
             *([f"{m['image_cosine']:.4f}" if "image_cosine" in m else "-"] if images else []),
-            _gate(s), f"{s['wall_s']:.0f}s",
+            _gate(s), "reused" if s.get("reused") else f"{s['wall_s']:.0f}s",
         ])
     return rows
 
@@ -51,7 +51,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(out)
@@ -87,7 +87,7 @@ def render_report(manifest: dict) -> str:
         "",
         "## Stages",
         "",
-        _md_table(stage_header(manifest), stage_rows(manifest)),
+        md_table(stage_header(manifest), stage_rows(manifest)),
         "",
         "Δppl is relative to the reference; KLD is the mean KL divergence (nats) of next-token distributions "
         "from the reference; top-1 is the share of positions whose most likely token agrees with it.",
@@ -107,7 +107,7 @@ def render_report(manifest: dict) -> str:
                       f"(weights sha256 {src['weights_sha256'][:16]}…), which must stay in place for the folder "
                       "to be used as `--model`."]
     if manifest["artifacts"]:
-        parts += ["", "## Artifacts", "", _md_table(
+        parts += ["", "## Artifacts", "", md_table(
             ["path", "format", "bits", "size", "sha256"],
             [[a["path"], a["format"], str(a["bits"] or "-"), _mib(a["bytes"]), a["sha256"][:16] + "…"]
              for a in manifest["artifacts"]],

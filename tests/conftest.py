@@ -11,6 +11,8 @@ import torch
 # Tests share the project's cache with `make demo` unless told otherwise.
 os.environ.setdefault("MINICPM_COMPRESS_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 os.environ.setdefault("MINICPM_COMPRESS_PROGRESS", "0")
+# Every test runs every stage; tests/test_stage_cache.py turns the stage cache on, in its own folder.
+os.environ.setdefault("MINICPM_COMPRESS_STAGE_CACHE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from minicpm_compress.models.builtin import builtin_path  # noqa: E402
@@ -25,6 +27,19 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def minicpm_path() -> Path:
     return builtin_path("minicpm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def ci_output(tmp_path_factory, minicpm_path):
+    """recipes/ci.yaml run once through the CLI on the real model: (output folder, click result). Its
+    assertions are in tests/test_cli.py; the hand-off tests (snippets, browser) read the same folder."""
+    from click.testing import CliRunner
+
+    from minicpm_compress.cli import main
+
+    out = tmp_path_factory.mktemp("ci") / "ci"
+    result = CliRunner().invoke(main, ["run", "recipes/ci.yaml", "--out", str(out)], catch_exceptions=False)
+    return out, result
 
 
 @pytest.fixture(scope="session")

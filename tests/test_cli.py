@@ -25,14 +25,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
+def test_ci_recipe_end_to_end_on_the_real_model(ci_output):
     """int4 RTN costs real perplexity on the pretrained MiniCPM-architecture model, int8 does not, AWQ
     takes back part of int4's loss, and the exported AWQ checkpoint and GGUF files measure like the
     gated model in their runtimes."""
-    result = _run("run", "recipes/ci.yaml", "--out", tmp_path / "ci")
+    folder, result = ci_output
     assert result.exit_code == 0, result.stderr
     assert "awq" in result.stdout and "status: PASSED" in result.stdout
-    stages = json.loads((tmp_path / "ci/manifest.json").read_text())["stages"]
+    stages = json.loads((folder / "manifest.json").read_text())["stages"]
     names = [s["name"] for s in stages]
     assert names == ["load", "rtn", "onnx", "coreml", "rtn", "awq", "hf_awq", "gguf", "gguf", "qat", "gguf", "onnx",
                      "coreml", "evaluate"]
@@ -56,7 +56,7 @@ def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
     assert stages[11]["details"]["linears"] == {"lossless": 210, "requantized": 0}
     assert abs(onnx8["ppl"] - int8["ppl"]) / int8["ppl"] < 0.002 and abs(onnx8["kld"] - int8["kld"]) < 1e-3
     assert abs(onnx4["ppl"] - qat["ppl"]) / qat["ppl"] < 0.002 and abs(onnx4["kld"] - qat["kld"]) < 2e-3
-    assert (tmp_path / "ci/onnx-int4/genai_config.json").is_file() and (tmp_path / "ci/onnx-int4/tokenizer.json").is_file()
+    assert (folder / "onnx-int4/genai_config.json").is_file() and (folder / "onnx-int4/tokenizer.json").is_file()
     # Core ML: the same codes as blockwise constants (+ an int8 embedding), read back and measured in torch
     for index, gated, metrics in ((3, int8, coreml8), (12, qat, coreml4)):
         details = stages[index]["details"]
@@ -65,7 +65,7 @@ def test_ci_recipe_end_to_end_on_the_real_model(tmp_path, minicpm_path):
         assert abs(metrics["ppl"] - gated["ppl"]) / gated["ppl"] < 0.01 and metrics["kld"] < gated["kld"] + 0.01
     # this model's massive activations overflow float16: float32 compute is chosen (float32 scales: 5.72 bits/weight)
     assert details["precision"] == "float32" and "down_proj" in details["float16_check"]["overflow"]
-    assert details["bits_per_weight"] < 6 and (tmp_path / "ci/coreml-int4/model.mlpackage/Manifest.json").is_file()
+    assert details["bits_per_weight"] < 6 and (folder / "coreml-int4/model.mlpackage/Manifest.json").is_file()
     assert zh["tokens"] == 1022 and zh["ref_ppl"] != stages[0]["metrics"]["ref_ppl"]
 
 
@@ -207,6 +207,12 @@ def test_minicpmv_recipe_end_to_end(tmp_path):
     assert abs(onnx["kld"] - awq["kld"]) < 2e-3 and onnx["image_cosine"] > 0.9999
     assert abs(coreml["kld"] - awq["kld"]) < 0.02 and coreml["image_cosine"] > 0.999
     assert (out / "mmproj-F16.gguf").is_file() and (out / "coreml-int4/vision.mlpackage").is_dir()
+    # the hand-off card: image metrics per file, the mtmd command with the mmproj file, the image prompt layout
+    card = (out / "HANDOFF.md").read_text()
+    assert f"| {gguf['top1']:.2%} | {gguf['image_cosine']:.4f} |" in card
+    assert "llama-mtmd-cli -m model-Q4_0.gguf --mmproj mmproj-F16.gguf" in card
+    assert "one `<unk>` slot per query (64)" in card and "onnxruntime-genai has no MiniCPM-V model type" in card
+    assert "mmproj-F16.gguf" in [a["path"] for a in json.loads((out / "manifest.json").read_text())["artifacts"]]
 
     state = ModelState.open(resolve_model(str(out)))
     windows = evaluation_windows(state.tokenizer, ["austen-heldout"], 256, 128)

@@ -535,7 +535,9 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
         "summary": f"{folder.name}/{where}, {size * 8 / params:.2f} bits/weight, {path_text}, "
                    f"{precision} compute, weights read back",
         "bits": config.bits, "block_size": config.block_size, "context": config.context, "chunks": config.chunks,
+        "max_context": config.context,  # the KV-cache state's length
         "packages": [p.name for p in packages],
+        "spec_version": max(_coremltools().utils.load_spec(str(p)).specificationVersion for p in packages),
         "precision": precision, "float16_check": {**peaks, "overflow": problem},
         "linears": paths, "quantized_constants": ops.get(QUANTIZED_OP, 0),
         "bits_per_weight": round(size * 8 / params, 3),

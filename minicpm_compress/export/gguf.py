@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 
 from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
+from ..evaluate.greedy import smoke_test
 from ..manifest import artifact_entry
 from ..models.checkpoint import untied_state_dict
 from ..quant.qweight import GGUF_GRIDS, K_FALLBACK, QuantScheme, quantize
@@ -415,6 +416,7 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         runner = LlamaCppRunner(path, ctx.recipe.data.eval_window)
     try:
         metrics = ctx.evaluator.measure(runner, desc=f"evaluate gguf {config.type} in llama.cpp")
+        smoke = None if vision else smoke_test(state.tokenizer, runner, f"{path.name} in llama.cpp, greedy")
     finally:
         runner.close()
     size = path.stat().st_size
@@ -431,6 +433,7 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,
                          "total_bytes": size + kv},
         "measured": "in llama.cpp (llama-cpp-python)" + (", images through mtmd" if vision else ""),
+        **({"smoke_test": smoke} if smoke else {}),
         **({"imatrix": {"file": "imatrix.gguf", "tensors": len(imatrix),
                         "tokens": max(count for _, count in imatrix.values())}} if imatrix else {}),
     }

@@ -23,6 +23,7 @@ never has to fit in memory as a graph.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import CompressError
+from ..evaluate.greedy import smoke_test
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..quant.qweight import QuantizedWeight, QuantScheme
@@ -365,6 +367,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     else:
         runner = OnnxRunner(folder / "model.onnx", state.config)
     metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
+    smoke = None if state.vision is not None else smoke_test(state.tokenizer, runner, f"{folder.name} in onnxruntime, greedy")
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     params = state.parameter_count(vision=False)  # the file holds the LLM
     kv = kv_cache_bytes(state.config, config.context)
@@ -377,7 +380,9 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         "linears": paths,
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},
+        "max_context": json.loads((folder / "genai_config.json").read_text())["model"]["context_length"],
         "measured": "in onnxruntime (CPUExecutionProvider)",
+        **({"smoke_test": smoke} if smoke else {}),
     }
     if state.vision is not None:
         vision_bytes = sum(p.stat().st_size for p in folder.glob("vision.onnx*"))

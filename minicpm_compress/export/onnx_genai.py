@@ -51,7 +51,8 @@ def genai_config(model_config, tokenizer, context: int) -> dict:
     }
 
 
-def write_genai_files(state, folder: Path) -> None:
+def write_genai_files(state, folder: Path) -> int:
+    """genai_config.json and the tokenizer files; returns the context length the config allows."""
     context = min(int(getattr(state.config, "max_position_embeddings", 2048) or 2048), 4096)
     config = genai_config(state.config, state.tokenizer, context)
     if state.vision is not None:  # MiniCPM-V: vision and embedding graphs; the decoder takes inputs_embeds
@@ -64,3 +65,4 @@ def write_genai_files(state, folder: Path) -> None:
         model.update(genai_vision_sections(state))
     atomic.write_text(Path(folder) / "genai_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     state.tokenizer.save_pretrained(str(folder))
+    return context

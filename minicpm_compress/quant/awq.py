@@ -319,5 +319,13 @@ def apply_awq(config: AWQConfig, state, ctx: RunContext) -> StageOutcome:
         "mean_error_reduction": round(sum(gains) / max(1, len(gains)), 4),
         "quantized_linears": len(qweights),
         **mixed,
+        "alphas": [round(a, 3) for a in alphas],  # per scaling group, layer by layer (-1: identity kept)
+        "linear_errors": linear_errors(summary["errors"]),
     }
     return StageOutcome(state, details=details)
+
+
+def linear_errors(errors: dict) -> dict:
+    """Each linear's relative output error on the calibration text, rounded for the manifest (plotted by
+    the HTML report as per-layer sensitivity)."""
+    return {name: round(float(e), 6) for name, e in errors.items()}

@@ -176,5 +176,6 @@ def apply_gptq(config: GPTQConfig, state, ctx: RunContext) -> StageOutcome:
         "mean_relative_output_error": round(sum(errors.values()) / len(errors), 6),
         "quantized_linears": len(qweights),
         **mixed,
+        "linear_errors": awq.linear_errors(errors),
     }
     return StageOutcome(state, details=details)

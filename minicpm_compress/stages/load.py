@@ -12,7 +12,7 @@ from ..errors import CompressError
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.metrics import reference_metrics
 from ..footprint import check_memory, stage_memory
-from ..models.source import resolve_model
+from ..models.source import model_license, resolve_model
 from ..state import ModelState
 from . import RunContext, StageConfig, StageOutcome, register_stage
 
@@ -25,6 +25,19 @@ class LoadConfig(StageConfig):
 def reference_spec(spec: str) -> str:
     """A reference that stays valid from another working directory: a built-in name or an absolute path."""
     return spec if not Path(spec).exists() else str(Path(spec).resolve())
+
+
+def tokenizer_facts(tokenizer) -> dict:
+    """What an app needs to tokenize like the model: the special tokens and the chat template."""
+    return {
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "adds_bos": bool(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None
+        else False,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
 
 
 @register_stage("load", LoadConfig, "load the model and measure it against the full-precision reference", transforms=False)
@@ -60,9 +73,12 @@ def apply_load(config: LoadConfig, _state, ctx: RunContext) -> StageOutcome:
         "quantized_linears": len(state.qweights),
         "device": str(state.device),
         "dtype": str(state.dtype).removeprefix("torch."),
+        "license": model_license(ref_source.reference, ref_source.checkpoint),
+        "tokenizer": tokenizer_facts(state.tokenizer),
     }
     if state.vision is not None:
         details["vision"] = {"version": state.vision.settings.version, "parameters": state.vision.parameter_count(),
+                             "query_num": state.vision.settings.query_num,
                              "evaluation_images": data.evaluation_images}
     metrics = reference_metrics(ctx.evaluator.reference, state.vision is not None) if is_reference else None
     return StageOutcome(state, metrics, details)

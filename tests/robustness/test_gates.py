@@ -47,7 +47,7 @@ def test_failed_gate_writes_no_artifact_and_keeps_the_previous_output(tmp_path, 
 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous  # untouched, byte for byte
     record = tmp_path / "out.failed"
-    assert sorted(p.name for p in record.iterdir()) == ["manifest.json", "report.md"]  # the record, no artifact
+    assert sorted(p.name for p in record.iterdir()) == ["manifest.json", "report.html", "report.md"]  # no artifact
     manifest = json.loads((record / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["artifacts"] == []
     assert manifest["stages"][-1]["name"] == kind and manifest["stages"][-1]["gate_passed"] is False
@@ -59,6 +59,6 @@ def test_failed_export_into_a_new_folder_leaves_only_its_record(tmp_path, checkp
     out = tmp_path / "out"
     result = cli("run", recipe, "--out", out)
     assert result.exit_code == 3, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.md"]  # no model-Q4_0.gguf
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.html", "report.md"]  # no model-Q4_0.gguf
     assert not (tmp_path / "out.failed").exists()
     assert json.loads((out / "manifest.json").read_text())["artifacts"] == []
