@@ -3,8 +3,9 @@
     .venv/bin/python bench/onnx_export.py [--eval-tokens 4096] [--decode-tokens 64] > onnx.json
 
 Variants: fp32; int8 weight-only MatMulNBits (our RTN int8 per-channel codes); int8 dynamic
-(onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes); and both MatMulNBits
-variants again at accuracy_level 4 (int8 activations inside the matmul: faster, no longer exact). Each is measured
+(onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes); the MatMulNBits
+variants at accuracy_level 0 (exact) and 4 (int8 activations inside the matmul: faster, no longer exact),
+with the embedding table (and tied head) as float32, int8 or int4 blocks. Each is measured
 against the float model, and the MatMulNBits ones also against the gated torch model they came from
 (the lossless check). Decode speed: batch 1, a 64-token prompt, then one token at a time with the cache.
 """
@@ -18,26 +19,21 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = {
+FLOAT_TABLE = {"embeddings": "float"}
+INT8 = {"bits": 8, "group_size": None, "symmetric": True}
+INT4 = {"bits": 4, "group_size": 32, "symmetric": True}
+VARIANTS = {  # exporter settings, and the RTN scheme of the gated torch model (None: float)
     "fp32": ({"bits": 32}, None),
-    "int8-matmulnbits": ({"bits": 8}, {"bits": 8, "group_size": None, "symmetric": True}),
+    "int8-matmulnbits": ({"bits": 8, "accuracy_level": 0, **FLOAT_TABLE}, INT8),
     "int8-dynamic": ({"bits": 8, "int8": "dynamic"}, None),
-    "int4-matmulnbits": ({"bits": 4}, {"bits": 4, "group_size": 32, "symmetric": True}),
-    "int8-matmulnbits-acc4": ({"bits": 8, "accuracy_level": 4}, {"bits": 8, "group_size": None, "symmetric": True}),
-    "int4-matmulnbits-acc4": ({"bits": 4, "accuracy_level": 4}, {"bits": 4, "group_size": 32, "symmetric": True}),
+    "int8-matmulnbits-acc4": ({"bits": 8, "accuracy_level": 4, **FLOAT_TABLE}, INT8),
+    "int8-matmulnbits-acc4-table8": ({"bits": 8, "accuracy_level": 4, "embeddings": "int8"}, INT8),
+    "int4-matmulnbits": ({"bits": 4, "accuracy_level": 0, **FLOAT_TABLE}, INT4),
+    "int4-matmulnbits-acc4": ({"bits": 4, "accuracy_level": 4, **FLOAT_TABLE}, INT4),
+    "int4-matmulnbits-table8": ({"bits": 4, "accuracy_level": 0, "embeddings": "int8"}, INT4),
+    "int4-matmulnbits-acc4-table8": ({"bits": 4, "accuracy_level": 4, "embeddings": "int8"}, INT4),
+    "int4-matmulnbits-acc4-table4": ({"bits": 4, "accuracy_level": 4, "embeddings": "int4"}, INT4),
 }
-
-
-def decode_speed(runner, prompt, steps: int) -> float:
-    import numpy as np
-
-    logits, cache = runner.run(prompt)
-    token = np.array([[int(logits[0, -1].argmax())]])
-    start = time.perf_counter()
-    for i in range(steps):
-        logits, cache = runner.run(token, cache, prompt.shape[1] + i)
-        token = np.array([[int(logits[0, -1].argmax())]])
-    return steps / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -53,7 +49,7 @@ def main() -> None:
 
     from minicpm_compress.data.textsets import evaluation_windows
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.export.onnx import OnnxConfig, OnnxRunner, write_onnx
+    from minicpm_compress.export.onnx import OnnxConfig, OnnxRunner, decode_tokens_per_s, write_onnx
     from minicpm_compress.models.architectures import quantizable_linears
     from minicpm_compress.models.checkpoint import load_checkpoint
     from minicpm_compress.models.source import resolve_model
@@ -79,8 +75,8 @@ def main() -> None:
             export_s = time.perf_counter() - start
             runner = OnnxRunner(Path(tmp) / name / "model.onnx", state.model.config)
             row = {"linears": paths, "export_s": round(export_s, 1),
-                   "bytes": (Path(tmp) / name / "model.onnx").stat().st_size,
-                   "decode_tokens_per_s": round(decode_speed(runner, prompt, args.decode_tokens), 2),
+                   "bytes": sum(p.stat().st_size for p in (Path(tmp) / name).glob("model.onnx*")),
+                   "decode_tokens_per_s": round(decode_tokens_per_s(runner, prompt, args.decode_tokens), 2),
                    "vs_float": against_float.measure(runner).as_dict()}
             if scheme:
                 gated = Evaluator.against(state.evaluated_model(), windows)

@@ -393,18 +393,21 @@ def export_gguf(type_, tokenizer_pre, mmproj_type, no_imatrix, calibration, **op
 @click.option("--block-size", type=int, default=32, show_default=True, help="MatMulNBits block size")
 @click.option("--int8", "int8", type=click.Choice(["matmulnbits", "dynamic"]), default="matmulnbits",
               show_default=True, help="--bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="MatMulNBits compute precision: 0 exact (float activations), 4 int8 activations (faster)")
+@click.option("--accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto",
+              show_default=True, help="MatMulNBits compute precision: 0 exact (float activations), 4 int8 "
+              "activations (faster); auto: time 4 and 0 here, keep the faster one that passes the gate")
+@click.option("--embeddings", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
+              help="token embedding and (tied) output head: GatherBlockQuantized/MatMulNBits blocks, or float32")
 @click.option("--vision", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="MiniCPM-V: the vision graph's weights")
 @_reports_errors
-def export_onnx(bits, block_size, int8, accuracy_level, vision, **options):
+def export_onnx(bits, block_size, int8, accuracy_level, embeddings, vision, **options):
     """An ONNX decoder with KV cache (OUT/onnx-int4/ ...) for onnxruntime(-genai), measured in onnxruntime;
     for MiniCPM-V also the vision and embedding graphs."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "accuracy_level": accuracy_level,
-                "vision": vision}
+    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "embeddings": embeddings,
+                "accuracy_level": accuracy_level if accuracy_level == "auto" else int(accuracy_level), "vision": vision}
     recipe = build_recipe(**_recipe_fields(f"onnx-int{bits}", "onnx", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 

@@ -63,6 +63,9 @@ def tiny_config(model_type: str = "llama", **overrides):
 
 
 # tiny_model settings whose rows split into GGUF's 256-wide K-quant super-blocks
+# ONNX settings under which the graph computes exactly the gated torch model (the defaults quantize the
+# embedding table and let the exporter pick int8 activations when they are faster)
+EXACT_ONNX = {"accuracy_level": 0, "embeddings": "float"}
 WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 

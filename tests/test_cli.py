@@ -51,11 +51,17 @@ def test_ci_recipe_end_to_end_on_the_real_model(ci_output):
     assert qat["kld"] < 1.02 * awq["kld"]
     assert stages[10]["details"]["tensors"] == {"lossless": 210, "requantized": 0, "float": 0}
     assert abs(qat_q4_0["ppl"] - qat["ppl"]) / qat["ppl"] < 0.02
-    # ONNX in onnxruntime: our int8 and int4 codes as MatMulNBits, measuring like the gated torch models
-    assert stages[2]["details"]["linears"] == {"lossless": 210, "requantized": 0}
-    assert stages[11]["details"]["linears"] == {"lossless": 210, "requantized": 0}
-    assert abs(onnx8["ppl"] - int8["ppl"]) / int8["ppl"] < 0.002 and abs(onnx8["kld"] - int8["kld"]) < 1e-3
-    assert abs(onnx4["ppl"] - qat["ppl"]) / qat["ppl"] < 0.002 and abs(onnx4["kld"] - qat["kld"]) < 2e-3
+    # ONNX in onnxruntime: our int8 and int4 codes as MatMulNBits, the embedding table as int8 blocks shared
+    # with the tied head, at the accuracy level that decoded faster here; measuring close to the gated torch
+    # models (int8 activations at level 4 cost ~0.003 KLD on this model; the int8 table ~0.0002)
+    for index in (2, 11):
+        details = stages[index]["details"]
+        assert details["linears"] == {"lossless": 210, "requantized": 0} and details["embeddings"] == "int8"
+        assert details["accuracy_level"] in (0, 4) and set(details["accuracy_level_choice"]["decode_tokens_per_s"]) == {"0", "4"}
+    assert abs(onnx8["ppl"] - int8["ppl"]) / int8["ppl"] < 0.01 and abs(onnx8["kld"] - int8["kld"]) < 0.006
+    assert abs(onnx4["ppl"] - qat["ppl"]) / qat["ppl"] < 0.01 and abs(onnx4["kld"] - qat["kld"]) < 0.01
+    size = sum(p.stat().st_size for p in (folder / "onnx-int4").glob("model.onnx*"))
+    assert size < 0.6 * 184.8e6  # the int4 file with a float32 table was 184.8 MB
     assert (folder / "onnx-int4/genai_config.json").is_file() and (folder / "onnx-int4/tokenizer.json").is_file()
     # Core ML: the same codes as blockwise constants (+ an int8 embedding), read back and measured in torch
     for index, gated, metrics in ((3, int8, coreml8), (12, qat, coreml4)):

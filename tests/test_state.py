@@ -148,7 +148,7 @@ def test_streamed_stages_never_build_the_whole_model(tmp_path, tiny_checkpoint, 
         f"name: r\nmodel: {tiny_checkpoint('minicpm')}\n"
         "data: {eval_tokens: 512, eval_window: 128, calibration_samples: 4, sequence_length: 64}\n"
         "stages:\n  - awq: {bits: 4, group_size: 32, symmetric: true}\n  - rtn: {bits: 4, group_size: 32, symmetric: true}\n"
-        "  - evaluate: {}\n  - gguf: {type: Q4_0}\n  - onnx: {bits: 4}\n")
+        "  - evaluate: {}\n  - gguf: {type: Q4_0}\n  - onnx: {bits: 4, accuracy_level: 0, embeddings: float}\n")
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((tmp_path / "o/manifest.json").read_text())

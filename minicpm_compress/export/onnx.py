@@ -146,10 +146,102 @@ def _sole_transpose(value):
     return None
 
 
+def _initializer(graph, data: _ExternalData, name: str, array: np.ndarray):
+    """A weight streamed into the external data file and registered as an initializer."""
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=data.tensor(array, name))
+    graph.register_initializer(value)
+    return value
+
+
+def _to_matmul_nbits(graph, matmul, transpose, packed: list, shape: tuple[int, int], bits: int, block_size: int,
+                     accuracy_level: int, name: str) -> None:
+    """Replace `matmul` (and the Transpose feeding it the weight) by MatMulNBits on the `packed` inputs."""
+    import onnx_ir as ir
+
+    node = ir.Node(MS_DOMAIN, "MatMulNBits", [matmul.inputs[0], *packed], attributes={
+        "K": ir.AttrInt64("K", shape[1]), "N": ir.AttrInt64("N", shape[0]), "bits": ir.AttrInt64("bits", bits),
+        "block_size": ir.AttrInt64("block_size", block_size),
+        "accuracy_level": ir.AttrInt64("accuracy_level", accuracy_level)}, name=f"{name}.MatMulNBits")
+    graph.insert_before(matmul, node)
+    ir.convenience.replace_all_uses_with(matmul.outputs[0], node.outputs[0], replace_graph_outputs=True)
+    node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = (
+        matmul.outputs[0].name, matmul.outputs[0].shape, matmul.outputs[0].type)
+    graph.remove([matmul, transpose], safe=True)
+
+
+def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_size: int, accuracy_level: int) -> int:
+    """The token embedding as GatherBlockQuantized and the output head as MatMulNBits, both on int4/int8
+    blocks from the project's quantizer (symmetric, `block_size` per block along the hidden size). A tied
+    head reads the embedding's own codes and scales: one copy in the file. Returns the tables quantized."""
+    import onnx_ir as ir
+
+    from ..quant.qweight import quantize
+
+    scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=True)
+    done = 0
+    for key in ("model.model.embed_tokens.weight", "model.lm_head.weight"):  # the table, and an untied head
+        value = graph.initializers.get(key)
+        if value is None:
+            continue
+        uses = [u.node for u in value.uses()]
+        gathers = [n for n in uses if n.op_type == "Gather"]
+        heads = [(t, [u.node for u in t.outputs[0].uses()]) for t in uses
+                 if t.op_type == "Transpose" and list(t.attributes["perm"].value) == [1, 0]]
+        heads = [(t, after[0]) for t, after in heads if len(after) == 1 and after[0].op_type == "MatMul"]
+        if len(gathers) + len(heads) != len(uses):
+            raise CompressError(f"onnx: '{key}' has uses other than a lookup and the output head in the traced graph")
+        parameter = key.removeprefix("model.")
+        source = state.head_name() if parameter == "lm_head.weight" else parameter
+        q = quantize(state.tensor(source), scheme)
+        rows, cols = q.shape
+        packed = pack_matmul_nbits(q, block_size)
+        b = _initializer(graph, data, f"{key}.B", packed["B"])
+        scales = _initializer(graph, data, f"{key}.scales", packed["scales"])
+        for gather in gathers:
+            blocks = packed["B"].shape[1]
+            shape3 = ir.Value(name=f"{key}.scales_shape", const_value=ir.tensor(np.array([rows, blocks, 1], np.int64)))
+            flat = ir.Value(name=f"{key}.rows_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64)))
+            graph.register_initializer(shape3)
+            graph.register_initializer(flat)
+            per_block = ir.Node("", "Reshape", [scales, shape3], name=f"{key}.scales3")
+            looked_up = ir.Node(MS_DOMAIN, "GatherBlockQuantized", [b, gather.inputs[1], per_block.outputs[0]],
+                                attributes={"bits": ir.AttrInt64("bits", bits),
+                                            "block_size": ir.AttrInt64("block_size", block_size),
+                                            "gather_axis": ir.AttrInt64("gather_axis", 0),
+                                            "quantize_axis": ir.AttrInt64("quantize_axis", 2)},
+                                name=f"{key}.GatherBlockQuantized")
+            rows_out = ir.Node("", "Reshape", [looked_up.outputs[0], flat], name=f"{key}.rows")
+            nodes = [per_block, looked_up, rows_out]
+            last = rows_out
+            if blocks * block_size != cols:  # padded blocks: keep the first `cols` values of each row
+                bounds = [ir.Value(name=f"{key}.slice_{n}", const_value=ir.tensor(np.array([v], np.int64)))
+                          for n, v in (("start", 0), ("end", cols), ("axis", -1))]
+                for bound in bounds:
+                    graph.register_initializer(bound)
+                last = ir.Node("", "Slice", [rows_out.outputs[0], *bounds], name=f"{key}.slice")
+                nodes.append(last)
+            for node in nodes:
+                graph.insert_before(gather, node)
+            ir.convenience.replace_all_uses_with(gather.outputs[0], last.outputs[0])
+            last.outputs[0].name, last.outputs[0].shape, last.outputs[0].type = (
+                gather.outputs[0].name, gather.outputs[0].shape, gather.outputs[0].type)
+            graph.remove(gather, safe=True)
+        for transpose, matmul in heads:
+            _to_matmul_nbits(graph, matmul, transpose, [b, scales], (rows, cols), bits, block_size, accuracy_level,
+                             parameter)
+        del graph.initializers[key]
+        done += 1
+    return done
+
+
 def write_graph(state, folder: Path, weights: dict[str, QuantizedWeight], block_size: int,
-                accuracy_level: int = 0, embeds: bool = False) -> int:
+                accuracy_level: int = 0, embeds: bool = False, embedding_bits: int | None = None) -> int:
     """model.onnx + model.onnx.data in `folder`: the traced graph, each linear in `weights` as a
-    MatMulNBits node holding our codes, every other parameter as float32, written one tensor at a time.
+    MatMulNBits node holding our codes, the token embedding and output head as `embedding_bits` blocks
+    (None: float32), every other parameter as float32, written one tensor at a time.
     Returns how many linears became MatMulNBits."""
     import onnx_ir as ir
 
@@ -164,26 +256,14 @@ def write_graph(state, folder: Path, weights: dict[str, QuantizedWeight], block_
             matmuls = [u.node for u in transpose.outputs[0].uses()] if transpose is not None else []
             if len(matmuls) != 1 or matmuls[0].op_type != "MatMul":
                 raise CompressError(f"onnx: no MatMul reading the weight of '{name}' in the traced graph")
-            matmul = matmuls[0]
-            packed = pack_matmul_nbits(q, block_size)
-            inputs = [matmul.inputs[0]]
-            for part, array in packed.items():
-                v = ir.Value(name=f"{name}.{part}", shape=ir.Shape(array.shape),
-                             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                             const_value=data.tensor(array, f"{name}.{part}"))
-                graph.register_initializer(v)
-                inputs.append(v)
-            node = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes={
-                "K": ir.AttrInt64("K", q.shape[1]), "N": ir.AttrInt64("N", q.shape[0]),
-                "bits": ir.AttrInt64("bits", q.scheme.bits), "block_size": ir.AttrInt64("block_size", block_size),
-                "accuracy_level": ir.AttrInt64("accuracy_level", accuracy_level)}, name=f"{name}.MatMulNBits")
-            graph.insert_before(matmul, node)
-            ir.convenience.replace_all_uses_with(matmul.outputs[0], node.outputs[0])
-            node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = (
-                matmul.outputs[0].name, matmul.outputs[0].shape, matmul.outputs[0].type)
-            graph.remove([matmul, transpose], safe=True)
+            packed = [_initializer(graph, data, f"{name}.{part}", array)
+                      for part, array in pack_matmul_nbits(q, block_size).items()]
+            _to_matmul_nbits(graph, matmuls[0], transpose, packed, q.shape, q.scheme.bits, block_size,
+                             accuracy_level, name)
             del graph.initializers[value.name]
             replaced += 1
+        if embedding_bits:
+            _quantize_embeddings(graph, data, state, embedding_bits, block_size, accuracy_level)
         for key, value in list(graph.initializers.items()):
             parameter = key.removeprefix("model.")
             if not key.startswith("model.") or parameter not in state.weights and parameter != "lm_head.weight":
@@ -297,19 +377,29 @@ class OnnxConfig(StageConfig):
     int8: Literal["matmulnbits", "dynamic"] = Field(
         "matmulnbits", description="bits 8: weight-only MatMulNBits, or onnxruntime's dynamic quantization"
     )
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        0, description="MatMulNBits compute precision: 0 float activations (exact), 4 int8 activations (faster)"
-    )
+    accuracy_level: Literal[0, 1, 2, 3, 4, "auto"] = Field(
+        "auto", description="MatMulNBits compute precision: 0 float activations (exact), 4 int8 activations "
+        "(faster); auto: time both on this machine and keep the faster one that passes the stage's gate")
     folder: str | None = Field(None, description="folder in the output (default onnx-int4 / onnx-int8 / onnx-fp32)")
     vision: Literal["float32", "int8"] = Field(
         "float32", description="MiniCPM-V: the vision graph's weights (int8: onnxruntime's dynamic quantization)")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
+    embeddings: Literal["int8", "int4", "float"] = Field(
+        "int8", description="token embedding and output head (a tied head shares the embedding's codes): "
+        "int8 or int4 blocks (GatherBlockQuantized + MatMulNBits), or float32; MatMulNBits graphs only")
 
     @model_validator(mode="after")
     def _check(self):
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError("block_size must be 16, 32, 64, 128 or 256")
         return self
+
+    def level(self, vision: bool = False) -> int:
+        """The accuracy level the graph is written with. auto: 4, timed against 0 after writing; MiniCPM-V
+        decoders (not timed) 0."""
+        if self.accuracy_level == "auto":
+            return 0 if vision else 4
+        return self.accuracy_level
 
     @property
     def matmul_nbits(self) -> bool:
@@ -330,7 +420,8 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
         scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
         weights, paths = export_weights(
             state, scheme, lambda q: q.scheme.bits >= config.bits and fits_matmul_nbits(q, config.block_size))
-        write_graph(state, folder, weights, config.block_size, config.accuracy_level, embeds)
+        write_graph(state, folder, weights, config.block_size, config.level(embeds), embeds,
+                    None if config.embeddings == "float" or embeds else int(config.embeddings.removeprefix("int")))
     elif config.bits == 32:
         write_graph(state, folder, {}, config.block_size, embeds=embeds)
         paths = {"float": len(state.linear_names())}
@@ -352,6 +443,63 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
     return paths
 
 
+def set_accuracy_level(path: Path, level: int) -> None:
+    """Rewrite every MatMulNBits node's accuracy_level in model.onnx (the weights, in model.onnx.data, stay)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = level
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+
+
+def decode_tokens_per_s(runner: "OnnxRunner", prompt: np.ndarray, steps: int) -> float:
+    """Greedy decoding speed after a prefill of `prompt` [1, n], one token at a time with the cache."""
+    import time
+
+    logits, cache = runner.run(prompt)
+    token = np.array([[int(logits[0, -1].argmax())]])
+    start = time.perf_counter()
+    for i in range(steps):
+        logits, cache = runner.run(token, cache, prompt.shape[1] + i)
+        token = np.array([[int(logits[0, -1].argmax())]])
+    return steps / (time.perf_counter() - start)
+
+
+LEVEL_PROMPT, LEVEL_STEPS = 32, 24
+LEVEL_MARGIN = 1.15  # level 4 is tried first only when this much faster than 0 (timings are noisy)
+
+
+def _measured_level(path: Path, state, config: OnnxConfig, ctx: RunContext, kind: str):
+    """(runner, metrics, record) at the configured accuracy level; with `auto`, levels 4 and 0 are timed on
+    this machine and the faster one that passes the stage's gate is kept (the file is rewritten to it)."""
+    desc = f"evaluate onnx {kind} in onnxruntime"
+    if config.accuracy_level != "auto" or not config.matmul_nbits:
+        runner = OnnxRunner(path, state.config)
+        return runner, ctx.evaluator.measure(runner, desc=desc), {"chosen": config.level()}
+    prompt = ctx.evaluator.windows[:1, :LEVEL_PROMPT].numpy()
+    speed = {}
+    for level in (4, 0):
+        set_accuracy_level(path, level)
+        speed[level] = round(decode_tokens_per_s(OnnxRunner(path, state.config), prompt, LEVEL_STEPS), 2)
+    measured = {}
+    order = [4, 0] if speed[4] >= LEVEL_MARGIN * speed[0] else [0, 4]  # exact unless 4 is clearly faster
+    for level in order:
+        set_accuracy_level(path, level)
+        runner = OnnxRunner(path, state.config)
+        metrics = ctx.evaluator.measure(runner, desc=f"{desc}, accuracy_level {level}")
+        measured[level] = metrics.as_dict()
+        if config.gate is None or not config.gate.failures(metrics):
+            break
+    record = {"chosen": level, "decode_tokens_per_s": speed, "measured": sorted(measured),
+              "rule": f"4 if at least {LEVEL_MARGIN}x as fast as 0 on this machine and within the stage's gate, else 0"}
+    return runner, metrics, record
+
+
 @register_stage("onnx", OnnxConfig, "export an ONNX decoder with KV cache (MatMulNBits) and measure it in onnxruntime",
                 transforms=False, whole_model=lambda c: None if c.matmul_nbits or c.bits == 32 else 3, exports=True)
 def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
@@ -364,20 +512,26 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
         from .onnx_vision import OnnxVisionRunner
 
         runner = OnnxVisionRunner(folder, state)
+        metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
+        level = {"chosen": config.level(vision=True)}
     else:
-        runner = OnnxRunner(folder / "model.onnx", state.config)
-    metrics = ctx.evaluator.measure(runner, desc=f"evaluate onnx {kind} in onnxruntime")
+        runner, metrics, level = _measured_level(folder / "model.onnx", state, config, ctx, kind)
     smoke = None if state.vision is not None else smoke_test(state.tokenizer, runner, f"{folder.name} in onnxruntime, greedy")
     size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     params = state.parameter_count(vision=False)  # the file holds the LLM
     kv = kv_cache_bytes(state.config, config.context)
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
+    table = config.embeddings if config.matmul_nbits and state.vision is None else "float"
+    level_text = f", accuracy level {level['chosen']}" if config.matmul_nbits else ""
     details = {
-        "summary": f"{folder.name}/model.onnx(.data), {size * 8 / params:.2f} bits/weight, {path_text}, in onnxruntime",
+        "summary": f"{folder.name}/model.onnx(.data), {size * 8 / params:.2f} bits/weight, {path_text}, "
+                   f"{table} table{level_text}, in onnxruntime",
         "bits": config.bits, "block_size": config.block_size,
         "int8": config.int8 if config.bits == 8 else None,
-        "accuracy_level": config.accuracy_level if config.matmul_nbits else None,
+        "accuracy_level": level["chosen"] if config.matmul_nbits else None,
+        **({"accuracy_level_choice": level} if len(level) > 1 else {}),
         "linears": paths,
+        "embeddings": table,
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context, "total_bytes": size + kv},
         "max_context": json.loads((folder / "genai_config.json").read_text())["model"]["context_length"],

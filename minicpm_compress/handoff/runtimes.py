@@ -41,10 +41,12 @@ def _gguf_requirement(d: "Deliverable", manifest: dict) -> str:
 
 
 def _onnx_requirement(d: "Deliverable", manifest: dict) -> str:
-    env = manifest.get("environment", {})
+    env, details = manifest.get("environment", {}), d.stage["details"]
+    ops = ["MatMulNBits"] + (["GatherBlockQuantized"] if details.get("embeddings", "float") != "float" else [])
+    level = f", accuracy level {details['accuracy_level']}" if details.get("accuracy_level") is not None else ""
     return (f"onnxruntime-genai {env.get('onnxruntime-genai', '?')} or newer "
-            f"(onnxruntime {env.get('onnxruntime', '?')}, "
-            "CPU execution provider; com.microsoft contrib ops such as MatMulNBits); older versions were not tested")
+            f"(onnxruntime {env.get('onnxruntime', '?')}, CPU execution provider; com.microsoft contrib ops "
+            f"{', '.join(ops)}{level}); older versions were not tested")
 
 
 def _coreml_requirement(d: "Deliverable", manifest: dict) -> str:

@@ -58,7 +58,7 @@ def int4_folder(tmp_path_factory, tokenizer):
     scheme = QuantScheme(bits=4, group_size=32, symmetric=True)
     state.qweights = {n: quantize(l.weight, scheme) for n, l in quantizable_linears(model).items()}
     folder = tmp_path_factory.mktemp("onnx") / "onnx-int4"
-    paths = write_onnx(state, folder, OnnxConfig(bits=4))
+    paths = write_onnx(state, folder, OnnxConfig(bits=4, accuracy_level=0, embeddings="float"))  # exact settings
     return state, folder, paths
 
 
@@ -130,7 +130,7 @@ def test_dynamic_int8_is_recorded_and_close_to_float(tmp_path, tokenizer):
 
 def test_accuracy_level_4_is_written_and_stays_close(tmp_path, int4_folder):
     state, _, _ = int4_folder
-    write_onnx(state, tmp_path / "a4", OnnxConfig(bits=4, accuracy_level=4))
+    write_onnx(state, tmp_path / "a4", OnnxConfig(bits=4, accuracy_level=4, embeddings="float"))
     nodes = [n for n in onnx.load(str(tmp_path / "a4/model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 14
     assert all(onnx.helper.get_attribute_value(a) == 4 for n in nodes for a in n.attribute if a.name == "accuracy_level")
@@ -165,3 +165,79 @@ def test_minicpm4_longrope_untied_head_export_computes_like_torch(tmp_path, toke
         theirs = model(ids).logits
     ours = OnnxRunner(tmp_path / "f/model.onnx", model.config).logits(ids)
     assert ours.shape[-1] == 49152 + 64 and (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("model_type", ["llama", "minicpm"])
+def test_embedding_and_tied_head_are_blocks_sharing_one_table(tmp_path, tokenizer, bits, model_type):
+    """GatherBlockQuantized looks rows up and MatMulNBits computes the head from the same codes and scales:
+    the graph computes exactly the model whose table (and linears) hold our dequantized blocks."""
+    model = tiny_model(model_type)
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    write_onnx(state, tmp_path, OnnxConfig(bits=8, embeddings=f"int{bits}", accuracy_level=0))
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 14 + 1
+    table = [i for i in graph.initializer if i.name.endswith(".B") and "lm_head" in i.name]
+    assert len(table) == 1 and [d for d in table[0].dims] == [49152, 64 // 32, 32 * bits // 8]  # one copy
+    assert not any(49152 in i.dims and i.data_type == onnx.TensorProto.FLOAT for i in graph.initializer)
+
+    expected = tiny_model(model_type).eval()
+    with torch.no_grad():
+        for name in quantizable_linears(expected):
+            linear = expected.get_submodule(name)
+            linear.weight.copy_(quantize(linear.weight, QuantScheme(bits=8, group_size=32, symmetric=True)).dequantize())
+        table_weight = expected.get_input_embeddings().weight
+        table_weight.copy_(quantize(table_weight, QuantScheme(bits=bits, group_size=32, symmetric=True)).dequantize())
+    ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(1))
+    got = OnnxRunner(tmp_path / "model.onnx", state.config).logits(ids)
+    assert torch.allclose(got, expected(ids).logits, atol=2e-4, rtol=1e-4)
+    size = sum(p.stat().st_size for p in tmp_path.glob("model.onnx*"))
+    assert size < (0.3 if bits == 8 else 0.17) * 49152 * 64 * 4 + 2e6  # the table was 12.6 MB as float32
+
+
+def test_auto_accuracy_level_times_both_levels_and_keeps_the_chosen_one(tmp_path, tiny_checkpoint):
+    import json
+
+    from minicpm_compress.errors import GateFailure
+    from minicpm_compress.export.onnx import LEVEL_MARGIN
+    from minicpm_compress.pipeline import run_recipe
+    from minicpm_compress.recipe import build_recipe
+
+    def recipe(gate=None):
+        return build_recipe(model=str(tiny_checkpoint("llama")), data={"eval_tokens": 512, "eval_window": 128},
+                            stages=[{"rtn": {"bits": 8, "group_size": None, "symmetric": True}},
+                                    {"onnx": {"bits": 8, **({"gate": gate} if gate else {})}}])
+
+    details = run_recipe(recipe(), tmp_path / "o").stages[2].details
+    choice = details["accuracy_level_choice"]
+    speed = choice["decode_tokens_per_s"]
+    assert set(speed) == {0, 4} and min(speed.values()) > 0
+    first = 4 if speed[4] >= LEVEL_MARGIN * speed[0] else 0
+    assert details["accuracy_level"] == first and choice["measured"] == [first]  # no gate: the first one stays
+    nodes = [n for n in onnx.load(str(tmp_path / "o/onnx-int8/model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15 and {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {first}
+    # a gate neither level meets: both are measured, the stage fails
+    with pytest.raises(GateFailure):
+        run_recipe(recipe({"max_kld": 1e-12}), tmp_path / "f")
+    failed = json.loads((tmp_path / "f/manifest.json").read_text())["stages"][2]["details"]
+    assert failed["accuracy_level_choice"]["measured"] == [0, 4]
+
+
+def test_an_untied_head_gets_its_own_blocks_and_partial_blocks_are_sliced(tmp_path, tokenizer):
+    model = tiny_model("llama", tie_word_embeddings=False)
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    write_onnx(state, tmp_path, OnnxConfig(bits=8, block_size=128, embeddings="int8", accuracy_level=0))
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 15 and "Slice" in ops
+    assert len([i for i in graph.initializer if i.name.endswith(".B") and i.dims[0] == 49152]) == 2  # table, head
+    expected = tiny_model("llama", tie_word_embeddings=False).eval()
+    scheme = QuantScheme(bits=8, group_size=128, symmetric=True)
+    with torch.no_grad():
+        for module in [*quantizable_linears(expected).values(), expected.get_input_embeddings(), expected.lm_head]:
+            module.weight.copy_(quantize(module.weight, scheme).dequantize())
+    ids = torch.randint(0, 49152, (1, 7), generator=torch.Generator().manual_seed(2))
+    got = OnnxRunner(tmp_path / "model.onnx", state.config).logits(ids)
+    assert torch.allclose(got, expected(ids).logits, atol=2e-4, rtol=1e-4)

@@ -9,6 +9,8 @@ from minicpm_compress.quant.gptq import GPTQConfig
 from minicpm_compress.quant.qweight import QuantScheme
 from minicpm_compress.recipe import build_recipe
 
+from ..conftest import EXACT_ONNX
+
 G128 = QuantScheme(bits=4, group_size=128)
 
 
@@ -59,7 +61,7 @@ def test_a_bit_budget_is_kept_by_the_stage_and_every_exporter(tmp_path, tiny_che
     scheme = {"group_size": 32, "symmetric": True}
     recipe = build_recipe(model=str(tiny_checkpoint("llama")), data={"calibration_samples": 4, "eval_tokens": 512},
                           stages=[{"gptq": {**scheme, "target_bits": 5.0}}, {"gguf": {"type": "Q4_0"}},
-                                  {"onnx": {"bits": 4, "block_size": 32}},
+                                  {"onnx": {"bits": 4, "block_size": 32, **EXACT_ONNX}},
                                   {"coreml": {"bits": 4, "block_size": 32, "context": 64}}, {"hf_awq": {}}])
     run_recipe(recipe, tmp_path / "o")
     gptq, gguf_stage, onnx, coreml, hf = json.loads((tmp_path / "o/manifest.json").read_text())["stages"][1:]

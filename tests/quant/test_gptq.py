@@ -10,6 +10,7 @@ from minicpm_compress.quant.qweight import QuantScheme, encode, group_params, qu
 from minicpm_compress.recipe import build_recipe
 from minicpm_compress.stages import RunContext
 
+from ..conftest import EXACT_ONNX
 from .test_awq import _tiny_state
 
 SCHEMES = [
@@ -87,7 +88,7 @@ def test_gptq_codes_reach_every_exporter_unchanged(tmp_path, tiny_checkpoint):
     """act-order GPTQ at int4 g32 symmetric: GGUF Q4_0, ONNX MatMulNBits and Core ML carry its codes as they are."""
     recipe = build_recipe(model=str(tiny_checkpoint("llama")), data={"calibration_samples": 4, "eval_tokens": 512},
                           stages=[{"gptq": {"group_size": 32, "symmetric": True, "act_order": True}},
-                                  {"gguf": {"type": "Q4_0"}}, {"onnx": {"bits": 4, "block_size": 32}},
+                                  {"gguf": {"type": "Q4_0"}}, {"onnx": {"bits": 4, "block_size": 32, **EXACT_ONNX}},
                                   {"coreml": {"bits": 4, "block_size": 32, "context": 64}}])
     run_recipe(recipe, tmp_path / "o")
     stages = json.loads((tmp_path / "o/manifest.json").read_text())["stages"]

@@ -17,7 +17,7 @@ EVERY_STAGE = {
         "  - gptq: {bits: 4, group_size: 32}\n"
         "  - evaluate: {}\n"
         "  - gguf: {type: Q4_0}\n"
-        "  - onnx: {bits: 4}\n"
+        "  - onnx: {bits: 4, accuracy_level: 4}\n"  # auto would choose by timing this machine
         "  - coreml: {bits: 4, block_size: 32, context: 64}\n"
         "  - hf_awq: {}\n"
     ),
