@@ -9,7 +9,9 @@ itself behind a small wrapper, so MiniCPM's muP scalings are in the graph:
 
 Compute precision: float16 (what the Neural Engine runs) only when a range check on calibration text
 passes: no linear output at or above float16's 65,504 and no RMSNorm input at or above 256 (the norm
-squares it). Otherwise float32 (CPU/GPU), or an error if float16 was asked for.
+squares it). A model that fails it is first rewritten to fit float16 with the same function
+(float16_fit.py: the residual stream and MLP inner values shifted by powers of two, norms that square
+nothing above 1); if it still does not fit: float32 (CPU/GPU), or an error if float16 was asked for.
 
 The cache length P is the mask's last dimension minus S, so an app prefills a prompt (S = prompt
 length, P = 0) and then decodes one token at a time (S = 1) against the same state. The explicit mask
@@ -51,6 +53,7 @@ from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
 from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from .float16_fit import simulate_float16
 from .weights import export_weights
 
 PACKAGE_NAME = "model.mlpackage"
@@ -406,6 +409,29 @@ def float16_overflow(peaks: dict[str, dict]) -> str | None:
     return None
 
 
+SIMULATED_WINDOWS = 2  # held-out windows run in float16 (torch) against the float32 read-back model
+
+
+def fit_float16(state, samples: torch.Tensor, problem: str):
+    """(fit, the refitted float model, what still overflows) for a model whose activations overflow float16:
+    see float16_fit.py. The fit is kept only if the rewritten model's values, measured again on the same
+    calibration text, all fit (None, None, problem otherwise)."""
+    from .float16_fit import apply_fit, module_maxima, overflow, plan_fit
+
+    model = state.evaluated_model()
+    fit = plan_fit(module_maxima(model, lambda: [model(chunk) for chunk in samples.split(4)]),
+                   state.config.num_hidden_layers)
+    if fit.blocking:
+        return fit, None, f"{problem}; no power-of-two rewrite fits it: {fit.blocking}"
+    fitted = apply_fit(model, fit)
+    after = module_maxima(fitted, lambda: [fitted(chunk) for chunk in samples.split(4)])
+    fit.largest_after = max((max(v.values()), name) for name, v in after.items())
+    left = overflow(after, squares=False)
+    if left:
+        return fit, None, f"{problem}; after the float16 rewrite still {left}"
+    return fit, apply_fit(state.model, fit), None
+
+
 def embedding_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Module name → weight of the token embedding, and of the lm_head when it is not tied to it."""
     found = {}
@@ -440,18 +466,24 @@ class CoreMLConfig(StageConfig):
 
 
 def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["float16", "float32"],
-                 embed_scale: float | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
-    """Write model.mlpackage (+ tokenizer files) into `folder`; return the weights written and path counts."""
+                 embed_scale: float | None = None, model: torch.nn.Module | None = None,
+                 factors: dict[str, float] | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, int]]:
+    """Write model.mlpackage (+ tokenizer files) into `folder`; return the weights written and path counts.
+    `model` replaces the state's float model (a float16 fit of it), whose linears hold their weights ×
+    `factors` (powers of two: the quantized weights' scales are multiplied alike)."""
+    model = model if model is not None else state.model
+    factors = factors or {}
     quantized, paths = export_weights(state, config.requantize_scheme(), lambda q: fits_coreml(q, config.bits))
-    weights = {name: (state.model.get_submodule(name).weight, q) for name, q in quantized.items()}
+    weights = {name: (model.get_submodule(name).weight, q.scaled(factors[name]) if name in factors else q)
+               for name, q in quantized.items()}
     if config.embeddings == "int8":
-        for name, weight in embedding_matrices(state.model).items():
+        for name, weight in embedding_matrices(model).items():
             weights[name] = (weight, quantize(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
             paths["embedding int8 per row"] = paths.get("embedding int8 per row", 0) + 1
-    prog = decoder_program(state.model, config.context, precision, embed_scale)
+    prog = decoder_program(model, config.context, precision, embed_scale)
     quantize_constants(prog, weights)
     folder.mkdir(parents=True, exist_ok=True)
-    c = state.model.config
+    c = model.config
     metadata = {"producer": "minicpm-compress", "architecture": c.model_type, "bits": str(config.bits),
                 "precision": precision,
                 "context": str(config.context), "inputs": "input_ids [1,S] int32; causal_mask [1,1,S,P+S] float16"
@@ -493,7 +525,10 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     samples = ctx.calibration(state, n_samples=8, images=False)
     peaks = (activation_peaks(state.evaluated_model(), samples) if config.chunks == 1
              else chunked.streamed_peaks(state, samples))
-    problem = float16_overflow(peaks)
+    problem = original = float16_overflow(peaks)
+    fit = fitted = None
+    if problem and config.precision != "float32" and config.chunks == 1 and state.vision is None:
+        fit, fitted, problem = fit_float16(state, samples, problem)  # problem: None once the rewrite fits
     precision = config.precision
     if precision == "auto":
         precision = "float32" if problem else "float16"
@@ -508,10 +543,12 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
 
         embed_scale = input_scale(state.config)
     if config.chunks == 1:
-        weights, paths = write_coreml(state, folder, config, precision, embed_scale)
+        factors = fit.weight_factors(state.config.num_hidden_layers) if fitted is not None else None
+        weights, paths = write_coreml(state, folder, config, precision, embed_scale, fitted, factors)
         package = folder / PACKAGE_NAME
         stored, ops = read_back_weights(package)
-        subject = read_back_model(state.model, stored, weights, package)  # a model holding the weights read back
+        # a model holding the weights read back (the float16 fit's, when there is one)
+        subject = read_back_model(fitted if fitted is not None else state.model, stored, weights, package)
     else:
         quantized, paths, embeddings = chunked.write_chunks(state, folder, config, precision, embed_scale or 1.0,
                                                             state.vision is not None)
@@ -538,7 +575,10 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
         "max_context": config.context,  # the KV-cache state's length
         "packages": [p.name for p in packages],
         "spec_version": max(_coremltools().utils.load_spec(str(p)).specificationVersion for p in packages),
-        "precision": precision, "float16_check": {**peaks, "overflow": problem},
+        "precision": precision, "float16_check": {**peaks, "overflow": original},
+        **({"float16_fit": {**fit.describe(), "fits": fitted is not None}} if fit is not None else {}),
+        **({"float16_simulation": simulate_float16(subject, ctx.evaluator.windows[:SIMULATED_WINDOWS])}
+           if precision == "float16" and config.chunks == 1 and state.vision is None else {}),
         "linears": paths, "quantized_constants": ops.get(QUANTIZED_OP, 0),
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,

@@ -179,6 +179,11 @@ class QuantizedWeight:
         return QuantizedWeight(None, self.scales.to(device), zeros, self.scheme, packed=self.packed.to(device),
                                cols=self.cols)
 
+    def scaled(self, factor: float) -> "QuantizedWeight":
+        """The same codes standing for the weight × `factor` (a power of two keeps the scales exact)."""
+        zeros = self.zeros * factor if self.scheme.zero_point == "float" and self.zeros is not None else self.zeros
+        return QuantizedWeight(None, self.scales * factor, zeros, self.scheme, packed=self.packed, cols=self.cols)
+
     def rows(self, index: torch.Tensor) -> "QuantizedWeight":
         """The same weight with its output rows reordered or selected by `index`."""
         return QuantizedWeight(None, self.scales[index], None if self.zeros is None else self.zeros[index],

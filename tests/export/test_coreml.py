@@ -205,3 +205,30 @@ def test_predictions_on_macos_match_torch(int4_package):  # pragma: no cover - n
     with torch.no_grad():
         expected = state.evaluated_model()(torch.from_numpy(ids).long()).logits
     assert (torch.from_numpy(out["logits"].astype(np.float32)).argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_model_that_overflows_float16_is_rewritten_to_fit_it(tmp_path, tokenizer):
+    """auto precision on a model with a massive activation: the power-of-two rewrite makes the range check
+    pass, the package computes in float16 and its weights (our codes, scales shifted) read back exactly."""
+    from minicpm_compress.models.checkpoint import save_checkpoint
+    from minicpm_compress.pipeline import run_recipe
+    from minicpm_compress.recipe import build_recipe
+
+    from .test_float16_fit import massive
+
+    save_checkpoint(massive("minicpm"), tokenizer, tmp_path / "m")
+    recipe = build_recipe(model=str(tmp_path / "m"), data={"eval_tokens": 512, "eval_window": 128,
+                                                           "calibration_samples": 4, "sequence_length": 64},
+                          stages=[{"rtn": {"bits": 4, "group_size": 32, "symmetric": True}},
+                                  {"coreml": {"bits": 4, "context": 64}}])
+    _load, rtn, coreml = run_recipe(recipe, tmp_path / "o").stages
+    details = coreml.details
+    assert "down_proj' outputs values up to" in details["float16_check"]["overflow"]  # as the model was
+    fit = details["float16_fit"]
+    assert details["precision"] == "float16" and fit["fits"] and fit["stream_shift"] > 0 and fit["mlp_shifts"]
+    assert fit["largest_after"]["peak"] < 65504
+    assert details["linears"]["lossless"] == 14  # the shifted scales hold the same codes
+    assert abs(coreml.metrics.kld - rtn.metrics.kld) < 1e-3  # the same function, read back, in float32
+    simulated = details["float16_simulation"]  # and run in float16 (torch), against itself in float32
+    assert simulated["finite"] and simulated["kld"] < 0.01 and simulated["top1"] > 0.9
+
