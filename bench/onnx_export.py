@@ -1,13 +1,16 @@
 """ONNX on the default model: file sizes, CPU decode tokens/s and held-out accuracy in onnxruntime.
 
-    .venv/bin/python bench/onnx_export.py [--eval-tokens 4096] [--decode-tokens 64] > onnx.json
+    .venv/bin/python bench/onnx_export.py [--model smollm2-135m] [--eval-tokens 4096] [--decode-tokens 64] > onnx.json
 
 Variants: fp32; int8 weight-only MatMulNBits (our RTN int8 per-channel codes); int8 dynamic
 (onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes); the MatMulNBits
 variants at accuracy_level 0 (exact) and 4 (int8 activations inside the matmul: faster, no longer exact),
 with the embedding table (and tied head) as float32, int8 or int4 blocks. Each is measured
 against the float model, and the MatMulNBits ones also against the gated torch model they came from
-(the lossless check). Decode speed: batch 1, a 64-token prompt, then one token at a time with the cache.
+(the lossless check). Decode speed: batch 1, a 64-token prompt, then 64 tokens one at a time with the
+cache, timed twice: through onnxruntime-genai's generator (what an app runs; the comparable number) and
+through this project's plain onnxruntime loop. `genai-builder-int4` (Llama checkpoints: `--model
+smollm2-135m`) runs onnxruntime-genai's own model builder (int4, CPU) on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +39,44 @@ VARIANTS = {  # exporter settings, and the RTN scheme of the gated torch model (
 }
 
 
+BUILDER = "genai-builder-int4"  # onnxruntime-genai's own model builder, int4 for CPU (Llama checkpoints)
+
+
+def genai_decode_speed(folder: Path, prompt: list[int], steps: int) -> float:
+    """Greedy decoding tokens/s through onnxruntime-genai (what an app runs): prefill `prompt`, then time
+    `steps` generated tokens."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    start = time.perf_counter()
+    for _ in range(steps):
+        generator.generate_next_token()
+    return steps / (time.perf_counter() - start)
+
+
+def run_builder(checkpoint: Path, out: Path) -> None:
+    """onnxruntime_genai.models.builder on a copy of the checkpoint folder (it needs `architectures`)."""
+    import subprocess
+    import sys
+
+    hf = out.parent / "hf"
+    hf.mkdir()
+    for f in checkpoint.iterdir():
+        (hf / f.name).symlink_to(f.resolve())
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = config.get("architectures") or [{"llama": "LlamaForCausalLM"}[config["model_type"]]]
+    (hf / "config.json").unlink()
+    (hf / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                           "-p", "int4", "-e", "cpu", "-c", str(out.parent / "cache")], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"onnxruntime-genai builder failed: {done.stderr[-2000:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="minicpm-smollm2")
@@ -45,6 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime
+    import onnxruntime_genai
     import torch
 
     from minicpm_compress.data.textsets import evaluation_windows
@@ -62,32 +104,41 @@ def main() -> None:
     against_float = Evaluator.against(model, windows)
     prompt = windows[:1, :64].numpy()
     results = {"model": args.model, "eval_tokens": args.eval_tokens, "decode_tokens": args.decode_tokens,
-               "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads(), "variants": {}}
+               "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
+               "threads": torch.get_num_threads(), "variants": {}}
     for name in args.variants.split(","):
-        settings, scheme = VARIANTS[name]
-        state = ModelState.of(copy.deepcopy(model), tokenizer, source)
-        if scheme:
-            s = QuantScheme(**scheme)
-            state.qweights = {n: quantize(l.weight, s) for n, l in quantizable_linears(state.model).items()}
         with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / name
             start = time.perf_counter()
-            paths = write_onnx(state, Path(tmp) / name, OnnxConfig(**settings))
-            export_s = time.perf_counter() - start
-            runner = OnnxRunner(Path(tmp) / name / "model.onnx", state.model.config)
-            row = {"linears": paths, "export_s": round(export_s, 1),
-                   "bytes": sum(p.stat().st_size for p in (Path(tmp) / name).glob("model.onnx*")),
-                   "decode_tokens_per_s": round(decode_tokens_per_s(runner, prompt, args.decode_tokens), 2),
-                   "vs_float": against_float.measure(runner).as_dict()}
-            if scheme:
-                gated = Evaluator.against(state.evaluated_model(), windows)
-                row["vs_gated_torch"] = gated.measure(runner).as_dict()
+            gated = None
+            if name == BUILDER:
+                run_builder(source.checkpoint, folder)
+                row = {"linears": "onnxruntime-genai builder int4 (its RTN, accuracy_level 4, int4 table)"}
+            else:
+                settings, scheme = VARIANTS[name]
+                state = ModelState.of(copy.deepcopy(model), tokenizer, source)
+                if scheme:
+                    s = QuantScheme(**scheme)
+                    state.qweights = {n: quantize(lin.weight, s) for n, lin in quantizable_linears(state.model).items()}
+                    gated = state.evaluated_model()
+                row = {"linears": write_onnx(state, folder, OnnxConfig(**settings))}
+            row["export_s"] = round(time.perf_counter() - start, 1)
+            runner = OnnxRunner(folder / "model.onnx", model.config)
+            row["bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+            if name != BUILDER:  # its shared past/present buffer needs onnxruntime-genai for cached steps
+                row["decode_tokens_per_s"] = round(decode_tokens_per_s(runner, prompt, args.decode_tokens), 2)
+            row["genai_decode_tokens_per_s"] = round(genai_decode_speed(folder, prompt[0].tolist(), args.decode_tokens), 2)
+            row["vs_float"] = against_float.measure(runner).as_dict()  # whole windows: no cached steps
+            if gated is not None:
+                row["vs_gated_torch"] = Evaluator.against(gated, windows).measure(runner).as_dict()
             del runner
         results["variants"][name] = row
-        print(f"{name}: {row['bytes'] / 1e6:.1f} MB, {row['decode_tokens_per_s']} tok/s", file=__import__("sys").stderr)
-    fp32 = results["variants"].get("fp32", {}).get("decode_tokens_per_s")
-    if fp32:
-        results["speedup_vs_fp32"] = {k: round(v["decode_tokens_per_s"] / fp32, 2)
-                                      for k, v in results["variants"].items()}
+        print(f"{name}: {row['bytes'] / 1e6:.1f} MB, genai {row['genai_decode_tokens_per_s']} tok/s",
+              file=__import__("sys").stderr)
+    base = results["variants"].get("fp32", {}).get("genai_decode_tokens_per_s")
+    if base:
+        results["genai_speedup_vs_fp32"] = {k: round(v["genai_decode_tokens_per_s"] / base, 2)
+                                            for k, v in results["variants"].items()}
     print(json.dumps(results, indent=2))
 
 

@@ -347,6 +347,7 @@ class OnnxRunner:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.layers, self.kv, self.head_dim = config.num_hidden_layers, config.num_key_value_heads, _head_dim(config)
+        self.inputs = {i.name for i in self.session.get_inputs()}  # a graph without position_ids derives them
 
     def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None, past_len: int,
               first: str = "input_ids") -> dict:
@@ -355,12 +356,13 @@ class OnnxRunner:
         inputs, _ = io_names(self.layers)
         if past is None:
             past = [np.zeros((batch, self.kv, 0, self.head_dim), np.float32)] * (2 * self.layers)
-        return {
+        feeds = {
             first: input_ids.astype(np.int64 if first == "input_ids" else np.float32),
             "attention_mask": np.ones((batch, past_len + seq), np.int64),
             "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(np.int64),
             **dict(zip(inputs[3:], past)),
         }
+        return {k: v for k, v in feeds.items() if k in self.inputs}
 
     def run(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None, past_len: int = 0):
         """(logits, present key/values) for `input_ids` after a cache of `past_len` tokens."""
