@@ -122,7 +122,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
             stages = recipe.stage_list()
             for index, (name, config) in enumerate(stages):
                 if index == 1:
-                    cached = CachedRun.plan(recipe, state, stages[1:])
+                    cached = CachedRun.plan(recipe, state, ctx.reference, stages[1:])
                 if cached and index <= cached.reusable:
                     stage_record = StageRecord.from_cache(index, name, config, cached.reused_record(index, tmp))
                     if index == cached.reusable and cached.last_model(index):

@@ -1,8 +1,8 @@
 """Stage results kept between runs, keyed by what produced them: rerunning a recipe whose last stages
 changed reruns only those.
 
-A stage's key chains the run's inputs (tool version, the loaded model's fingerprint and quantized
-weights, reference, data, seed, device, dtype) with every stage's name and settings up to it; gates are
+A stage's key chains the run's inputs (the package's source code, the loaded model's fingerprint and
+quantized weights, the reference's fingerprint, data, seed, device, dtype) with every stage's name and settings up to it; gates are
 not in the key (a cached stage's metrics are checked against the gate of the run that reuses it). An
 entry holds the stage's record, the model it produced (the same files an output folder holds: config,
 quantized and changed float tensors) when it transforms the model, and an exporter's files. Only stages
@@ -14,6 +14,7 @@ turn it off).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,15 +43,26 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_key(recipe, state) -> str | None:
-    """What every stage of the run starts from; None when the model has no file source to refer to."""
+@functools.cache
+def code_fingerprint() -> str:
+    """The package's own source: results made by other code are not reused (an edited checkout included)."""
+    h = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def input_key(recipe, state, reference) -> str | None:
+    """What every stage of the run starts from (the code, the model and its quantized weights, the
+    reference's weights, data, seed, device, dtype); None when the model has no file source to refer to."""
     from .manifest import source_entry
 
     source = source_entry(state)
     if source is None:
         return None
     quantized = atomic.sha256_file(state.source.qweights) if state.source.qweights else None
-    return _digest(__version__, state.fingerprint(), quantized, state.source.reference, recipe.reference,
+    return _digest(code_fingerprint(), state.fingerprint(), quantized, reference.fingerprint(),
                    recipe.data.model_dump(mode="json"), recipe.seed, recipe.device, recipe.dtype)
 
 
@@ -149,8 +161,8 @@ class CachedRun:
     used: list[str]
 
     @classmethod
-    def plan(cls, recipe, state, stages: list[tuple[str, object]]) -> "CachedRun | None":
-        first = input_key(recipe, state) if enabled(recipe) else None
+    def plan(cls, recipe, state, reference, stages: list[tuple[str, object]]) -> "CachedRun | None":
+        first = input_key(recipe, state, reference) if enabled(recipe) else None
         if first is None:
             return None
         cache = StageCache.open(recipe)

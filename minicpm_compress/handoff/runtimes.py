@@ -49,10 +49,16 @@ def _onnx_requirement(d: "Deliverable", manifest: dict) -> str:
             f"{', '.join(ops)}{level}); older versions were not tested")
 
 
+def _compute(details: dict) -> str:
+    if details.get("precision") == "float16":
+        return "float16 compute (Neural Engine eligible)"
+    return f"{details.get('precision', 'float32')} compute (CPU/GPU: its activations do not fit float16)"
+
+
 def _coreml_requirement(d: "Deliverable", manifest: dict) -> str:
     version = d.stage["details"].get("spec_version")
     return (f"{COREML_OS.get(version, f'Core ML specification {version}')} or newer (Core ML stateful model, "
-            f"blockwise-quantized weights); {d.stage['details'].get('precision', 'float32')} compute; converted with "
+            f"blockwise-quantized weights); {_compute(d.stage['details'])}; converted with "
             f"{RUNTIMES['coreml'].tested_with(manifest)}")
 
 
