@@ -367,35 +367,19 @@ def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int 
 def module_peaks(model: torch.nn.Module, run) -> dict[str, dict]:
     """While `run()` feeds `model`: the largest |output| of any linear or convolution, of k_proj/v_proj, and
     the largest value a norm squares (|input| for RMSNorm, |input − mean| for LayerNorm), with module names."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from .float16_fit import module_maxima
 
-    peaks = {kind: {"module": None, "peak": 0.0} for kind in ("norm_input", "linear_output", "kv_output")}
+    maxima = module_maxima(model, run)
 
-    def hook(kind: str, name: str, centred: bool = False):
-        def record(module, inputs, output):
-            x = (inputs[0] if kind == "norm_input" else output).detach()
-            value = (x - x.mean(-1, keepdim=True) if centred else x).abs().max().item()
-            if value > peaks[kind]["peak"]:
-                peaks[kind] = {"module": name, "peak": round(value, 3)}
-        return record
+    def largest(values) -> dict:
+        peak, name = max(values, default=(0.0, None))
+        return {"module": name, "peak": round(peak, 3)}
 
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            handles.append(module.register_forward_hook(hook("linear_output", name)))
-            if name.endswith(("k_proj", "v_proj")):
-                handles.append(module.register_forward_hook(hook("kv_output", name)))
-        elif isinstance(module, LlamaRMSNorm) or type(module).__name__.endswith("RMSNorm"):
-            handles.append(module.register_forward_hook(hook("norm_input", name)))
-        elif isinstance(module, torch.nn.LayerNorm):
-            handles.append(module.register_forward_hook(hook("norm_input", name, centred=True)))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return peaks
+    return {
+        "norm_input": largest((v["input"], n) for n, v in maxima.items() if "output" not in v),
+        "linear_output": largest((v["output"], n) for n, v in maxima.items() if "output" in v),
+        "kv_output": largest((v["output"], n) for n, v in maxima.items() if n.endswith(("k_proj", "v_proj"))),
+    }
 
 
 def float16_overflow(peaks: dict[str, dict]) -> str | None:

@@ -90,8 +90,9 @@ class Float16Fit:
 
 
 def module_maxima(model: torch.nn.Module, run) -> dict[str, dict[str, float]]:
-    """While `run()` feeds `model`: per module name, the largest |input| and |output| of every linear and
-    the largest |input| of every norm."""
+    """While `run()` feeds `model`: per module name, the largest |input| and |output| of every linear (and
+    convolution), and the largest value every norm squares: |input| for RMSNorm, |input − mean| for
+    LayerNorm (norms have no "output" entry)."""
     found: dict[str, dict[str, float]] = {}
 
     def record(name: str, kind: str, value: torch.Tensor) -> None:
@@ -105,17 +106,18 @@ def module_maxima(model: torch.nn.Module, run) -> dict[str, dict[str, float]]:
             record(name, "output", output)
         return hook
 
-    def norm_hook(name: str):
+    def norm_hook(name: str, centred: bool):
         def hook(module, inputs, output):
-            record(name, "input", inputs[0])
+            x = inputs[0]
+            record(name, "input", x - x.mean(-1, keepdim=True) if centred else x)
         return hook
 
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             handles.append(module.register_forward_hook(linear_hook(name)))
-        elif type(module).__name__.endswith("RMSNorm"):
-            handles.append(module.register_forward_hook(norm_hook(name)))
+        elif type(module).__name__.endswith("RMSNorm") or isinstance(module, torch.nn.LayerNorm):
+            handles.append(module.register_forward_hook(norm_hook(name, isinstance(module, torch.nn.LayerNorm))))
     try:
         with torch.no_grad():
             run()
