@@ -6,8 +6,9 @@ Variants (RTN codes from the project's quantizer, as a recipe would hand them ov
 g128 asym (576-wide rows: blocks of 64 with repeated scales); int8 per-channel sym; and int4 g32 sym with an
 unquantized embedding instead of int8. Each package is read back (spec + weight blob), its weights checked
 against the codes written and measured in torch against the float model and against the gated torch
-model the codes came from. Also recorded: the float16 range check the stage uses to choose the compute
-precision (the largest activation entering an RMSNorm and leaving a linear, on calibration text).
+model the codes came from. The compute precision is chosen as the stage does: the float16 range check on
+calibration text, and where it fails the power-of-two float16 rewrite (export/float16_fit.py); a float16
+package's read-back model is also run in float16 (torch) on 8 held-out windows (`float16_simulation`).
 Predictions on a device need macOS; none are made here.
 """
 
@@ -44,11 +45,13 @@ def main() -> None:
         PACKAGE_NAME,
         CoreMLConfig,
         activation_peaks,
+        fit_float16,
         float16_overflow,
         read_back_model,
         read_back_weights,
         write_coreml,
     )
+    from minicpm_compress.export.float16_fit import simulate_float16
     from minicpm_compress.models.architectures import quantizable_linears
     from minicpm_compress.models.checkpoint import load_checkpoint, untied_state_dict
     from minicpm_compress.models.source import resolve_model
@@ -59,31 +62,42 @@ def main() -> None:
     model, tokenizer = load_checkpoint(source.checkpoint)
     windows = evaluation_windows(tokenizer, ["austen-heldout"], args.eval_tokens, 512)
     against_float = Evaluator.against(model, windows)
-    peaks = activation_peaks(model, calibration_samples(tokenizer, [("austen-calib", 1.0)], 8, 512, 0))
-    problem = float16_overflow(peaks)
-    precision = "float32" if problem else "float16"
+    samples = calibration_samples(tokenizer, [("austen-calib", 1.0)], 8, 512, 0)
     params = sum(p.numel() for p in untied_state_dict(model).values())
     results = {"model": args.model, "eval_tokens": args.eval_tokens, "coremltools": coremltools.__version__,
-               "float16_check": {**peaks, "overflow": problem}, "precision": precision, "variants": {}}
+               "variants": {}}
     for name in args.variants.split(","):
         settings, scheme = VARIANTS[name]
         state = ModelState.of(copy.deepcopy(model), tokenizer, source)
         s = QuantScheme(**scheme)
-        state.qweights = {n: quantize(l.weight, s) for n, l in quantizable_linears(state.model).items()}
+        state.qweights = {n: quantize(lin.weight, s) for n, lin in quantizable_linears(state.model).items()}
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            weights, paths = write_coreml(state, Path(tmp) / name, CoreMLConfig(**settings), precision)
+            # the stage's precision choice: the range check, then the float16 rewrite where it fails
+            peaks = activation_peaks(state.evaluated_model(), samples)
+            problem = original = float16_overflow(peaks)
+            fit = fitted = None
+            if problem:
+                fit, fitted, problem = fit_float16(state, samples, problem)
+            precision = "float32" if problem else "float16"
+            factors = fit.weight_factors(model.config.num_hidden_layers) if fitted is not None else None
+            weights, paths = write_coreml(state, Path(tmp) / name, CoreMLConfig(**settings), precision, None,
+                                          fitted, factors)
             export_s = time.perf_counter() - start
             package = Path(tmp) / name / PACKAGE_NAME
             stored, ops = read_back_weights(package)
-            read_back = read_back_model(state.model, stored, weights, package)  # raises unless exact
+            read_back = read_back_model(fitted if fitted is not None else state.model, stored, weights, package)
             size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-            row = {"linears": paths, "export_s": round(export_s, 1), "bytes": size,
+            row = {"linears": paths, "precision": precision, "float16_check": {**peaks, "overflow": original},
+                   **({"float16_fit": fit.describe()} if fit is not None else {}),
+                   "export_s": round(export_s, 1), "bytes": size,
                    "bits_per_weight": round(size * 8 / params, 3), "quantized_constants": ops["constexpr_blockwise_shift_scale"],
                    "vs_float": against_float.measure(read_back).as_dict(),
                    "vs_gated_torch": Evaluator.against(state.evaluated_model(), windows).measure(read_back).as_dict()}
+            if precision == "float16":
+                row["float16_simulation"] = simulate_float16(read_back, windows[:8])
         results["variants"][name] = row
-        print(f"{name}: {size / 1e6:.1f} MB, {row['bits_per_weight']} bits/weight, {row['export_s']} s",
+        print(f"{name}: {size / 1e6:.1f} MB, {precision}, {row['bits_per_weight']} bits/weight, {row['export_s']} s",
               file=sys.stderr)
     print(json.dumps(results, indent=2))
 
