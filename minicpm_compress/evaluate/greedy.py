@@ -1,6 +1,8 @@
 """The smoke test an app team can repeat: a fixed prompt and the greedy continuation it must produce.
 
-Computed with the runners the evaluator uses (one full forward per new token, no KV cache: a few tokens
+Computed with the runners the evaluator uses. A runtime's runner decodes as an app does (`greedy`: the
+prompt in one pass, then one token at a time with its cache: with int8 activations the numbers depend on
+how many rows a pass holds); other runners recompute the whole sequence per new token (a few tokens
 only). An exporter records its file's own continuation in its runtime; the pipeline adds the gated torch
 model's for every exported artifact, and how many leading tokens the two share.
 """
@@ -15,6 +17,8 @@ SMOKE_TOKENS = 8
 
 def greedy_tokens(runner, prompt_ids: list[int], steps: int = SMOKE_TOKENS) -> list[int]:
     """`steps` tokens appended to `prompt_ids` by always taking the most likely next token."""
+    if hasattr(runner, "greedy"):
+        return runner.greedy(list(prompt_ids), steps)
     ids = list(prompt_ids)
     for _ in range(steps):
         logits = runner.logits(torch.tensor([ids]))

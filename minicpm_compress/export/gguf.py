@@ -347,6 +347,17 @@ class LlamaCppRunner:
             rows.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
         return torch.stack(rows)
 
+    def greedy(self, prompt_ids: list[int], steps: int) -> list[int]:
+        """Greedy decoding as llama.cpp's completion does it: the prompt in one batch, then one token each."""
+        self.llm.reset()
+        self.llm.eval(prompt_ids)
+        out = []
+        for i in range(steps):
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            if i + 1 < steps:
+                self.llm.eval(out[-1:])
+        return out
+
     def close(self) -> None:
         self.llm.close()
 

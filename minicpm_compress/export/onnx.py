@@ -372,6 +372,16 @@ class OnnxRunner:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.run(input_ids.numpy())[0]).float()
 
+    def greedy(self, prompt_ids: list[int], steps: int) -> list[int]:
+        """Greedy decoding as onnxruntime-genai does it: the prompt in one pass, then one token per pass."""
+        logits, cache = self.run(np.array([prompt_ids]))
+        out = []
+        for i in range(steps):
+            out.append(int(logits[0, -1].argmax()))
+            if i + 1 < steps:
+                logits, cache = self.run(np.array([out[-1:]]), cache, len(prompt_ids) + i)
+        return out
+
 
 class OnnxConfig(StageConfig):
     bits: Literal[4, 8, 32] = Field(4, description="4 or 8 (MatMulNBits), or 32 for a float graph")
