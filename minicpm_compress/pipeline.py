@@ -125,8 +125,9 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                     cached = CachedRun.plan(recipe, state, ctx.reference, stages[1:])
                 if cached and index <= cached.reusable:
                     stage_record = StageRecord.from_cache(index, name, config, cached.reused_record(index, tmp))
-                    if index == cached.reusable and cached.last_model(index):
-                        state = ModelState.open(cached.cache.model_source(cached.last_model(index), state.source),
+                    produced = cached.last_model(index) if index == cached.reusable else None
+                    if produced:  # the model the last reused transforming stage made
+                        state = ModelState.open(cached.cache.model_source(produced, state.source),
                                                 **_open_options(stages[0][1], state))
                 else:
                     stage_record, state = _run_stage(index, name, config, state, ctx, on_start)

@@ -180,15 +180,13 @@ def overflow(maxima: dict[str, dict[str, float]], squares: bool) -> str | None:
 
 
 def simulate_float16(model: torch.nn.Module, ids: torch.Tensor) -> dict:
-    """`model` run in float16 on `ids` (torch; the norms here compute in float16 too) against itself in
-    float32: mean KL divergence, top-1 agreement, and whether every logit stayed finite. A proxy for a
-    float16 runtime, not Core ML itself."""
-    half = copy.deepcopy(model).half()
-    with torch.no_grad():
-        ref = torch.log_softmax(model(ids).logits.float(), -1)
-        out = half(ids).logits.float()
-    finite = bool(torch.isfinite(out).all())
-    logp = torch.log_softmax(out, -1)
-    kld = float((ref.exp() * (ref - logp)).sum(-1).mean()) if finite else float("inf")
-    return {"tokens": ids.numel(), "kld": round(kld, 6), "top1": round(float((out.argmax(-1) == ref.argmax(-1))
-                                                                               .float().mean()), 4), "finite": finite}
+    """`model` run in float16 on `ids` (torch; the norms here compute in float16 too), measured by the
+    project's evaluator against itself in float32. A proxy for a float16 runtime, not Core ML itself."""
+    from ..evaluate.evaluator import Evaluator
+    from ..evaluate.metrics import reference_stats
+
+    metrics = Evaluator(ids, reference_stats(model, ids)).measure(copy.deepcopy(model).half(),
+                                                                   desc="float16 simulation")
+    finite = math.isfinite(metrics.kld)
+    return {"tokens": metrics.tokens, "kld": round(metrics.kld, 6) if finite else None,
+            "top1": round(metrics.top1, 4), "finite": finite}

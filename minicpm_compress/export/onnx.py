@@ -172,16 +172,15 @@ def _to_matmul_nbits(graph, matmul, transpose, packed: list, shape: tuple[int, i
     graph.remove([matmul, transpose], safe=True)
 
 
-def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_size: int, accuracy_level: int) -> int:
+def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_size: int, accuracy_level: int) -> None:
     """The token embedding as GatherBlockQuantized and the output head as MatMulNBits, both on int4/int8
     blocks from the project's quantizer (symmetric, `block_size` per block along the hidden size). A tied
-    head reads the embedding's own codes and scales: one copy in the file. Returns the tables quantized."""
+    head reads the embedding's own codes and scales: one copy in the file."""
     import onnx_ir as ir
 
     from ..quant.qweight import quantize
 
     scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=True)
-    done = 0
     for key in ("model.model.embed_tokens.weight", "model.lm_head.weight"):  # the table, and an untied head
         value = graph.initializers.get(key)
         if value is None:
@@ -233,8 +232,6 @@ def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_siz
             _to_matmul_nbits(graph, matmul, transpose, [b, scales], (rows, cols), bits, block_size, accuracy_level,
                              parameter)
         del graph.initializers[key]
-        done += 1
-    return done
 
 
 def write_graph(state, folder: Path, weights: dict[str, QuantizedWeight], block_size: int,

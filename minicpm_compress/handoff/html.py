@@ -59,14 +59,10 @@ def render_html(manifest: dict) -> str:
     for s in failures:
         parts.append(f'<p class="fail">Gate of stage {s["index"]} {html.escape(s["name"])} failed: '
                      f"{html.escape('; '.join(s['failures']))}</p>")
-    layers = 0
-    for s in manifest["stages"]:
-        names = s["details"].get("linear_errors") or {}
-        layers = max([layers] + [w[0] + 1 for w in map(plots._layer_of, names) if w])
     per_layer = []
     for s in manifest["stages"]:
         for png, what in ((plots.linear_errors(s), "quantization error per linear and layer"),
-                          (plots.awq_scales(s, layers), "AWQ scale exponent per group and layer"),
+                          (plots.awq_scales(s), "AWQ scale exponent per group and layer"),
                           (plots.block_influence(s), "pruning: importance of each layer")):
             if png:
                 per_layer.append(_figure(png, what, f"Stage {s['index']} {s['name']}: {what}."))

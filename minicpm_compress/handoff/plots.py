@@ -86,7 +86,7 @@ def frontier(points: list[Point], title: str = "Accuracy vs size") -> bytes:
     return _png(plt, fig)
 
 
-def _layer_of(name: str) -> tuple[int, str] | None:
+def layer_of(name: str) -> tuple[int, str] | None:
     m = re.search(r"layers\.(\d+)\.(?:\w+\.)?(\w+)$", name)
     return (int(m.group(1)), m.group(2)) if m else None
 
@@ -98,7 +98,7 @@ def linear_errors(stage: dict) -> bytes | None:
         return None
     series: dict[str, dict[int, float]] = {}
     for name, err in errors.items():
-        where = _layer_of(name)
+        where = layer_of(name)
         if where:
             series.setdefault(where[1], {})[where[0]] = err
     plt, fig, ax = _figure()
@@ -113,9 +113,10 @@ def linear_errors(stage: dict) -> bytes | None:
     return _png(plt, fig)
 
 
-def awq_scales(stage: dict, layers: int) -> bytes | None:
+def awq_scales(stage: dict) -> bytes | None:
     """AWQ's chosen scale exponent α per scaling group, layer by layer (below 0: identity kept)."""
     alphas = stage["details"].get("alphas")
+    layers = 1 + max((w[0] for w in map(layer_of, stage["details"].get("linear_errors", {})) if w), default=-1)
     if not alphas or not layers or len(alphas) % layers:
         return None
     per = len(alphas) // layers

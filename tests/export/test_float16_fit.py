@@ -8,6 +8,7 @@ from minicpm_compress.export.float16_fit import (
     module_maxima,
     overflow,
     plan_fit,
+    simulate_float16,
 )
 
 from ..conftest import tiny_model
@@ -52,6 +53,10 @@ def test_a_model_that_overflows_float16_runs_in_float16_after_the_rewrite(model_
     # float16's own rounding (values far below the massive channel keep fewer bits): close, same argmax
     assert torch.isfinite(rewritten).all() and (rewritten - ref).abs().max() < 0.03 * ref.abs().max()
     assert (rewritten.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    # the exporter's record of the same, through the project's evaluator
+    assert simulate_float16(massive(model_type), IDS)["finite"] is False
+    simulated = simulate_float16(apply_fit(massive(model_type), fit), IDS)
+    assert simulated["finite"] and simulated["kld"] < 1e-3 and simulated["tokens"] == IDS.numel() - IDS.shape[0]
 
 
 def test_values_no_power_of_two_can_move_are_named():
