@@ -172,6 +172,47 @@ def _to_matmul_nbits(graph, matmul, transpose, packed: list, shape: tuple[int, i
     graph.remove([matmul, transpose], safe=True)
 
 
+class NodeList:
+    """Nodes made for one place of `graph` (the caller inserts `nodes`); small constants become initializers."""
+
+    def __init__(self, graph):
+        self.graph, self.nodes = graph, []
+
+    def op(self, op_type: str, inputs: list, name: str, domain: str = "", outputs: int = 1, **attributes):
+        import onnx_ir as ir
+
+        node = ir.node(op_type, inputs, attributes=attributes, domain=domain, num_outputs=outputs, name=name)
+        for i, value in enumerate(node.outputs):
+            value.name = f"{name}/output_{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else list(node.outputs)
+
+    def const(self, name: str, array: np.ndarray):
+        """A small constant, kept inside model.onnx."""
+        import onnx_ir as ir
+
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+
+def block_lookup(ops: NodeList, name: str, b, scales, ids, shape: tuple[int, int], bits: int, block_size: int):
+    """Rows [batch, seq, cols] of a table stored as MatMulNBits blocks (`b`, `scales`), looked up by
+    GatherBlockQuantized: the embedding reads the same codes a tied head's MatMulNBits reads."""
+    rows, cols = shape
+    blocks = -(-cols // block_size)
+    per_block = ops.op("Reshape", [scales, ops.const(f"{name}.scales_shape", np.array([rows, blocks, 1], np.int64))],
+                       f"{name}/scales3")
+    looked_up = ops.op("GatherBlockQuantized", [b, ids, per_block], f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
+                       bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2)
+    out = ops.op("Reshape", [looked_up, ops.const(f"{name}.rows_shape", np.array([0, 0, -1], np.int64))], f"{name}/rows")
+    if blocks * block_size != cols:  # padded blocks: keep the first `cols` values of each row
+        bounds = [ops.const(f"{name}.slice_{n}", np.array([v], np.int64)) for n, v in (("start", 0), ("end", cols),
+                                                                                          ("axis", -1))]
+        out = ops.op("Slice", [out, *bounds], f"{name}/Slice")
+    return out
+
+
 def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_size: int, accuracy_level: int) -> None:
     """The token embedding as GatherBlockQuantized and the output head as MatMulNBits, both on int4/int8
     blocks from the project's quantizer (symmetric, `block_size` per block along the hidden size). A tied
@@ -200,33 +241,12 @@ def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_siz
         b = _initializer(graph, data, f"{key}.B", packed["B"])
         scales = _initializer(graph, data, f"{key}.scales", packed["scales"])
         for gather in gathers:
-            blocks = packed["B"].shape[1]
-            shape3 = ir.Value(name=f"{key}.scales_shape", const_value=ir.tensor(np.array([rows, blocks, 1], np.int64)))
-            flat = ir.Value(name=f"{key}.rows_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64)))
-            graph.register_initializer(shape3)
-            graph.register_initializer(flat)
-            per_block = ir.Node("", "Reshape", [scales, shape3], name=f"{key}.scales3")
-            looked_up = ir.Node(MS_DOMAIN, "GatherBlockQuantized", [b, gather.inputs[1], per_block.outputs[0]],
-                                attributes={"bits": ir.AttrInt64("bits", bits),
-                                            "block_size": ir.AttrInt64("block_size", block_size),
-                                            "gather_axis": ir.AttrInt64("gather_axis", 0),
-                                            "quantize_axis": ir.AttrInt64("quantize_axis", 2)},
-                                name=f"{key}.GatherBlockQuantized")
-            rows_out = ir.Node("", "Reshape", [looked_up.outputs[0], flat], name=f"{key}.rows")
-            nodes = [per_block, looked_up, rows_out]
-            last = rows_out
-            if blocks * block_size != cols:  # padded blocks: keep the first `cols` values of each row
-                bounds = [ir.Value(name=f"{key}.slice_{n}", const_value=ir.tensor(np.array([v], np.int64)))
-                          for n, v in (("start", 0), ("end", cols), ("axis", -1))]
-                for bound in bounds:
-                    graph.register_initializer(bound)
-                last = ir.Node("", "Slice", [rows_out.outputs[0], *bounds], name=f"{key}.slice")
-                nodes.append(last)
-            for node in nodes:
+            ops = NodeList(graph)
+            last = block_lookup(ops, key, b, scales, gather.inputs[1], (rows, cols), bits, block_size)
+            for node in ops.nodes:
                 graph.insert_before(gather, node)
-            ir.convenience.replace_all_uses_with(gather.outputs[0], last.outputs[0])
-            last.outputs[0].name, last.outputs[0].shape, last.outputs[0].type = (
-                gather.outputs[0].name, gather.outputs[0].shape, gather.outputs[0].type)
+            ir.convenience.replace_all_uses_with(gather.outputs[0], last)
+            last.name, last.shape, last.type = gather.outputs[0].name, gather.outputs[0].shape, gather.outputs[0].type
             graph.remove(gather, safe=True)
         for transpose, matmul in heads:
             _to_matmul_nbits(graph, matmul, transpose, [b, scales], (rows, cols), bits, block_size, accuracy_level,
@@ -396,6 +416,10 @@ class OnnxConfig(StageConfig):
     embeddings: Literal["int8", "int4", "float"] = Field(
         "int8", description="token embedding and output head (a tied head shares the embedding's codes): "
         "int8 or int4 blocks (GatherBlockQuantized + MatMulNBits), or float32; MatMulNBits graphs only")
+    graph: Literal["auto", "fused", "traced"] = Field(
+        "auto", description="fused: the decoder built from onnxruntime's fused ops (GroupQueryAttention with "
+        "rotary, SkipSimplifiedLayerNormalization, packed q|k|v); traced: torch.onnx's graph of the model; "
+        "auto: fused where the architecture allows it (Llama, Mistral, MiniCPM text models)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -419,20 +443,28 @@ class OnnxConfig(StageConfig):
 def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
     """Write model.onnx + model.onnx.data (+ genai_config.json and tokenizer files) into `folder`; return
     the path counts. Streamed, except for onnxruntime's dynamic int8, which quantizes a whole float graph."""
+    from .onnx_decoder import write_fused_graph
     from .onnx_genai import write_genai_files
 
     folder.mkdir(parents=True, exist_ok=True)
     embeds = state.vision is not None  # MiniCPM-V: the decoder takes inputs_embeds from embedding.onnx
     if embeds and not config.matmul_nbits and config.bits != 32:
         raise CompressError("onnx: int8 'dynamic' is not available for MiniCPM-V models (use MatMulNBits int8)")
+    fused = uses_fused_graph(state, config)
+    table_bits = None if config.embeddings == "float" or embeds else int(config.embeddings.removeprefix("int"))
     if config.matmul_nbits:
         scheme = QuantScheme(bits=config.bits, group_size=config.block_size, symmetric=True)
         weights, paths = export_weights(
             state, scheme, lambda q: q.scheme.bits >= config.bits and fits_matmul_nbits(q, config.block_size))
-        write_graph(state, folder, weights, config.block_size, config.level(embeds), embeds,
-                    None if config.embeddings == "float" or embeds else int(config.embeddings.removeprefix("int")))
+        if fused:
+            write_fused_graph(state, folder, weights, config.block_size, config.level(embeds), table_bits)
+        else:
+            write_graph(state, folder, weights, config.block_size, config.level(embeds), embeds, table_bits)
     elif config.bits == 32:
-        write_graph(state, folder, {}, config.block_size, embeds=embeds)
+        if fused:
+            write_fused_graph(state, folder, {}, config.block_size)
+        else:
+            write_graph(state, folder, {}, config.block_size, embeds=embeds)
         paths = {"float": len(state.linear_names())}
     else:  # int8: dynamic
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -448,8 +480,21 @@ def write_onnx(state, folder: Path, config: OnnxConfig) -> dict:
         from .onnx_vision import write_vision_graphs
 
         write_vision_graphs(state, folder, int8=config.vision == "int8")
-    write_genai_files(state, folder)
+    write_genai_files(state, folder, fused=fused)
     return paths
+
+
+def uses_fused_graph(state, config: OnnxConfig) -> bool:
+    """Whether the decoder is built from fused ops (else traced); `fused` on an architecture that cannot be
+    is an error naming why."""
+    from .onnx_decoder import unfused_reason
+
+    if config.graph == "traced" or not (config.matmul_nbits or config.bits == 32):
+        return False
+    reason = unfused_reason(state)
+    if reason and config.graph == "fused":
+        raise CompressError(f"onnx: graph 'fused' is not available for this model: {reason} (use graph: traced)")
+    return reason is None
 
 
 def set_accuracy_level(path: Path, level: int) -> None:

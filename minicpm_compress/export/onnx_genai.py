@@ -8,12 +8,14 @@ from pathlib import Path
 from .. import atomic
 
 
-def genai_config(model_config, tokenizer, context: int) -> dict:
+def genai_config(model_config, tokenizer, context: int, fused: bool = False) -> dict:
+    """The runtime config; a `fused` graph (GroupQueryAttention) takes no position_ids and lets past and
+    present share one buffer of the maximum length."""
     c = model_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else c.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return {
+    config = {
         "model": {
             "type": "llama",  # onnxruntime-genai's generic decoder-only runner; the graph carries MiniCPM's scalings
             "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else c.bos_token_id,
@@ -46,15 +48,21 @@ def genai_config(model_config, tokenizer, context: int) -> dict:
         "search": {
             "do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": fused,
         },
     }
+    if fused:
+        del config["model"]["decoder"]["inputs"]["position_ids"]
+    return config
 
 
-def write_genai_files(state, folder: Path) -> int:
+def write_genai_files(state, folder: Path, fused: bool = False) -> int:
     """genai_config.json and the tokenizer files; returns the context length the config allows."""
-    context = min(int(getattr(state.config, "max_position_embeddings", 2048) or 2048), 4096)
-    config = genai_config(state.config, state.tokenizer, context)
+    from .onnx_decoder import rotary_length
+
+    context = min(rotary_length(state.config) if fused else
+                  int(getattr(state.config, "max_position_embeddings", 2048) or 2048), 4096)
+    config = genai_config(state.config, state.tokenizer, context, fused)
     if state.vision is not None:  # MiniCPM-V: vision and embedding graphs; the decoder takes inputs_embeds
         from .onnx_vision import genai_vision_sections
 
