@@ -5,7 +5,9 @@
 Variants: fp32; int8 weight-only MatMulNBits (our RTN int8 per-channel codes); int8 dynamic
 (onnxruntime's quantize_dynamic); int4 MatMulNBits (our RTN int4 g32 symmetric codes); the MatMulNBits
 variants at accuracy_level 0 (exact) and 4 (int8 activations inside the matmul: faster, no longer exact),
-with the embedding table (and tied head) as float32, int8 or int4 blocks. Each is measured
+with the embedding table (and tied head) as float32, int8 or int4 blocks; every variant is the fused
+decoder graph (GroupQueryAttention, SkipSimplifiedLayerNormalization) except the `-traced` ones, which
+keep torch.onnx's graph of the model. Each is measured
 against the float model, and the MatMulNBits ones also against the gated torch model they came from
 (the lossless check). Decode speed: batch 1, a 64-token prompt, then 64 tokens one at a time with the
 cache, timed twice: through onnxruntime-genai's generator (what an app runs; the comparable number) and
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,26 +39,34 @@ VARIANTS = {  # exporter settings, and the RTN scheme of the gated torch model (
     "int4-matmulnbits-table8": ({"bits": 4, "accuracy_level": 0, "embeddings": "int8"}, INT4),
     "int4-matmulnbits-acc4-table8": ({"bits": 4, "accuracy_level": 4, "embeddings": "int8"}, INT4),
     "int4-matmulnbits-acc4-table4": ({"bits": 4, "accuracy_level": 4, "embeddings": "int4"}, INT4),
+    # the same settings with torch.onnx's traced graph instead of the fused decoder (the graph before it)
+    "fp32-traced": ({"bits": 32, "graph": "traced"}, None),
+    "int4-matmulnbits-acc4-table8-traced": ({"bits": 4, "accuracy_level": 4, "embeddings": "int8", "graph": "traced"},
+                                            INT4),
 }
 
 
 BUILDER = "genai-builder-int4"  # onnxruntime-genai's own model builder, int4 for CPU (Llama checkpoints)
 
 
-def genai_decode_speed(folder: Path, prompt: list[int], steps: int) -> float:
-    """Greedy decoding tokens/s through onnxruntime-genai (what an app runs): prefill `prompt`, then time
-    `steps` generated tokens."""
+def genai_decode_speed(folder: Path, prompt: list[int], steps: int, repeats: int = 1) -> list[float]:
+    """Greedy decoding tokens/s through onnxruntime-genai (what an app runs), `repeats` times: prefill
+    `prompt`, then time `steps` generated tokens."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    start = time.perf_counter()
-    for _ in range(steps):
-        generator.generate_next_token()
-    return steps / (time.perf_counter() - start)
+    speeds = []
+    for _ in range(repeats):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        start = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()
+        speeds.append(steps / (time.perf_counter() - start))
+        del generator
+    return speeds
 
 
 def run_builder(checkpoint: Path, out: Path) -> None:
@@ -83,6 +94,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=5, help="genai decode timings per variant (the median is reported)")
     args = parser.parse_args()
 
     import onnxruntime
@@ -104,6 +116,7 @@ def main() -> None:
     against_float = Evaluator.against(model, windows)
     prompt = windows[:1, :64].numpy()
     results = {"model": args.model, "eval_tokens": args.eval_tokens, "decode_tokens": args.decode_tokens,
+               "genai_repeats": args.repeats,
                "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
                "threads": torch.get_num_threads(), "variants": {}}
     for name in args.variants.split(","):
@@ -125,9 +138,11 @@ def main() -> None:
             row["export_s"] = round(time.perf_counter() - start, 1)
             runner = OnnxRunner(folder / "model.onnx", model.config)
             row["bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
-            if name != BUILDER:  # its shared past/present buffer needs onnxruntime-genai for cached steps
+            if name != BUILDER:  # the builder's file is timed through onnxruntime-genai only
                 row["decode_tokens_per_s"] = round(decode_tokens_per_s(runner, prompt, args.decode_tokens), 2)
-            row["genai_decode_tokens_per_s"] = round(genai_decode_speed(folder, prompt[0].tolist(), args.decode_tokens), 2)
+            speeds = genai_decode_speed(folder, prompt[0].tolist(), args.decode_tokens, args.repeats)
+            row["genai_decode_tokens_per_s"] = round(statistics.median(speeds), 2)
+            row["genai_decode_tokens_per_s_runs"] = [round(v, 2) for v in speeds]
             row["vs_float"] = against_float.measure(runner).as_dict()  # whole windows: no cached steps
             if gated is not None:
                 row["vs_gated_torch"] = Evaluator.against(gated, windows).measure(runner).as_dict()

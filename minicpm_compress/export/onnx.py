@@ -1,10 +1,13 @@
 """ONNX export: a decoder with KV-cache inputs/outputs, int4/int8 weights as MatMulNBits, run in onnxruntime.
 
-The graph comes from `torch.onnx.export(dynamo=True)` of the model itself (MiniCPM's muP scalings are
-in its forward, hence in the graph), traced without weights (zero-strided stand-ins) and wrapped so the
-cache is flat tensors:
+Two graph builders, one weight layout:
+  * fused (onnx_decoder.py, the default for Llama, Mistral and MiniCPM text models): the decoder built
+    directly from onnxruntime's fused decoder ops, as onnxruntime-genai's own model builder lays it out;
+  * traced (here): `torch.onnx.export(dynamo=True)` of the model itself (MiniCPM's muP scalings are in its
+    forward, hence in the graph), traced without weights (zero-strided stand-ins) and wrapped so the
+    cache is flat tensors; for every other architecture and MiniCPM-V's decoder on inputs_embeds:
 
-  input_ids, attention_mask, position_ids, past_key_values.N.key/value  →  logits, present.N.key/value
+  input_ids, attention_mask, [position_ids], past_key_values.N.key/value  →  logits, present.N.key/value
 
 with dynamic batch, sequence and past lengths; the names are the ones onnxruntime-genai expects.
 
@@ -15,10 +18,10 @@ Weights (recorded per path in the manifest):
   * requantized: linears without such weights are quantized by the project's quantizer (RTN) to the
     requested bits and block size first;
   * dynamic int8 (`int8: dynamic`): onnxruntime's `quantize_dynamic` instead (its own int8 weights and
-    run-time activation quantization); not lossless, measured like the rest.
-Weights are then streamed into model.onnx.data one tensor at a time (the Transpose the exporter puts
-on a linear's weight is replaced by MatMulNBits or folded into the stored tensor), so an 8B model
-never has to fit in memory as a graph.
+    run-time activation quantization), on the traced graph; not lossless, measured like the rest.
+Weights are streamed into model.onnx.data one tensor at a time (in the traced graph the Transpose the
+exporter puts on a linear's weight is replaced by MatMulNBits or folded into the stored tensor), so an 8B
+model never has to fit in memory as a graph.
 """
 
 from __future__ import annotations
@@ -196,15 +199,17 @@ class NodeList:
         return value
 
 
-def block_lookup(ops: NodeList, name: str, b, scales, ids, shape: tuple[int, int], bits: int, block_size: int):
-    """Rows [batch, seq, cols] of a table stored as MatMulNBits blocks (`b`, `scales`), looked up by
-    GatherBlockQuantized: the embedding reads the same codes a tied head's MatMulNBits reads."""
+def block_lookup(ops: NodeList, name: str, table: dict, ids, shape: tuple[int, int], bits: int, block_size: int):
+    """Rows [batch, seq, cols] of a table stored as MatMulNBits blocks (`table`: B, scales and, for
+    asymmetric blocks, gather_zero_points [rows, blocks, 1]), looked up by GatherBlockQuantized: the
+    embedding reads the same codes a tied head's MatMulNBits reads."""
     rows, cols = shape
     blocks = -(-cols // block_size)
-    per_block = ops.op("Reshape", [scales, ops.const(f"{name}.scales_shape", np.array([rows, blocks, 1], np.int64))],
-                       f"{name}/scales3")
-    looked_up = ops.op("GatherBlockQuantized", [b, ids, per_block], f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
-                       bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2)
+    per_block = ops.op("Reshape", [table["scales"], ops.const(f"{name}.scales_shape",
+                                                              np.array([rows, blocks, 1], np.int64))], f"{name}/scales3")
+    zeros = [table["gather_zero_points"]] if "gather_zero_points" in table else []
+    looked_up = ops.op("GatherBlockQuantized", [table["B"], ids, per_block, *zeros], f"{name}/GatherBlockQuantized",
+                       domain=MS_DOMAIN, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2)
     out = ops.op("Reshape", [looked_up, ops.const(f"{name}.rows_shape", np.array([0, 0, -1], np.int64))], f"{name}/rows")
     if blocks * block_size != cols:  # padded blocks: keep the first `cols` values of each row
         bounds = [ops.const(f"{name}.slice_{n}", np.array([v], np.int64)) for n, v in (("start", 0), ("end", cols),
@@ -213,15 +218,40 @@ def block_lookup(ops: NodeList, name: str, b, scales, ids, shape: tuple[int, int
     return out
 
 
-def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_size: int, accuracy_level: int) -> None:
-    """The token embedding as GatherBlockQuantized and the output head as MatMulNBits, both on int4/int8
-    blocks from the project's quantizer (symmetric, `block_size` per block along the hidden size). A tied
-    head reads the embedding's own codes and scales: one copy in the file."""
-    import onnx_ir as ir
+TABLE_CLIP_GRID, TABLE_MAX_SHRINK = 20, 0.5
 
+
+def table_blocks(table: torch.Tensor, bits: int, block_size: int, rows_per_chunk: int = 8192) -> QuantizedWeight:
+    """A token table (or untied head) [vocab, hidden] as `bits` blocks of `block_size`: int8 symmetric,
+    int4 with integer zero points (half the squared error of symmetric int4 blocks on the built-in tables,
+    for 4 more bits per block). Each block's range is clipped where that lowers its squared rounding error
+    (the project's clip search with an identity Gram: a table's rows are looked up, not multiplied by
+    known activations)."""
+    from ..quant.awq import search_clip
     from ..quant.qweight import quantize
 
-    scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=True)
+    scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=bits == 8)
+    eye = torch.eye(table.shape[1])
+    clip = torch.cat([search_clip(table[i : i + rows_per_chunk], eye, scheme, TABLE_CLIP_GRID, TABLE_MAX_SHRINK)
+                      for i in range(0, table.shape[0], rows_per_chunk)])
+    return quantize(table, scheme, clip=clip)
+
+
+def table_arrays(q: QuantizedWeight, block_size: int) -> dict[str, np.ndarray]:
+    """A table's MatMulNBits inputs, plus its zero points one per byte [rows, blocks, 1] for
+    GatherBlockQuantized (MatMulNBits packs two per byte) when the blocks are asymmetric."""
+    arrays = pack_matmul_nbits(q, block_size)
+    if not q.scheme.symmetric:
+        arrays["gather_zero_points"] = np.ascontiguousarray(q.zeros.numpy().astype(np.uint8)[:, :, None])
+    return arrays
+
+
+def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_size: int, accuracy_level: int) -> None:
+    """The token embedding as GatherBlockQuantized and the output head as MatMulNBits, both on int4/int8
+    blocks (`table_blocks`, `block_size` per block along the hidden size). A tied head reads the
+    embedding's own codes and scales: one copy in the file."""
+    import onnx_ir as ir
+
     for key in ("model.model.embed_tokens.weight", "model.lm_head.weight"):  # the table, and an untied head
         value = graph.initializers.get(key)
         if value is None:
@@ -235,22 +265,23 @@ def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_siz
             raise CompressError(f"onnx: '{key}' has uses other than a lookup and the output head in the traced graph")
         parameter = key.removeprefix("model.")
         source = state.head_name() if parameter == "lm_head.weight" else parameter
-        q = quantize(state.tensor(source), scheme)
+        q = table_blocks(state.tensor(source), bits, block_size)
         rows, cols = q.shape
-        packed = pack_matmul_nbits(q, block_size)
-        b = _initializer(graph, data, f"{key}.B", packed["B"])
-        scales = _initializer(graph, data, f"{key}.scales", packed["scales"])
+        arrays = table_arrays(q, block_size)
+        if not gathers:  # an untied head: MatMulNBits only
+            arrays.pop("gather_zero_points", None)
+        table = {part: _initializer(graph, data, f"{key}.{part}", array) for part, array in arrays.items()}
         for gather in gathers:
             ops = NodeList(graph)
-            last = block_lookup(ops, key, b, scales, gather.inputs[1], (rows, cols), bits, block_size)
+            last = block_lookup(ops, key, table, gather.inputs[1], (rows, cols), bits, block_size)
             for node in ops.nodes:
                 graph.insert_before(gather, node)
             ir.convenience.replace_all_uses_with(gather.outputs[0], last)
             last.name, last.shape, last.type = gather.outputs[0].name, gather.outputs[0].shape, gather.outputs[0].type
             graph.remove(gather, safe=True)
         for transpose, matmul in heads:
-            _to_matmul_nbits(graph, matmul, transpose, [b, scales], (rows, cols), bits, block_size, accuracy_level,
-                             parameter)
+            _to_matmul_nbits(graph, matmul, transpose, [table[p] for p in ("B", "scales", "zero_points") if p in table],
+                             (rows, cols), bits, block_size, accuracy_level, parameter)
         del graph.initializers[key]
 
 
@@ -562,6 +593,7 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     if folder.exists():
         shutil.rmtree(folder)
     paths = write_onnx(state, folder, config)
+    graph = "fused" if uses_fused_graph(state, config) else "traced"
     if state.vision is not None:
         from .onnx_vision import OnnxVisionRunner
 
@@ -579,7 +611,8 @@ def export_onnx(config: OnnxConfig, state, ctx: RunContext) -> StageOutcome:
     level_text = f", accuracy level {level['chosen']}" if config.matmul_nbits else ""
     details = {
         "summary": f"{folder.name}/model.onnx(.data), {size * 8 / params:.2f} bits/weight, {path_text}, "
-                   f"{table} table{level_text}, in onnxruntime",
+                   f"{table} table{level_text}, {graph} graph, in onnxruntime",
+        "graph": graph,
         "bits": config.bits, "block_size": config.block_size,
         "int8": config.int8 if config.bits == 8 else None,
         "accuracy_level": level["chosen"] if config.matmul_nbits else None,

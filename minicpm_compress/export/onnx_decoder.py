@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from ..models.minicpm import mup_scales
-from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
-from .onnx import MS_DOMAIN, NodeList, _ExternalData, _head_dim, _initializer, block_lookup, pack_matmul_nbits
+from ..quant.qweight import QuantizedWeight
+from .onnx import (MS_DOMAIN, NodeList, _ExternalData, _head_dim, _initializer, block_lookup, pack_matmul_nbits,
+                   table_arrays, table_blocks)
 
 FUSED_ARCHITECTURES = ("llama", "mistral", "minicpm")
+FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")  # onnxruntime's own
 OPSET = 21
 
 
@@ -134,17 +136,20 @@ def _embedding_and_head(g: _Graph, state, ids, embedding_bits: int | None):
     gets its own blocks); without, both are float."""
     table_name = "model.embed_tokens.weight"
     if not embedding_bits:
-        rows = g.op("Gather", [g.weight(table_name, state.tensor(table_name).numpy()), ids], "/model/embed_tokens/Gather")
+        table = g.weight(table_name, state.tensor(table_name).numpy())
+        rows = g.op("Gather", [table, ids], "/model/embed_tokens/Gather")
+        if state.tied:  # x · tableᵀ on the one stored table
+            return rows, lambda x: g.op("FusedMatMul", [x, table], "/lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1,
+                                        alpha=1.0)
         return rows, lambda x: g.linear(x, "lm_head", None, state.tensor(state.head_name()))
-    scheme = QuantScheme(bits=embedding_bits, group_size=g.block_size, symmetric=True)
-    q = quantize(state.tensor(table_name), scheme)
-    packed = pack_matmul_nbits(q, g.block_size)
-    table = {"B": g.weight(f"{table_name}.B", packed["B"]), "scales": g.weight(f"{table_name}.scales", packed["scales"])}
-    del packed
-    rows = block_lookup(g, "/model/embed_tokens", table["B"], table["scales"], ids, q.shape, embedding_bits, g.block_size)
+    q = table_blocks(state.tensor(table_name), embedding_bits, g.block_size)
+    table = {part: g.weight(f"{table_name}.{part}", array) for part, array in table_arrays(q, g.block_size).items()}
+    rows = block_lookup(g, "/model/embed_tokens", table, ids, q.shape, embedding_bits, g.block_size)
     if state.tied:
-        return rows, lambda x: g.nbits(x, "lm_head", table, *q.shape, embedding_bits)
-    return rows, lambda x: g.linear(x, "lm_head", quantize(state.tensor(state.head_name()), scheme))
+        head = {p: table[p] for p in ("B", "scales", "zero_points") if p in table}
+        return rows, lambda x: g.nbits(x, "lm_head", head, *q.shape, embedding_bits)
+    return rows, lambda x: g.linear(x, "lm_head", table_blocks(state.tensor(state.head_name()), embedding_bits,
+                                                               g.block_size))
 
 
 def write_fused_graph(state, folder: Path, weights, block_size: int, accuracy_level: int = 0,

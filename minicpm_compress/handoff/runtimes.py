@@ -42,11 +42,15 @@ def _gguf_requirement(d: "Deliverable", manifest: dict) -> str:
 
 def _onnx_requirement(d: "Deliverable", manifest: dict) -> str:
     env, details = manifest.get("environment", {}), d.stage["details"]
-    ops = ["MatMulNBits"] + (["GatherBlockQuantized"] if details.get("embeddings", "float") != "float" else [])
+    from ..export.onnx_decoder import FUSED_OPS
+
+    ops = (["MatMulNBits"] if details.get("bits") != 32 and details.get("int8") != "dynamic" else [])
+    ops += ["GatherBlockQuantized"] if details.get("embeddings", "float") != "float" else []
+    ops += list(FUSED_OPS) if details.get("graph") == "fused" else []
     level = f", accuracy level {details['accuracy_level']}" if details.get("accuracy_level") is not None else ""
     return (f"onnxruntime-genai {env.get('onnxruntime-genai', '?')} or newer "
-            f"(onnxruntime {env.get('onnxruntime', '?')}, CPU execution provider; com.microsoft contrib ops "
-            f"{', '.join(ops)}{level}); older versions were not tested")
+            f"(onnxruntime {env.get('onnxruntime', '?')}, CPU execution provider"
+            f"{'; onnxruntime contrib ops ' + ', '.join(ops) if ops else ''}{level}); older versions were not tested")
 
 
 def _compute(details: dict) -> str:

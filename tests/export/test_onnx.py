@@ -3,7 +3,8 @@ import onnx
 import pytest
 import torch
 
-from minicpm_compress.export.onnx import OnnxConfig, OnnxRunner, fits_matmul_nbits, pack_matmul_nbits, write_onnx
+from minicpm_compress.export.onnx import (OnnxConfig, OnnxRunner, fits_matmul_nbits, pack_matmul_nbits, table_blocks,
+                                          write_onnx)
 from minicpm_compress.models.architectures import quantizable_linears
 from minicpm_compress.models.source import ModelSource
 from minicpm_compress.quant.qweight import QuantScheme, quantize
@@ -178,9 +179,11 @@ def test_embedding_and_tied_head_are_blocks_sharing_one_table(tmp_path, tokenize
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 10 + 1
-    table = [i for i in graph.initializer if i.name.endswith(".B") and "lm_head" in i.name]
+    table = [i for i in graph.initializer if i.name.endswith(".B") and i.dims[0] == 49152]
     assert len(table) == 1 and [d for d in table[0].dims] == [49152, 64 // 32, 32 * bits // 8]  # one copy
     assert not any(49152 in i.dims and i.data_type == onnx.TensorProto.FLOAT for i in graph.initializer)
+    zero_points = [i.name for i in graph.initializer if "zero_points" in i.name]
+    assert len(zero_points) == (2 if bits == 4 else 0)  # int4 blocks: packed for the head, one per byte for the lookup
 
     expected = tiny_model(model_type).eval()
     with torch.no_grad():
@@ -188,12 +191,28 @@ def test_embedding_and_tied_head_are_blocks_sharing_one_table(tmp_path, tokenize
             linear = expected.get_submodule(name)
             linear.weight.copy_(quantize(linear.weight, QuantScheme(bits=8, group_size=32, symmetric=True)).dequantize())
         table_weight = expected.get_input_embeddings().weight
-        table_weight.copy_(quantize(table_weight, QuantScheme(bits=bits, group_size=32, symmetric=True)).dequantize())
+        table_weight.copy_(table_blocks(table_weight, bits, 32).dequantize())
     ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(1))
     got = OnnxRunner(tmp_path / "model.onnx", state.config).logits(ids)
     assert torch.allclose(got, expected(ids).logits, atol=2e-4, rtol=1e-4)
     size = sum(p.stat().st_size for p in tmp_path.glob("model.onnx*"))
     assert size < (0.3 if bits == 8 else 0.17) * 49152 * 64 * 4 + 2e6  # the table was 12.6 MB as float32
+
+
+def test_table_blocks_clip_where_it_helps_and_int4_blocks_carry_zero_points():
+    torch.manual_seed(0)
+    table = torch.randn(300, 96) * torch.rand(300, 1)
+    table[::7, 5] *= 12  # outliers, as real tables have
+
+    def error(q):
+        return ((q.dequantize() - table) ** 2).sum().item()
+
+    for bits in (8, 4):
+        q = table_blocks(table, bits, 32, rows_per_chunk=128)
+        assert q.scheme.symmetric is (bits == 8) and q.shape == (300, 96)
+        plain = quantize(table, q.scheme)
+        assert error(q) <= error(plain)
+        assert bits == 8 or error(q) < 0.9 * error(quantize(table, QuantScheme(bits=4, group_size=32, symmetric=True)))
 
 
 def test_auto_accuracy_level_times_both_levels_and_keeps_the_chosen_one(tmp_path, tiny_checkpoint):
@@ -236,8 +255,10 @@ def test_an_untied_head_gets_its_own_blocks_and_partial_blocks_are_sliced(tmp_pa
     expected = tiny_model("llama", tie_word_embeddings=False).eval()
     scheme = QuantScheme(bits=8, group_size=128, symmetric=True)
     with torch.no_grad():
-        for module in [*quantizable_linears(expected).values(), expected.get_input_embeddings(), expected.lm_head]:
+        for module in quantizable_linears(expected).values():
             module.weight.copy_(quantize(module.weight, scheme).dequantize())
+        for module in (expected.get_input_embeddings(), expected.lm_head):
+            module.weight.copy_(table_blocks(module.weight, 8, 128).dequantize())
     ids = torch.randint(0, 49152, (1, 7), generator=torch.Generator().manual_seed(2))
     got = OnnxRunner(tmp_path / "model.onnx", state.config).logits(ids)
     assert torch.allclose(got, expected(ids).logits, atol=2e-4, rtol=1e-4)

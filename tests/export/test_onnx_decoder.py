@@ -125,3 +125,16 @@ def test_other_architectures_are_traced_and_fused_is_refused(tokenizer, model_ty
     assert not uses_fused_graph(_state(tokenizer), OnnxConfig(bits=8, int8="dynamic"))
     mistral = _state(tokenizer, "mistral", sliding_window=64)
     assert unfused_reason(mistral) == "sliding-window attention"
+
+
+def test_a_float_graph_stores_a_tied_table_once(tmp_path, tokenizer):
+    state = _state(tokenizer, "minicpm")
+    state.qweights = {}
+    write_onnx(state, tmp_path, OnnxConfig(bits=32))
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.initializer if 49152 in i.dims] == ["model.embed_tokens.weight"]
+    assert "FusedMatMul" in [n.op_type for n in graph.node]
+    ids = torch.randint(0, 49152, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        theirs = state.evaluated_model()(ids).logits
+    assert (OnnxRunner(tmp_path / "model.onnx", state.config).logits(ids) - theirs).abs().max().item() < 1e-4
