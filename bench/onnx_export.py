@@ -10,9 +10,10 @@ decoder graph (GroupQueryAttention, SkipSimplifiedLayerNormalization) except the
 keep torch.onnx's graph of the model. Each is measured
 against the float model, and the MatMulNBits ones also against the gated torch model they came from
 (the lossless check). Decode speed: batch 1, a 64-token prompt, then 64 tokens one at a time with the
-cache, timed twice: through onnxruntime-genai's generator (what an app runs; the comparable number) and
-through this project's plain onnxruntime loop. `genai-builder-int4` (Llama checkpoints: `--model
-smollm2-135m`) runs onnxruntime-genai's own model builder (int4, CPU) on the same checkpoint.
+cache, timed twice: through onnxruntime-genai's generator (what an app runs; the comparable number: the
+median of --repeats rounds, each round timing every variant once, so drift in the machine's speed falls
+on all rows alike) and once through this project's plain onnxruntime loop. `genai-builder-int4`
+(Llama checkpoints: `--model smollm2-135m`) runs onnxruntime-genai's own model builder (int4, CPU) on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +52,8 @@ BUILDER = "genai-builder-int4"  # onnxruntime-genai's own model builder, int4 fo
 
 
 def genai_decode_speed(folder: Path, prompt: list[int], steps: int, repeats: int = 1) -> list[float]:
-    """Greedy decoding tokens/s through onnxruntime-genai (what an app runs), `repeats` times: prefill
-    `prompt`, then time `steps` generated tokens."""
+    """Greedy decoding tokens/s through onnxruntime-genai (what an app runs), `repeats` times on one loaded
+    model: prefill `prompt`, then time `steps` generated tokens."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
@@ -93,8 +95,10 @@ def main() -> None:
     parser.add_argument("--model", default="minicpm-smollm2")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--repeats", type=int, default=5, help="genai decode timings per variant (the median is reported)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated; default: every variant, and the builder's for Llama checkpoints")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of genai decode timings over all variants (the median is reported)")
     args = parser.parse_args()
 
     import onnxruntime
@@ -119,8 +123,10 @@ def main() -> None:
                "genai_repeats": args.repeats,
                "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__,
                "threads": torch.get_num_threads(), "variants": {}}
-    for name in args.variants.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
+    llama = json.loads((source.checkpoint / "config.json").read_text())["model_type"] == "llama"
+    names = args.variants.split(",") if args.variants else list(VARIANTS) + ([BUILDER] if llama else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:  # export and accuracy, one variant after another
             folder = Path(tmp) / name
             start = time.perf_counter()
             gated = None
@@ -140,16 +146,22 @@ def main() -> None:
             row["bytes"] = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
             if name != BUILDER:  # the builder's file is timed through onnxruntime-genai only
                 row["decode_tokens_per_s"] = round(decode_tokens_per_s(runner, prompt, args.decode_tokens), 2)
-            speeds = genai_decode_speed(folder, prompt[0].tolist(), args.decode_tokens, args.repeats)
-            row["genai_decode_tokens_per_s"] = round(statistics.median(speeds), 2)
-            row["genai_decode_tokens_per_s_runs"] = [round(v, 2) for v in speeds]
             row["vs_float"] = against_float.measure(runner).as_dict()  # whole windows: no cached steps
             if gated is not None:
                 row["vs_gated_torch"] = Evaluator.against(gated, windows).measure(runner).as_dict()
-            del runner
-        results["variants"][name] = row
-        print(f"{name}: {row['bytes'] / 1e6:.1f} MB, genai {row['genai_decode_tokens_per_s']} tok/s",
-              file=__import__("sys").stderr)
+            del runner, gated
+            results["variants"][name] = row
+            print(f"{name}: {row['bytes'] / 1e6:.1f} MB, KLD {row['vs_float']['kld']:.4f}", file=sys.stderr)
+        # decode speed in interleaved rounds (every variant once per round), so drift in the machine's speed
+        # falls on all rows alike; the median of the rounds is reported
+        for _ in range(args.repeats):
+            for name in names:
+                speed = genai_decode_speed(Path(tmp) / name, prompt[0].tolist(), args.decode_tokens)[0]
+                results["variants"][name].setdefault("genai_decode_tokens_per_s_runs", []).append(round(speed, 2))
+        for name in names:
+            row = results["variants"][name]
+            row["genai_decode_tokens_per_s"] = round(statistics.median(row["genai_decode_tokens_per_s_runs"]), 2)
+            print(f"{name}: genai {row['genai_decode_tokens_per_s']} tok/s", file=sys.stderr)
     base = results["variants"].get("fp32", {}).get("genai_decode_tokens_per_s")
     if base:
         results["genai_speedup_vs_fp32"] = {k: round(v["genai_decode_tokens_per_s"] / base, 2)

@@ -38,6 +38,22 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def copy_file(source: Path, path: Path) -> None:
+    """`source` copied to `path` through a temporary name (streamed: no whole file in memory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def check_destination(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, an output folder that could not be written or would destroy something.
 

@@ -398,15 +398,18 @@ def export_gguf(type_, tokenizer_pre, mmproj_type, no_imatrix, calibration, **op
               "activations (faster); auto: time 4 and 0 here, keep the faster one that passes the gate")
 @click.option("--embeddings", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
               help="token embedding and (tied) output head: GatherBlockQuantized/MatMulNBits blocks, or float32")
+@click.option("--graph", type=click.Choice(["auto", "fused", "traced"]), default="auto", show_default=True,
+              help="fused: onnxruntime's decoder ops (GroupQueryAttention, SkipSimplifiedLayerNormalization); "
+              "traced: torch.onnx's graph; auto: fused where the architecture allows")
 @click.option("--vision", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="MiniCPM-V: the vision graph's weights")
 @_reports_errors
-def export_onnx(bits, block_size, int8, accuracy_level, embeddings, vision, **options):
+def export_onnx(bits, block_size, int8, accuracy_level, embeddings, graph, vision, **options):
     """An ONNX decoder with KV cache (OUT/onnx-int4/ ...) for onnxruntime(-genai), measured in onnxruntime;
     for MiniCPM-V also the vision and embedding graphs."""
     from .recipe import build_recipe
 
-    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "embeddings": embeddings,
+    settings = {"bits": int(bits), "block_size": block_size, "int8": int8, "embeddings": embeddings, "graph": graph,
                 "accuracy_level": accuracy_level if accuracy_level == "auto" else int(accuracy_level), "vision": vision}
     recipe = build_recipe(**_recipe_fields(f"onnx-int{bits}", "onnx", settings, options))
     _run(recipe, options["out"], options["overwrite"])

@@ -181,13 +181,17 @@ class NodeList:
     def __init__(self, graph):
         self.graph, self.nodes = graph, []
 
+    def add(self, node) -> None:
+        self.nodes.append(node)
+
     def op(self, op_type: str, inputs: list, name: str, domain: str = "", outputs: int = 1, **attributes):
+        """A new node's output value (a list of them if `outputs` > 1), named `name`/output_i."""
         import onnx_ir as ir
 
         node = ir.node(op_type, inputs, attributes=attributes, domain=domain, num_outputs=outputs, name=name)
         for i, value in enumerate(node.outputs):
             value.name = f"{name}/output_{i}"
-        self.nodes.append(node)
+        self.add(node)
         return node.outputs[0] if outputs == 1 else list(node.outputs)
 
     def const(self, name: str, array: np.ndarray):
@@ -205,12 +209,13 @@ def block_lookup(ops: NodeList, name: str, table: dict, ids, shape: tuple[int, i
     embedding reads the same codes a tied head's MatMulNBits reads."""
     rows, cols = shape
     blocks = -(-cols // block_size)
-    per_block = ops.op("Reshape", [table["scales"], ops.const(f"{name}.scales_shape",
-                                                              np.array([rows, blocks, 1], np.int64))], f"{name}/scales3")
+    shape3 = ops.const(f"{name}.scales_shape", np.array([rows, blocks, 1], np.int64))
+    per_block = ops.op("Reshape", [table["scales"], shape3], f"{name}/scales3")
     zeros = [table["gather_zero_points"]] if "gather_zero_points" in table else []
     looked_up = ops.op("GatherBlockQuantized", [table["B"], ids, per_block, *zeros], f"{name}/GatherBlockQuantized",
                        domain=MS_DOMAIN, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2)
-    out = ops.op("Reshape", [looked_up, ops.const(f"{name}.rows_shape", np.array([0, 0, -1], np.int64))], f"{name}/rows")
+    flat = ops.const(f"{name}.rows_shape", np.array([0, 0, -1], np.int64))
+    out = ops.op("Reshape", [looked_up, flat], f"{name}/rows")
     if blocks * block_size != cols:  # padded blocks: keep the first `cols` values of each row
         bounds = [ops.const(f"{name}.slice_{n}", np.array([v], np.int64)) for n, v in (("start", 0), ("end", cols),
                                                                                           ("axis", -1))]

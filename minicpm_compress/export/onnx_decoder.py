@@ -32,7 +32,8 @@ from .onnx import (MS_DOMAIN, NodeList, _ExternalData, _head_dim, _initializer, 
                    table_arrays, table_blocks)
 
 FUSED_ARCHITECTURES = ("llama", "mistral", "minicpm")
-FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")  # onnxruntime's own
+# onnxruntime's own ops the fused graph uses (besides MatMulNBits / GatherBlockQuantized)
+FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
 OPSET = 21
 
 
@@ -89,10 +90,8 @@ class _Graph(NodeList):
         self.data = _ExternalData(folder)
         self.accuracy_level, self.block_size = accuracy_level, block_size
 
-    def op(self, op_type: str, inputs: list, name: str, domain: str = "", outputs: int = 1, **attributes):
-        out = super().op(op_type, inputs, name, domain, outputs, **attributes)
-        self.graph.append(self.nodes.pop())
-        return out
+    def add(self, node) -> None:
+        self.graph.append(node)
 
     def weight(self, name: str, array: np.ndarray):
         """A tensor streamed into model.onnx.data."""
@@ -152,6 +151,21 @@ def _embedding_and_head(g: _Graph, state, ids, embedding_bits: int | None):
                                                                g.block_size))
 
 
+def _attention_lengths(g: _Graph, mask):
+    """GroupQueryAttention's per-row lengths less one (int32 [batch]) and total length (int32 scalar),
+    from the attention mask."""
+    import onnx_ir as ir
+
+    one = g.const("/model/constants/one", np.array([1], np.int64))
+    total = g.op("ReduceSum", [mask, one], "/model/attn_mask/ReduceSum", keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [total, one], "/model/attn_mask/Sub")], "/model/attn_mask/seqlens_k",
+                     to=ir.DataType.INT32)
+    width = g.op("Gather", [g.op("Shape", [mask], "/model/attn_mask/Shape"),
+                            g.const("/model/constants/index_one", np.array(1, np.int64))], "/model/attn_mask/Gather",
+                 axis=0)
+    return seqlens_k, g.op("Cast", [width], "/model/attn_mask/total_seq_len", to=ir.DataType.INT32)
+
+
 def write_fused_graph(state, folder: Path, weights, block_size: int, accuracy_level: int = 0,
                       embedding_bits: int | None = None) -> int:
     """model.onnx + model.onnx.data in `folder` built from the fused decoder ops (see the module docstring).
@@ -174,15 +188,7 @@ def write_fused_graph(state, folder: Path, weights, block_size: int, accuracy_le
     graph.inputs.extend(past)
     replaced, presents = 0, []
     try:
-        # the mask → GroupQueryAttention's per-row lengths and the total length
-        one = g.const("/model/constants/one", np.array([1], np.int64))
-        total = g.op("ReduceSum", [mask, one], "/model/attn_mask/ReduceSum", keepdims=0)
-        seqlens_k = g.op("Cast", [g.op("Sub", [total, one], "/model/attn_mask/Sub")], "/model/attn_mask/seqlens_k",
-                         to=ir.DataType.INT32)
-        width = g.op("Gather", [g.op("Shape", [mask], "/model/attn_mask/Shape"),
-                                g.const("/model/constants/index_one", np.array(1, np.int64))],
-                     "/model/attn_mask/Gather", axis=0)
-        total_len = g.op("Cast", [width], "/model/attn_mask/total_seq_len", to=ir.DataType.INT32)
+        seqlens_k, total_len = _attention_lengths(g, mask)
         cos, sin = rotary_tables(state, rotary_length(c))
         cos, sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
@@ -228,19 +234,19 @@ def write_fused_graph(state, folder: Path, weights, block_size: int, accuracy_le
             for value, kind in ((present_k, "key"), (present_v, "value")):
                 presents.append(value)
                 value.name = f"present.{i}.{kind}"
-                value.shape, value.type = ir.Shape(["batch_size", kv, "total_sequence_length", head_dim]), ir.TensorType(f32)
-            branch = g.scalar(lin(attn, f"{prefix}.self_attn.o_proj"), f"/model/layers.{i}/attn/residual_scale", "Mul", residual_scale)
+                value.shape = ir.Shape(["batch_size", kv, "total_sequence_length", head_dim])
+                value.type = ir.TensorType(f32)
+            branch = g.scalar(lin(attn, f"{prefix}.self_attn.o_proj"), f"/model/layers.{i}/attn/residual_scale", "Mul",
+                              residual_scale)
             x = norm(f"{prefix}.post_attention_layernorm.weight", f"/model/layers.{i}/post_attention_layernorm")
             gate = lin(x, f"{prefix}.mlp.gate_proj")
             silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/Sigmoid")],
                         f"/model/layers.{i}/mlp/SiLU")
             up = lin(x, f"{prefix}.mlp.up_proj")
             inner = g.op("Mul", [silu, up], f"/model/layers.{i}/mlp/Mul")
-            branch = g.scalar(lin(inner, f"{prefix}.mlp.down_proj"), f"/model/layers.{i}/mlp/residual_scale", "Mul", residual_scale)
-        out = g.op("SkipSimplifiedLayerNormalization",
-                   [branch, residual, g.weight("model.norm.weight", state.tensor("model.norm.weight").numpy())],
-                   "/model/norm/SkipLayerNorm", domain=MS_DOMAIN, outputs=4, epsilon=eps)[0]
-        out = g.scalar(out, "/model/norm/logit_divisor", "Div", divisor)
+            branch = g.scalar(lin(inner, f"{prefix}.mlp.down_proj"), f"/model/layers.{i}/mlp/residual_scale", "Mul",
+                              residual_scale)
+        out = g.scalar(norm("model.norm.weight", "/model/norm"), "/model/norm/logit_divisor", "Div", divisor)
         logits = head(out)
         logits.name = "logits"
         logits.shape, logits.type = ir.Shape(["batch_size", "sequence_length", c.vocab_size]), ir.TensorType(f32)

@@ -19,12 +19,13 @@ class ExportWeights(Mapping):
     def __init__(self, state, scheme: QuantScheme, fits: Callable[[QuantizedWeight], bool]):
         self.state, self.scheme = state, scheme
         self.names = state.linear_names()
-        self.lossless = {n: state.qweights[n] for n in self.names if n in state.qweights and fits(state.qweights[n])}
+        # names only: a model's quantized weights are read when each is written, not held together
+        self.lossless = {n for n in self.names if n in state.qweights and fits(state.qweights[n])}
         self.paths = {"lossless": len(self.lossless), "requantized": len(self.names) - len(self.lossless)}
 
     def __getitem__(self, name: str) -> QuantizedWeight:
         if name in self.lossless:
-            return self.lossless[name]
+            return self.state.qweights[name]
         if name not in self.names:
             raise KeyError(name)
         return quantize(self.state.tensor(f"{name}.weight"), self.scheme)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from .. import atomic
 from ..errors import CompressError
@@ -388,9 +388,13 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
     return QuantizedWeight(codes.contiguous(), scales.to(torch.float32), zeros, scheme)
 
 
-def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:
+def save_qweights(qweights: "dict[str, QuantizedWeight] | StoredQWeights", path: Path) -> None:
     """One safetensors file: `<name>.codes` (packed), `.scales` (float16), `.zeros`; schemes and widths in
-    the header metadata."""
+    the header metadata. Weights read unchanged from a file are that file, copied as it is (no codes in
+    memory)."""
+    if isinstance(qweights, StoredQWeights) and qweights.unchanged:
+        atomic.copy_file(qweights.path, path)
+        return
     tensors, schemes = {}, {}
     for name in sorted(qweights):
         q = qweights[name]
@@ -407,25 +411,76 @@ def save_qweights(qweights: dict[str, QuantizedWeight], path: Path) -> None:
     atomic.save_safetensors(tensors, path, {"minicpm_compress": header})
 
 
-def load_qweights(path: Path) -> dict[str, QuantizedWeight]:
+class StoredQWeights(MutableMapping):
+    """The quantized weights of a file, read one linear at a time when asked for and not kept, so a model's
+    codes are in memory only while a stage uses them (an 8B model's are ~4 GB). Weights set afterwards (a
+    later stage's) are held in memory; `unchanged` says whether the file still is the whole mapping."""
+
+    def __init__(self, path: Path, schemes: dict[str, dict]):
+        self.path, self.schemes = Path(path), schemes
+        self.held: dict[str, QuantizedWeight] = {}
+        self.removed: set[str] = set()
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.held and not self.removed
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name in self.held:
+            return self.held[name]
+        if name not in self.schemes or name in self.removed:
+            raise KeyError(name)
+        scheme = dict(self.schemes[name])
+        cols = scheme.pop("cols")
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                names = set(f.keys())
+                zeros = f.get_tensor(f"{name}.zeros") if f"{name}.zeros" in names else None
+                scales, packed = f.get_tensor(f"{name}.scales").float(), f.get_tensor(f"{name}.codes")
+        except (SafetensorError, OSError) as e:
+            raise CompressError(f"{self.path}: unreadable quantized-weights file ({e})") from None
+        if zeros is not None and zeros.dtype != torch.uint8:
+            zeros = zeros.float()  # float offsets, stored as float16 (exact) or float32 (K-quant grids)
+        return QuantizedWeight(None, scales, zeros, QuantScheme(**scheme), packed=packed, cols=cols)
+
+    def __setitem__(self, name: str, q: QuantizedWeight) -> None:
+        self.held[name] = q
+        self.removed.discard(name)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self.held.pop(name, None)
+        if name in self.schemes:
+            self.removed.add(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.held or (name in self.schemes and name not in self.removed)
+
+    def __iter__(self):
+        yield from (n for n in self.schemes if n not in self.removed and n not in self.held)
+        yield from self.held
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def load_qweights(path: Path) -> StoredQWeights:
+    """The quantized weights of `path` (checked now: format, schemes, every tensor present), read on use."""
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("minicpm_compress", "{}"))
+            names = set(f.keys())
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise CompressError(f"{path}: unreadable quantized-weights file ({e})") from None
     if meta.get("format") != FILE_FORMAT:
         raise CompressError(f"{path}: not a {FILE_FORMAT} file (format '{meta.get('format')}')")
-    out = {}
     for name, scheme in meta["schemes"].items():
-        scheme = dict(scheme)
-        cols = scheme.pop("cols")
+        for part in ("codes", "scales") + (() if scheme.get("symmetric") else ("zeros",)):
+            if f"{name}.{part}" not in names:
+                raise CompressError(f"{path}: missing tensor '{name}.{part}'")
         try:
-            zeros = tensors.get(f"{name}.zeros")
-            if zeros is not None and zeros.dtype != torch.uint8:
-                zeros = zeros.float()  # float offsets, stored as float16 (exact) or float32 (K-quant grids)
-            out[name] = QuantizedWeight(None, tensors[f"{name}.scales"].float(), zeros, QuantScheme(**scheme),
-                                        packed=tensors[f"{name}.codes"], cols=cols)
-        except KeyError as e:
-            raise CompressError(f"{path}: missing tensor {e.args[0]}") from None
-    return out
+            QuantScheme(**{k: v for k, v in scheme.items() if k != "cols"})
+        except ValueError as e:
+            raise CompressError(f"{path}: scheme of '{name}' is invalid ({e})") from None
+    return StoredQWeights(path, meta["schemes"])

@@ -99,6 +99,29 @@ def test_save_load_round_trip_is_exact(tmp_path, weight):
         assert torch.equal(back[name].codes, q.codes) and torch.equal(back[name].dequantize(), q.dequantize())
 
 
+def test_stored_weights_are_read_on_use_and_an_unchanged_set_is_saved_as_a_copy(tmp_path, weight):
+    qweights = {f"layer{i}": quantize(weight * (i + 1), s) for i, s in enumerate(SCHEMES)}
+    save_qweights(qweights, tmp_path / "q.safetensors")
+    stored = load_qweights(tmp_path / "q.safetensors")
+    assert not stored.held and stored["layer1"] is not stored["layer1"]  # read anew on every use, nothing kept
+    save_qweights(stored, tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").read_bytes() == (tmp_path / "q.safetensors").read_bytes()
+
+    stored["extra"] = qweights["layer0"]  # a later stage's weight is held; a removed one is gone
+    del stored["layer1"]
+    assert "layer1" not in stored and stored["extra"] is qweights["layer0"] and not stored.unchanged
+    assert sorted(stored) == sorted(set(qweights) - {"layer1"} | {"extra"}) and len(stored) == len(qweights)
+    with pytest.raises(KeyError):
+        stored["layer1"]
+    save_qweights(stored, tmp_path / "changed.safetensors")
+    back = load_qweights(tmp_path / "changed.safetensors")
+    assert sorted(back) == sorted(stored)
+    assert torch.equal(back["extra"].dequantize(), qweights["layer0"].dequantize())
+    (tmp_path / "q.safetensors").unlink()  # the file is read when a weight is used: a vanished file is named
+    with pytest.raises(CompressError, match="q.safetensors: unreadable quantized-weights file"):
+        load_qweights(tmp_path / "copy.safetensors") and stored["layer0"]
+
+
 def test_load_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
