@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -130,27 +131,45 @@ def staged_dir(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.save_file to a temporary name, with ordinary permissions, then rename.
+    """A safetensors file, written to a temporary name one tensor at a time, then renamed.
 
-    Give at most one metadata key: safetensors writes the metadata map in no fixed order.
+    Tensors are laid out in name order after a header with sorted keys, so equal inputs give equal bytes;
+    nothing but one tensor's bytes is held beyond the tensors themselves (safetensors' own writer builds
+    the whole content in memory first: 4 GB for an 8B model's packed codes).
     """
-    if metadata and len(metadata) > 1:
-        raise ValueError("pass at most one metadata key (safetensors orders the map differently each run)")
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    import struct
 
+    import torch
+
+    dtypes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
     path = Path(path)
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in dtypes:
+            raise ValueError(f"{path}: tensor '{name}' has dtype {t.dtype}, which this writer does not store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-    except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are
-        tmp.unlink(missing_ok=True)
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+                f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
