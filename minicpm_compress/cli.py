@@ -367,7 +367,12 @@ def export():
 @_model_options
 @click.option("--type", "type_", default="Q4_0", show_default=True,
               help="written here: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; "
-                   "or a llama.cpp mixture made by its quantizer (Q4_K_M, Q5_K_M, Q3_K_M, IQ4_NL, ...)")
+                   "or a llama.cpp mixture made by its quantizer (Q4_K_M, Q5_K_M, Q3_K_M, IQ4_NL, ...); "
+                   "or auto: our mixture to --target-size / --target-bits, types chosen per tensor by measured error")
+@click.option("--target-size", default=None, help="--type auto: the file's size at most (e.g. 90MiB, 94MB, bytes)")
+@click.option("--target-bits", type=float, default=None, help="--type auto: the file's bits per parameter at most")
+@click.option("--candidates", default=None,
+              help="--type auto: comma-separated types to choose from (default Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K)")
 @click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if not recognised")
 @click.option("--mmproj-type", default="F16", show_default=True,
               help="MiniCPM-V: the vision file's matmul weights (F16, F32, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1)")
@@ -375,13 +380,17 @@ def export():
               help="llama.cpp mixtures: quantize without an importance matrix from the calibration text")
 @_calibration_option
 @_reports_errors
-def export_gguf(type_, tokenizer_pre, mmproj_type, no_imatrix, calibration, **options):
+def export_gguf(type_, target_size, target_bits, candidates, tokenizer_pre, mmproj_type, no_imatrix, calibration,
+                **options):
     """A llama.cpp GGUF file (OUT/model-TYPE.gguf), measured in llama.cpp; for MiniCPM-V also the vision
     file (OUT/mmproj-TYPE.gguf), with images through llama.cpp's mtmd."""
     from .recipe import build_recipe
 
     settings = {"type": type_, "mmproj_type": mmproj_type, "imatrix": not no_imatrix,
-                **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {})}
+                **({"tokenizer_pre": tokenizer_pre} if tokenizer_pre else {}),
+                **({"target_size": target_size} if target_size is not None else {}),
+                **({"target_bits": target_bits} if target_bits is not None else {}),
+                **({"candidates": candidates.split(",")} if candidates else {})}
     recipe = build_recipe(**_calibrated(_recipe_fields(f"gguf-{type_}", "gguf", settings, options), calibration))
     _run(recipe, options["out"], options["overwrite"])
 

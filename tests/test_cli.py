@@ -23,6 +23,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     result = _run("rtn", "--model", "minicpm-smollm2", "--group-size", "abc", "--out", tmp_path / "o")
     assert result.exit_code == 2 and "--group-size: expected an integer or 'channel'" in result.stderr
     assert not (tmp_path / "o").exists()
+    result = _run("export", "gguf", "--model", "minicpm-smollm2", "--type", "auto", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "type auto needs one of target_size or target_bits" in result.stderr
+    result = _run("export", "gguf", "--model", "minicpm-smollm2", "--type", "auto", "--target-size", "ninety MiB",
+                  "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "size 'ninety MiB' is not a number" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "o").exists()
 
 
 def test_ci_recipe_end_to_end_on_the_real_model(ci_output):

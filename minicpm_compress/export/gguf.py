@@ -8,12 +8,13 @@ tokenizer.model as MiniCPM's own tokenizers use) and the chat template go into t
 
 How each decoder linear gets into the file, recorded in the manifest:
   * lossless: our quantized weights already have the type's layout (the scheme `layout: TYPE` of
-    quant/qweight.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the K-quants Q4_K, Q5_K, Q6_K with their
-    super-block scale grids); codes and scales are packed into the blocks as they are (gguf_blocks.py),
+    quant/qweight.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K with
+    their super-block scale grids); codes and scales are packed into the blocks as they are (gguf_blocks.py),
     so the file holds exactly what the gate measured. In a K-quant file, rows that do not split into
-    256-wide super-blocks take llama.cpp's fallback type (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0);
+    256-wide super-blocks take a fallback type (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0 as llama.cpp does;
+    Q3_K → Q4_0);
   * requantized: other layouts; the float weights (AWQ-scaled when AWQ ran) are quantized by gguf-py
-    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), by our quantizer on the grid (Q4_K, Q5_K, Q6_K), or, for llama.cpp's
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), by our quantizer on the grid (Q3_K … Q6_K), or, for llama.cpp's
     mixtures (Q4_K_M, …) and IQ4_NL, by llama.cpp's own quantizer.
 Token embeddings are stored as Q8_0 in quantized files, norms in F32.
 """
@@ -24,23 +25,26 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..evaluate.greedy import smoke_test
 from ..manifest import artifact_entry
 from ..models.checkpoint import untied_state_dict
-from ..quant.qweight import GGUF_GRIDS, K_FALLBACK, QuantScheme, quantize
+from ..quant.qweight import GGUF_GRIDS, K_FALLBACK, QuantizedWeight, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .gguf_blocks import is_lossless, pack_blocks
+from .gguf_mixture import AUTO_TYPES, parse_size
 
 # types this module writes itself: legacy types quantized by gguf-py when not already ours, K-quants by our
 # quantizer on their grid (gguf_blocks.py packs both)
-NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # types made by llama.cpp's quantizer (llama_model_quantize), by their llama_ftype constant's suffix
 LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "IQ4_NL")
 K_TYPES = tuple(K_FALLBACK)
@@ -184,12 +188,50 @@ def gguf_architecture(config):
     return arch, getattr(gguf.MODEL_ARCH, arch.upper())
 
 
-def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = None) -> dict:
-    """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES); return how tensors were stored.
+def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = None,
+               chosen: dict[str, QuantizedWeight] | None = None) -> dict:
+    """Write `state` as a GGUF file of `file_type` (one of NUMPY_TYPES, or "auto" with every quantized tensor's
+    codes in `chosen`, by checkpoint tensor name); return how tensors were stored.
 
     Streamed: the tensor directory is written first from shapes alone, then each tensor is read from the
     state, converted and appended, one at a time.
     """
+    writer, plan, tensor_data = _start(state, path, file_type, tokenizer_pre, chosen or {})
+    paths = {"lossless": 0, "requantized": 0, "float": 0}
+    for _, _, how, _, _ in plan:
+        if how in paths:
+            paths[how] += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for key, gguf_name, how, target, shape in plan:
+        writer.write_tensor_data(tensor_data(key, how, target, shape))
+    writer.close()
+    return paths
+
+
+def fixed_bytes(state, file_type: str, tokenizer_pre: str | None, quantized: set[str], scratch: Path) -> int:
+    """Bytes of a GGUF file of `state` that are not the data of the `quantized` tensors (checkpoint names):
+    metadata, tensor directory and the other tensors' data, with alignment; a dry run writes the
+    directory to `scratch` (removed)."""
+    from .gguf_mixture import aligned
+
+    writer, plan, _ = _start(state, scratch, file_type, tokenizer_pre, {})
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        head = writer.fout[0].tell()
+    finally:
+        writer.close()
+        scratch.unlink(missing_ok=True)
+    return aligned(head) + sum(aligned(_gguf_bytes(shape, target)) for key, _, _, target, shape in plan
+                               if key not in quantized)
+
+
+def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen: dict[str, QuantizedWeight]):
+    """A GGUF writer for `state` with its metadata and tensor directory added; the plan (per tensor: key, GGUF
+    name, how, type, shape) and a function giving each tensor's data."""
     import gguf
 
     from ..models.minicpm import mup_scales
@@ -215,7 +257,9 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
     writer.add_key_length(head_dim)  # needed once pruning leaves head_dim != hidden / heads
     writer.add_value_length(head_dim)
     writer.add_vocab_size(c.vocab_size)
-    ftype = {"F32": "ALL_F32", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}.get(file_type, f"MOSTLY_{file_type}")
+    ftype = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
+             "auto": "GUESSED"}.get(
+        file_type, f"MOSTLY_{file_type}")
     writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch == "minicpm":
@@ -225,7 +269,6 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
         writer.add_logit_scale(divisor)
     _tokenizer_metadata(writer, state.tokenizer, state.source.checkpoint, c.vocab_size, tokenizer_pre)
 
-    paths = {"lossless": 0, "requantized": 0, "float": 0}
     quantized_type = file_type not in ("F32", "F16")
     plan = []  # (key, GGUF name, how, target type, shape)
     extra = longrope_factors(c, rope, head_dim, arch)
@@ -241,28 +284,29 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
             raise CompressError(f"gguf: no GGUF name for tensor '{key}'")
         shape = state.weights.shape(key)
         linear = key.removesuffix(".weight")
+        if key in chosen:  # the mixture's codes, in their own layout
+            plan.append((key, gguf_name, "lossless", chosen[key].scheme.layout, shape))
+            continue
         q = state.qweights.get(linear)
         # linears a bit budget promoted keep their width in a lower-bit file: int8 as Q8_0, a layout as itself
         own = file_type
-        if q is not None and quantized_type and q.scheme.bits > GGUF_GRIDS[file_type]["bits"]:
+        if q is not None and quantized_type and file_type in GGUF_GRIDS and q.scheme.bits > GGUF_GRIDS[file_type]["bits"]:
             own = "Q8_0" if q.scheme.bits == 8 else (q.scheme.layout or file_type)
         if own in K_TYPES and len(shape) == 2 and shape[1] % 256:
             own = K_FALLBACK[own]  # rows that do not split into super-blocks: llama.cpp's own fallback type
         if q is not None and is_lossless(q, own):
             plan.append((key, gguf_name, "lossless", own, shape))
-            paths["lossless"] += 1
             continue
         if len(shape) == 1:
             plan.append((key, gguf_name, "norm", "F32", shape))  # norms stay F32
             continue
         is_linear = linear in state.qweights or key.endswith("_proj.weight")
         target = own if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
-        if is_linear:
-            paths["requantized" if quantized_type else "float"] += 1
         if target not in ("F32", "F16") and shape[1] % 32:
             raise CompressError(f"gguf: '{key}' has {shape[1]} input columns, not a multiple of the 32-wide "
                                 f"{target} blocks; export as F16")
-        plan.append((key, gguf_name, "convert", target, shape))
+        plan.append((key, gguf_name, ("requantized" if quantized_type else "float") if is_linear else "convert",
+                     target, shape))
 
     for key, gguf_name, how, target, shape in plan:
         if target in ("F32", "F16"):
@@ -272,33 +316,27 @@ def write_gguf(state, path: Path, file_type: str, tokenizer_pre: str | None = No
             nbytes = _gguf_bytes(shape, target)
             writer.add_tensor_info(gguf_name, (shape[0], nbytes // shape[0]), np.dtype(np.uint8), nbytes,
                                    raw_dtype=_ggml_type(target))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for key, gguf_name, how, target, shape in plan:
+
+    def tensor_data(key: str, how: str, target: str, shape) -> np.ndarray:
         heads = None if neox else c.num_attention_heads if key.endswith("q_proj.weight") else (
             c.num_key_value_heads if key.endswith("k_proj.weight") else None)
         index = rope_permutation(shape[0], heads) if heads else None
         if how == "extra":
-            writer.write_tensor_data(extra[key])
-            continue
+            return extra[key]
         if how == "lossless":
-            q = state.qweights[key.removesuffix(".weight")]
-            writer.write_tensor_data(pack_blocks(q.rows(index) if heads else q, target))
-            continue
+            q = chosen[key] if key in chosen else state.qweights[key.removesuffix(".weight")]
+            return pack_blocks(q.rows(index) if heads else q, target)
         data = state.tensor(key)
         array = (data[index] if heads else data).numpy()
         if target == "F32":
-            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
-        elif target == "F16":
-            writer.write_tensor_data(array.astype(np.float16))
-        elif target in K_TYPES:  # gguf-py has no K-quant quantizer: ours, on the type's grid (RTN)
-            writer.write_tensor_data(pack_blocks(quantize(torch.from_numpy(array), QuantScheme(layout=target)), target))
-        else:
-            writer.write_tensor_data(gguf.quants.quantize(array, _ggml_type(target)))
-        del data, array
-    writer.close()
-    return paths
+            return np.ascontiguousarray(array, dtype=np.float32)
+        if target == "F16":
+            return array.astype(np.float16)
+        if target in K_TYPES:  # gguf-py has no K-quant quantizer: ours, on the type's grid (RTN)
+            return pack_blocks(quantize(torch.from_numpy(array), QuantScheme(layout=target)), target)
+        return gguf.quants.quantize(array, _ggml_type(target))
+
+    return writer, plan, tensor_data
 
 
 def llama_cpp_quantize(source: Path, target: Path, type_name: str, imatrix: dict | None = None) -> None:
@@ -363,7 +401,13 @@ class LlamaCppRunner:
 
 
 class GGUFConfig(StageConfig):
-    type: str = Field("Q4_0", description=f"one of {', '.join(NUMPY_TYPES + LLAMA_CPP_TYPES)}")
+    type: str = Field("Q4_0", description=f"one of {', '.join(NUMPY_TYPES + LLAMA_CPP_TYPES)}, or auto (a mixture "
+                      "to target_size / target_bits, types chosen per tensor by measured error)")
+    target_size: str | int | None = Field(None, description="auto: the file's size at most (bytes, or e.g. 90MiB, 94MB)")
+    target_bits: float | None = Field(None, gt=0, le=32, description="auto: the file's bits per parameter at most")
+    candidates: list[str] = Field(list(AUTO_TYPES), min_length=1, description="auto: the types it chooses from")
+    requantize: Literal["gptq", "rtn"] = Field(
+        "gptq", description="auto: codes for a type the tensor's own codes do not have: GPTQ on its grid, or RTN")
     file: str | None = Field(None, description="file name in the output folder (default model-TYPE.gguf)")
     tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name, if not recognised")
     context: int = Field(DEFAULT_CONTEXT, ge=16, description="context length for the RAM estimate")
@@ -384,16 +428,54 @@ class GGUFConfig(StageConfig):
     @field_validator("type")
     @classmethod
     def _known(cls, value: str):
-        if value not in NUMPY_TYPES + LLAMA_CPP_TYPES:
-            raise ValueError(f"unknown GGUF type '{value}' (known: {', '.join(NUMPY_TYPES + LLAMA_CPP_TYPES)})")
+        if value not in NUMPY_TYPES + LLAMA_CPP_TYPES + ("auto",):
+            raise ValueError(f"unknown GGUF type '{value}' (known: {', '.join(NUMPY_TYPES + LLAMA_CPP_TYPES)}, auto)")
         return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, value: list[str]):
+        unknown = [t for t in value if t not in AUTO_TYPES]
+        if unknown:
+            raise ValueError(f"candidate type(s) {', '.join(unknown)} not among {', '.join(AUTO_TYPES)}")
+        return sorted(set(value), key=AUTO_TYPES.index)
+
+    @model_validator(mode="after")
+    def _auto_target(self):
+        targets = (self.target_size is not None) + (self.target_bits is not None)
+        if self.type == "auto" and targets != 1:
+            raise ValueError("type auto needs one of target_size or target_bits")
+        if self.type != "auto" and targets:
+            raise ValueError("target_size / target_bits apply to type auto only")
+        if self.target_size is not None:
+            parse_size(self.target_size)  # a clear error now, not after calibration
+        return self
+
+    def target_bytes(self, parameters: int) -> int:
+        return parse_size(self.target_size) if self.target_size is not None else int(self.target_bits * parameters / 8)
+
+
+def _write_mixture(config: GGUFConfig, state, ctx: RunContext, path: Path) -> tuple[dict, dict]:
+    """`type: auto`: choose every quantized tensor's type to fit the target, write the file; (mixture, paths)."""
+    from .gguf_mixture import plan_mixture
+
+    params = state.parameter_count(vision=False)
+    target = config.target_bytes(params)
+    keys = {f"{n}.weight" for n in state.linear_names()} | {state.head_name(), "model.embed_tokens.weight"}
+    fixed = fixed_bytes(state, "F32", config.tokenizer_pre, keys, ctx.out_dir / f".{path.name}.directory")
+    codes, mixture = plan_mixture(state, ctx.calibration(state), target - fixed, tuple(config.candidates),
+                                  config.requantize)
+    mixture = {"target_bytes": target, "planned_bytes": fixed + mixture["quantized_bytes"], **mixture}
+    paths = write_gguf(state, path, "auto", config.tokenizer_pre, codes)
+    own = sum(1 for t in mixture["tensors"].values() if t["codes"] == "own")
+    return mixture, {"lossless": own, "requantized": paths["lossless"] - own, "float": 0}
 
 
 @register_stage("gguf", GGUFConfig, "export a llama.cpp GGUF file and measure it in llama.cpp", transforms=False,
-                exports=True, calibrates=lambda c: c.imatrix and c.type in LLAMA_CPP_TYPES)
+                exports=True, calibrates=lambda c: (c.imatrix and c.type in LLAMA_CPP_TYPES) or c.type == "auto")
 def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
     path = ctx.out_dir / (config.file or f"model-{config.type}.gguf")
-    artifacts, imatrix = [], None
+    artifacts, imatrix, mixture = [], None, None
     if config.type in LLAMA_CPP_TYPES:
         if config.imatrix:
             from .imatrix import collect_imatrix, gguf_names, write_imatrix
@@ -409,9 +491,12 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         llama_cpp_quantize(base, path, config.type, imatrix)
         base.unlink()
         paths = {"llama.cpp quantizer": paths["float"]}
+    elif config.type == "auto":
+        mixture, paths = _write_mixture(config, state, ctx, path)
     else:
         paths = write_gguf(state, path, config.type, config.tokenizer_pre)
-    artifacts.insert(0, artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", int(re.search(r"\d+", config.type).group())))
+    bits = max(mixture["types"], key=mixture["types"].get) if mixture else config.type
+    artifacts.insert(0, artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", int(re.search(r"\d+", bits).group())))
     vision = {}
     if state.vision is not None:  # MiniCPM-V: the vision half as the mmproj file llama.cpp's mtmd loads
         from ..models.minicpm import input_scale
@@ -447,7 +532,10 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         **({"smoke_test": smoke} if smoke else {}),
         **({"imatrix": {"file": "imatrix.gguf", "tensors": len(imatrix),
                         "tokens": max(count for _, count in imatrix.values())}} if imatrix else {}),
+        **({"mixture": mixture} if mixture else {}),
     }
+    if mixture:
+        details["summary"] += ", " + " + ".join(f"{n} {t}" for t, n in mixture["types"].items())
     if vision:
         vision["bytes"] = (ctx.out_dir / vision["file"]).stat().st_size
         details["mmproj"] = vision

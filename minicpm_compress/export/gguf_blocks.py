@@ -12,7 +12,8 @@ import numpy as np
 
 from ..quant.qweight import GGUF_GRIDS, QuantizedWeight, QuantScheme
 
-BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256,
+               "Q5_K": 256, "Q6_K": 256}
 
 
 def is_lossless(q: QuantizedWeight, type_name: str) -> bool:
@@ -68,9 +69,37 @@ def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _crumbs(u: np.ndarray) -> np.ndarray:
+    """[n, 256] 2-bit values → the 64 bytes of block_q2_K / block_q3_K's qs: element h·128 + s·32 + b is bits
+    2s..2s+1 of byte h·32 + b."""
+    parts = (u.reshape(-1, 2, 4, 32) & 3) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+    return parts.sum(axis=2, dtype=np.uint8).reshape(-1, 64)
+
+
+def _pack_low_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
+    """Q2_K / Q3_K super-blocks (16 groups of 16): codes [n, 256], scales/zeros [n, 16] → [n, bytes per block]."""
+    n = codes.shape[0]
+    if type_name == "Q2_K":
+        d, sc = _super_factor(scales, 15)
+        dmin, m = _super_factor(-zeros, 15)
+        packed_scales = (sc | (m << 4)).astype(np.uint8)
+        return np.concatenate([packed_scales, _crumbs(codes.astype(np.uint8)), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
+    d, sc = _super_factor(scales, 31)
+    s6 = (sc + 32).astype(np.uint8)  # the scale integer, stored offset by 32 in 6 bits
+    low = (s6[:, :8] & 0x0F) | ((s6[:, 8:] & 0x0F) << 4)
+    high = (((s6.reshape(n, 4, 4) >> 4) & 3) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1)).sum(
+        axis=1, dtype=np.uint8)  # byte b holds scale k·4 + b in bits 2k..2k+1
+    u = (codes.astype(np.int16) + 4).astype(np.uint8)  # 0..7: the low two bits, and the high bit in hmask
+    hmask = (((u.reshape(n, 8, 32) >> 2) & 1) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).sum(
+        axis=1, dtype=np.uint8)  # element j·32 + b is bit j of byte b
+    return np.concatenate([hmask, _crumbs(u), low, high, _f16_bytes(d)], axis=1)
+
+
 def _pack_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
     """Super-blocks of 256: codes [n, 256], scales/zeros [n, groups] → [n, bytes per block]."""
     n = codes.shape[0]
+    if type_name in ("Q2_K", "Q3_K"):
+        return _pack_low_k(type_name, codes, scales, zeros)
     if type_name == "Q6_K":
         d, sc = _super_factor(scales, 127)
         u = codes.astype(np.int16) + 32

@@ -2,7 +2,7 @@
 
 Each calibrating int4 stage (awq, gptq) measures, per linear, the relative output error of its own int4
 weight and of round-to-nearest at each promotion — int8 at the same grouping, or for a K-quant layout
-each rung of Q4_K → Q5_K → Q6_K → Q8_0 — exactly over the calibration tokens through the Gram matrix
+each rung up Q2_K → Q3_K → Q4_K → Q5_K → Q6_K → Q8_0 — exactly over the calibration tokens through the Gram matrix
 of the linear's inputs. Linears are then promoted greedily by the error a promotion removes per extra
 bit stored, until the average bits per weight of the decoder linears reaches `target_bits` (or, with
 `int8_linears: N`, the N linears with the largest int4 error go to int8). Bits per weight
@@ -47,8 +47,8 @@ def int8_scheme(scheme: QuantScheme) -> QuantScheme:
 
 def promotions(scheme: QuantScheme) -> list[QuantScheme]:
     """The schemes a budget may promote a linear of `scheme` to, in increasing size: up the K-quant ladder
-    (Q4_K → Q5_K → Q6_K → Q8_0), or straight to int8 at the same grouping."""
-    ladder = ["Q4_K", "Q5_K", "Q6_K"]
+    (Q2_K → Q3_K → Q4_K → Q5_K → Q6_K → Q8_0), or straight to int8 at the same grouping."""
+    ladder = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
     if scheme.super_block and scheme.layout in ladder:
         return [QuantScheme(layout=name) for name in ladder[ladder.index(scheme.layout) + 1:]] + [int8_scheme(scheme)]
     return [int8_scheme(scheme)]
@@ -79,25 +79,34 @@ def choose_promotions(config: BudgetConfig, scheme: QuantScheme, shapes: dict[st
     if config.target_bits < spent / total - 1e-9:
         raise CompressError(f"target_bits {config.target_bits} is below the {spent / total:.3f} bits/weight of "
                             f"{scheme.describe()} for every linear")
-    level = {n: 0 for n in shapes}
-    curve = {n: [errors[n]] + list(errors_up[n]) for n in shapes}
-    budget = config.target_bits * total
+    costs = {n: [size[n] * b for b in bits[n]] for n in shapes}
+    level = climb(costs, {n: [errors[n]] + list(errors_up[n]) for n in shapes}, config.target_bits * total)
+    spent = sum(costs[n][level[n]] for n in shapes)
+    return {n: lvl - 1 for n, lvl in level.items() if lvl}, spent / total
+
+
+def climb(costs: dict[str, list[float]], errors: dict[str, list[float]], budget: float) -> dict[str, int]:
+    """The option (index) each item takes: every item starts at its option 0 and moves to any option that
+    costs more and errs less, the move removing the most error per extra cost first, while the total cost
+    stays within `budget`. Errors add up across items (relative output errors, one per linear)."""
+    level = {n: 0 for n in costs}
+    spent = sum(c[0] for c in costs.values())
     while True:
-        best = None  # (gain per bit, name, rung)
-        for n in sorted(shapes):
-            for rung in range(level[n] + 1, len(ladder)):
-                extra = size[n] * (bits[n][rung] - bits[n][level[n]])
-                removed = curve[n][level[n]] - curve[n][rung]
+        best = None  # (error removed per extra cost, name, option)
+        for n in sorted(costs):
+            here = level[n]
+            for option in range(len(costs[n])):
+                extra = costs[n][option] - costs[n][here]
+                removed = errors[n][here] - errors[n][option]
                 if extra <= 0 or removed <= 0 or spent + extra > budget:
                     continue
                 if best is None or removed / extra > best[0]:
-                    best = (removed / extra, n, rung)
+                    best = (removed / extra, n, option)
         if best is None:
-            break
-        _, n, rung = best
-        spent += size[n] * (bits[n][rung] - bits[n][level[n]])
-        level[n] = rung
-    return {n: lvl - 1 for n, lvl in level.items() if lvl}, spent / total
+            return level
+        _, n, option = best
+        spent += costs[n][option] - costs[n][level[n]]
+        level[n] = option
 
 
 def apply_budget(qweights: dict[str, QuantizedWeight], state, config: BudgetConfig, scheme: QuantScheme,

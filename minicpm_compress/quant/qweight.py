@@ -11,12 +11,13 @@ Scales (and float zeros) are exactly representable in float16, so formats that s
 (GGUF, AWQ, ONNX MatMulNBits, Core ML) carry them without rounding. If `in` is not a multiple of the
 group size the last group is narrower.
 
-K-quant grids (`super_block: 256`, GGUF Q4_K / Q5_K / Q6_K) quantize the scales themselves: within each
+K-quant grids (`super_block: 256`, GGUF Q2_K / Q3_K / Q4_K / Q5_K / Q6_K) quantize the scales themselves: within each
 super-block of 256 columns, every group's scale is d · sc with one float16 d and an integer sc of
 `scale_bits` bits (and every float offset is −dmin · m likewise), so scales are exact float32 products,
 not float16 values. The largest sc (and m) of a super-block is always the top of its range, which makes
 d = max(scale) / top: the packer recovers d and every sc from the scales alone. A weight whose width is
-not a multiple of 256 takes llama.cpp's fallback type instead (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+not a multiple of 256 takes a fallback type instead (K_FALLBACK: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, as
+llama.cpp does; Q2_K / Q3_K → Q4_0).
 Schemes can be named by the GGUF type whose layout they are: `layout: Q4_K` (see GGUF_GRIDS).
 """
 
@@ -49,9 +50,12 @@ GGUF_GRIDS: dict[str, dict] = {
     "Q4_K": dict(bits=4, group_size=32, symmetric=False, zero_point="float", super_block=256, scale_bits=6),
     "Q5_K": dict(bits=5, group_size=32, symmetric=False, zero_point="float", super_block=256, scale_bits=6),
     "Q6_K": dict(bits=6, group_size=16, symmetric=True, super_block=256, scale_bits=8),
+    "Q3_K": dict(bits=3, group_size=16, symmetric=True, super_block=256, scale_bits=6),
+    "Q2_K": dict(bits=2, group_size=16, symmetric=False, zero_point="float", super_block=256, scale_bits=4),
 }
-# the type llama.cpp uses for a weight whose rows do not split into 256-wide super-blocks
-K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# the type a weight takes when its rows do not split into 256-wide super-blocks: llama.cpp's own fallback
+# (for Q2_K / Q3_K llama.cpp takes IQ4_NL, a non-linear grid no quantizer here fills: Q4_0 instead)
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
 
 
 class QuantScheme(BaseModel):
@@ -59,7 +63,7 @@ class QuantScheme(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bits: Literal[4, 5, 6, 8] = 4
+    bits: Literal[2, 3, 4, 5, 6, 8] = Field(4, description="2 and 3 bits: K-quant grids only (layout Q2_K / Q3_K)")
     group_size: int | None = Field(128, description="input columns per scale; null = one scale per output channel")
     symmetric: bool = False
     zero_point: Literal["int", "float"] = Field(
@@ -67,7 +71,7 @@ class QuantScheme(BaseModel):
     )
     super_block: Literal[256] | None = Field(
         None, description="K-quant grid: group scales (and offsets) quantized per super-block of 256 columns")
-    scale_bits: Literal[6, 8] | None = Field(None, description="K-quant grid: bits of each group's scale integer")
+    scale_bits: Literal[4, 6, 8] | None = Field(None, description="K-quant grid: bits of each group's scale integer")
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +98,8 @@ class QuantScheme(BaseModel):
             raise ValueError("super_block and scale_bits go together (a K-quant grid; e.g. layout: Q4_K)")
         if self.super_block is not None and self.layout is None:
             raise ValueError(f"a K-quant grid must be one of {', '.join(K_FALLBACK)} (use layout: NAME)")
+        if self.bits < 4 and self.super_block is None:
+            raise ValueError(f"{self.bits}-bit codes come on a K-quant grid only (layout: Q{self.bits}_K)")
         return self
 
     @property

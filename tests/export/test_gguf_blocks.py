@@ -34,7 +34,7 @@ def test_packing_is_bit_exact_under_ggufs_own_dequantize(type_name, rows, cols):
     assert np.array_equal(back.view(np.uint32), ours.view(np.uint32))  # the same float32 bits
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_packing_survives_training_scales_and_tiny_weights(type_name):
     """Scales a stage chose (QAT, AWQ's clip) and weights small enough for float16 subnormal factors."""
     from minicpm_compress.quant.qweight import encode

@@ -10,7 +10,7 @@ from minicpm_compress.quant.qweight import (
 
 from ..conftest import WIDE
 
-K_GRIDS = ["Q4_K", "Q5_K", "Q6_K"]
+K_GRIDS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.fixture
@@ -26,7 +26,8 @@ def test_bits_per_weight_counts_codes_scales_and_zero_points():
     assert QuantScheme(bits=8, group_size=None, symmetric=True).bits_per_weight(100) == 8.16
     assert QuantScheme(bits=4, group_size=32, zero_point="float").bits_per_weight(64) == 5.0
     # llama.cpp's block sizes: Q4_K 144 bytes, Q5_K 176, Q6_K 210 per 256 weights; Q5_0 22 per 32
-    expected = {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5}
+    expected = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q5_0": 5.5, "Q5_1": 6.0,
+                "Q8_0": 8.5}  # Q2_K 84 bytes per 256, Q3_K 110
     for grid, bits in expected.items():
         assert QuantScheme(layout=grid).bits_per_weight(1536) == bits, grid
     assert QuantScheme(layout="Q4_K").bits_per_weight(576) == 5.5  # falls back to Q5_0
@@ -41,8 +42,10 @@ def test_grid_names_expand_to_their_settings_and_conflicts_are_refused():
         QuantScheme(layout="Q3_X")
     with pytest.raises(ValidationError, match="super_block and scale_bits go together"):
         QuantScheme(bits=4, group_size=32, super_block=256)
-    with pytest.raises(ValidationError, match="must be one of Q4_K, Q5_K, Q6_K"):
+    with pytest.raises(ValidationError, match="must be one of Q4_K, Q5_K, Q6_K, Q3_K, Q2_K"):
         QuantScheme(bits=4, group_size=64, zero_point="float", super_block=256, scale_bits=6)
+    with pytest.raises(ValidationError, match="3-bit codes come on a K-quant grid only"):
+        QuantScheme(bits=3, group_size=32)
 
 
 def test_rows_that_do_not_split_into_super_blocks_take_llama_cpps_fallback():
@@ -50,6 +53,7 @@ def test_rows_that_do_not_split_into_super_blocks_take_llama_cpps_fallback():
     assert QuantScheme(layout="Q4_K").fitting(576) == QuantScheme(layout="Q5_0")
     assert QuantScheme(layout="Q5_K").fitting(576) == QuantScheme(layout="Q5_1")
     assert QuantScheme(layout="Q6_K").fitting(576) == QuantScheme(layout="Q8_0")
+    assert QuantScheme(layout="Q3_K").fitting(576) == QuantScheme(layout="Q2_K").fitting(576) == QuantScheme(layout="Q4_0")
     q = quantize(torch.randn(4, 576), QuantScheme(layout="Q6_K"))
     assert q.scheme == QuantScheme(layout="Q8_0") and q.scales.shape == (4, 18)
 
@@ -58,7 +62,7 @@ def test_rows_that_do_not_split_into_super_blocks_take_llama_cpps_fallback():
 def test_k_grid_scales_are_float16_factors_times_integers_topped_per_super_block(weight, grid):
     scheme = QuantScheme(layout=grid)
     q = quantize(weight, scheme)
-    top = 127 if scheme.symmetric else 63
+    top = 2 ** (scheme.scale_bits - scheme.symmetric) - 1  # Q6_K 127, Q3_K 31, Q4_K/Q5_K 63, Q2_K 15
     per_super = 256 // scheme.group_size
     for values in [q.scales] + ([] if q.zeros is None else [-q.zeros]):
         blocks = values.reshape(24, -1, per_super)
@@ -101,12 +105,12 @@ def test_errors_follow_the_bits(weight):
     def err(grid):
         return ((quantize(weight, QuantScheme(layout=grid)).dequantize() - weight).norm() / weight.norm()).item()
 
-    assert err("Q6_K") < err("Q5_K") < err("Q4_K") < err("Q4_0")
+    assert err("Q6_K") < err("Q5_K") < err("Q4_K") < err("Q4_0") < err("Q3_K") < err("Q2_K")
     assert err("Q4_K") < 1.05 * err("Q4_1")  # the 6-bit scale grid costs almost nothing at 0.5 bit less
     assert err("Q5_K") < 1.05 * err("Q5_1") and err("Q5_1") < err("Q5_0")
 
 
-def test_five_and_six_bit_codes_are_packed_and_round_trip(tmp_path, weight):
+def test_two_three_five_and_six_bit_codes_are_packed_and_round_trip(tmp_path, weight):
     qweights = {grid: quantize(weight[:, :700], QuantScheme(layout=grid)) for grid in ("Q5_0", "Q5_1")}
     qweights.update({grid: quantize(weight, QuantScheme(layout=grid)) for grid in K_GRIDS})
     for grid, q in qweights.items():
@@ -118,7 +122,8 @@ def test_five_and_six_bit_codes_are_packed_and_round_trip(tmp_path, weight):
         assert torch.equal(back[grid].codes, q.codes) and torch.equal(back[grid].dequantize(), q.dequantize())
 
 
-@pytest.mark.parametrize("stage,grid", [("rtn", "Q5_K"), ("awq", "Q4_K"), ("gptq", "Q6_K"), ("qat", "Q4_K")])
+@pytest.mark.parametrize("stage,grid", [("rtn", "Q5_K"), ("awq", "Q4_K"), ("gptq", "Q6_K"), ("qat", "Q4_K"),
+                                        ("gptq", "Q3_K")])
 def test_every_quantizing_stage_searches_on_the_grid_the_gguf_file_holds(tmp_path, tiny_checkpoint, stage, grid):
     """Codes a stage chose on a K-quant grid are copied into the K-quant file, and llama.cpp measures the
     stage's model (not a requantized one)."""
