@@ -171,6 +171,9 @@ def run_8b(args) -> dict:
         "export gguf Q4_K_M (llama.cpp quantizer)": cli("export", "gguf", "--model", out / "rtn", "--type", "Q4_K_M",
                                                         *common, "--out", out / "gguf-q4_k_m"),
         "export onnx int4": cli("export", "onnx", "--model", out / "rtn", "--bits", 4, *common, "--out", out / "onnx"),
+        "rtn on the Q4_K grid": cli("rtn", "--model", ckpt, "--layout", "Q4_K", *common, "--out", out / "rtn-q4_k"),
+        "export gguf Q4_K (codes copied)": cli("export", "gguf", "--model", out / "rtn-q4_k", "--type", "Q4_K",
+                                               *common, "--out", out / "gguf-q4_k"),
     }
     for name, cmd in steps.items():
         if args.skip and any(s in name for s in args.skip):

@@ -152,3 +152,15 @@ class InputStatistics:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def layer_grams(layer: torch.nn.Module, arch, inputs: LayerInputs) -> tuple[dict[str, torch.Tensor], LayerInputs]:
+    """Run `inputs` through `layer`: the Gram matrix of every linear's inputs (linears fed the same input,
+    as q/k/v are, share one) and the layer's outputs."""
+    firsts = [g.linears[0] for g in arch.scaling_groups]
+    stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
+    try:
+        outputs = run_layer(layer, inputs)
+    finally:
+        stats.close()
+    return {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}, outputs

@@ -16,7 +16,8 @@ How each decoder linear gets into the file, recorded in the manifest:
   * requantized: other layouts; the float weights (AWQ-scaled when AWQ ran) are quantized by gguf-py
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), by our quantizer on the grid (Q3_K … Q6_K), or, for llama.cpp's
     mixtures (Q4_K_M, …) and IQ4_NL, by llama.cpp's own quantizer.
-Token embeddings are stored as Q8_0 in quantized files, norms in F32.
+Token embeddings are stored as Q8_0 in quantized files, norms in F32. `type: auto` (gguf_mixture.py) chooses
+every linear's and the embedding's type itself, to a target size.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import CompressError
@@ -258,8 +258,7 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
     writer.add_value_length(head_dim)
     writer.add_vocab_size(c.vocab_size)
     ftype = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
-             "auto": "GUESSED"}.get(
-        file_type, f"MOSTLY_{file_type}")
+             "auto": "GUESSED"}.get(file_type, f"MOSTLY_{file_type}")
     writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch == "minicpm":
@@ -290,7 +289,7 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
         q = state.qweights.get(linear)
         # linears a bit budget promoted keep their width in a lower-bit file: int8 as Q8_0, a layout as itself
         own = file_type
-        if q is not None and quantized_type and file_type in GGUF_GRIDS and q.scheme.bits > GGUF_GRIDS[file_type]["bits"]:
+        if q is not None and quantized_type and q.scheme.bits > GGUF_GRIDS[file_type]["bits"]:
             own = "Q8_0" if q.scheme.bits == 8 else (q.scheme.layout or file_type)
         if own in K_TYPES and len(shape) == 2 and shape[1] % 256:
             own = K_FALLBACK[own]  # rows that do not split into super-blocks: llama.cpp's own fallback type
@@ -535,7 +534,8 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
         **({"mixture": mixture} if mixture else {}),
     }
     if mixture:
-        details["summary"] += ", " + " + ".join(f"{n} {t}" for t, n in mixture["types"].items())
+        details["summary"] += (", " + " + ".join(f"{n} {t}" for t, n in mixture["types"].items())
+                               + f" (predicted KLD {mixture['predicted_kld']:.4f})")
     if vision:
         vision["bytes"] = (ctx.out_dir / vision["file"]).stat().st_size
         details["mmproj"] = vision

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CompressError
-from ..layerwise import InputStatistics, run_layer, state_layer_inputs
+from ..layerwise import layer_grams, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..quant.awq import relative_error
 from ..quant.budget import climb
-from ..quant.qweight import GGUF_GRIDS, QuantizedWeight, QuantScheme, quantize
+from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 from .gguf_blocks import BLOCK_WIDTH, is_lossless
 
 # the types `auto` chooses from by default: every type whose blocks hold our codes exactly
@@ -126,7 +126,6 @@ def measure_layers(state, samples, candidates: tuple[str, ...], batch_size: int,
     option in every layer, and the KLD from the float model over the sum of those options' errors is its
     sensitivity (KLD per unit of relative error). Errors are scaled by it, so the climb buys predicted KLD."""
     arch = state.arch
-    firsts = [g.linears[0] for g in arch.scaling_groups]  # one Gram matrix per distinct input
     options: dict[str, Options] = {}
     with state.computing_in(torch.float32):
         inputs = state_layer_inputs(state, samples, batch_size)
@@ -137,13 +136,7 @@ def measure_layers(state, samples, candidates: tuple[str, ...], batch_size: int,
                               unit="layer"):
             prefix = layer_prefix(index)
             with state.layer(index) as layer:
-                stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
-                try:
-                    outputs = run_layer(layer, inputs)
-                finally:
-                    stats.close()
-                grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
-                del stats
+                grams, outputs = layer_grams(layer, arch, inputs)
                 for name in arch.linears:
                     module = layer.get_submodule(name)
                     weight = module.weight.detach().float()
@@ -199,23 +192,17 @@ def make_codes(state, samples, chosen: dict[str, str], requantize: str, batch_si
         q = state.qweights.get(key.removesuffix(".weight"))
         return q if q is not None and is_lossless(q, chosen[key]) else None
 
-    codes = {key: own(key) for key in chosen if own(key) is not None}
+    codes = {key: q for key in chosen if (q := own(key)) is not None}
     arch = state.arch
     layered = [k for k in chosen if k not in codes and k.startswith("model.layers.")]
     if requantize == "gptq" and layered:
-        firsts = [g.linears[0] for g in arch.scaling_groups]
         with state.computing_in(torch.float32):
             inputs = state_layer_inputs(state, samples, batch_size)
             for index in progress(range(state.num_layers), desc="gguf auto: gptq", total=state.num_layers,
                                   unit="layer"):
                 prefix = layer_prefix(index)
                 with state.layer(index) as layer:
-                    stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
-                    try:
-                        run_layer(layer, inputs)
-                    finally:
-                        stats.close()
-                    grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
+                    grams, _ = layer_grams(layer, arch, inputs)
                     for name in arch.linears:
                         key = f"{prefix}.{name}.weight"
                         module = layer.get_submodule(name)
@@ -228,7 +215,7 @@ def make_codes(state, samples, chosen: dict[str, str], requantize: str, batch_si
                                 raise CompressError(f"gguf auto: gptq of '{key}': {e}") from None
                         with torch.no_grad():  # the next layer sees this one as it will be in the file
                             module.weight.copy_(codes[key].dequantize())
-                    del stats, grams
+                    del grams
                     inputs = run_layer(layer, inputs)
     for key in chosen:
         if key not in codes:
@@ -240,9 +227,6 @@ def plan_mixture(state, samples, budget: int, candidates: tuple[str, ...], requa
                  batch_size: int = 8, probe_windows: int = 8) -> tuple[dict[str, QuantizedWeight], dict]:
     """The codes of every quantized tensor for a file whose quantized tensors take at most `budget` bytes,
     and what was chosen (per tensor: type and measured error), for the manifest."""
-    for t in candidates:
-        if t not in GGUF_GRIDS:
-            raise CompressError(f"gguf auto: candidate type '{t}' is not one of {', '.join(AUTO_TYPES)}")
     options, sensitivity = measure_layers(state, samples, tuple(candidates), batch_size, probe_windows)
     level = choose_types(options, budget)
     chosen = {n: o.types[level[n]] for n, o in options.items()}

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from ..errors import CompressError
-from ..layerwise import InputStatistics, run_layer, state_layer_inputs
+from ..layerwise import layer_grams, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
@@ -116,11 +116,10 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
     return QuantizedWeight(codes.to(dtype).contiguous(), scales.contiguous(), zeros, scheme)
 
 
-def gptq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch, scheme: QuantScheme,
+def gptq_layer(layer: torch.nn.Module, prefix: str, grams: dict[str, torch.Tensor], arch, scheme: QuantScheme,
                config: GPTQConfig) -> tuple[dict[str, QuantizedWeight], dict[str, float], dict[str, list[float]]]:
-    """GPTQ codes for every linear of one decoder layer, their relative output errors, and (with a bit budget)
-    those of round-to-nearest at each promotion (budget.promotions)."""
-    grams = {n: stats.gram[g.linears[0]] for g in arch.scaling_groups for n in g.linears}
+    """GPTQ codes for every linear of one decoder layer (`grams`: each one's input Gram matrix), their relative
+    output errors, and (with a bit budget) those of round-to-nearest at each promotion (budget.promotions)."""
     qweights, errors, errors_up = {}, {}, {}
     for name in arch.linears:
         weight = layer.get_submodule(name).weight.detach().float()
@@ -142,20 +141,15 @@ def apply_gptq(config: GPTQConfig, state, ctx: RunContext) -> StageOutcome:
     scheme = config.scheme()
     samples = ctx.calibration(state)
     arch = state.arch
-    firsts = [g.linears[0] for g in arch.scaling_groups]  # one Gram matrix per distinct input
     qweights, errors, errors_up = {}, {}, {}
     with state.computing_in(torch.float32):
         inputs = state_layer_inputs(state, samples, config.batch_size)
         for index in progress(range(state.num_layers), desc="gptq", total=state.num_layers, unit="layer"):
             prefix = layer_prefix(index)
             with state.layer(index) as layer:
-                stats = InputStatistics({n: layer.get_submodule(n) for n in firsts})
-                try:
-                    run_layer(layer, inputs)
-                finally:
-                    stats.close()
-                layer_q, layer_errors, layer_errors_up = gptq_layer(layer, prefix, stats, arch, scheme, config)
-                del stats
+                grams, _ = layer_grams(layer, arch, inputs)
+                layer_q, layer_errors, layer_errors_up = gptq_layer(layer, prefix, grams, arch, scheme, config)
+                del grams
                 with torch.no_grad():  # the next layer sees this one as deployed
                     for name in arch.linears:
                         layer.get_submodule(name).weight.copy_(layer_q[f"{prefix}.{name}"].dequantize())
