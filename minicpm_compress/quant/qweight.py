@@ -99,7 +99,7 @@ class QuantScheme(BaseModel):
         if self.super_block is not None and self.layout is None:
             raise ValueError(f"a K-quant grid must be one of {', '.join(K_FALLBACK)} (use layout: NAME)")
         if self.bits < 4 and self.super_block is None:
-            raise ValueError(f"{self.bits}-bit codes come on a K-quant grid only (layout: Q{self.bits}_K)")
+            raise ValueError(f"bits: {self.bits} exists on a K-quant grid only (layout: Q{self.bits}_K)")
         return self
 
     @property

@@ -44,7 +44,7 @@ def test_grid_names_expand_to_their_settings_and_conflicts_are_refused():
         QuantScheme(bits=4, group_size=32, super_block=256)
     with pytest.raises(ValidationError, match="must be one of Q4_K, Q5_K, Q6_K, Q3_K, Q2_K"):
         QuantScheme(bits=4, group_size=64, zero_point="float", super_block=256, scale_bits=6)
-    with pytest.raises(ValidationError, match="3-bit codes come on a K-quant grid only"):
+    with pytest.raises(ValidationError, match=r"bits: 3 exists on a K-quant grid only \(layout: Q3_K\)"):
         QuantScheme(bits=3, group_size=32)
 
 
