@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from minicpm_compress.models.builtin import builtin_path  # noqa: E402
 from minicpm_compress.models.checkpoint import load_tokenizer, save_checkpoint  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if call.when == "call":
+        item.stash[_PASSED] = report.passed
+    return report
+
+
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path, request) -> Path:
+    """pytest's tmp_path, removed as soon as its test passed: the suite's artifacts (GGUF, ONNX, Core ML files)
+    would otherwise fill ~9 GB of disk before pytest's end-of-session clean-up. A failed test's folder stays."""
+    yield tmp_path
+    if request.node.stash.get(_PASSED, False):
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
