@@ -268,7 +268,7 @@ def main():
     parser.add_argument("--only-135m", action="store_true")
     parser.add_argument("--only-8b", action="store_true")
     parser.add_argument("--only-coreml", action="store_true", help="only Core ML in chunks on an 8B-shaped slice")
-    parser.add_argument("--coreml-layers", type=int, default=4)
+    parser.add_argument("--coreml-layers", type=int, default=4, help="0: no Core ML run")
     parser.add_argument("--old-tree", default=None, help="a checkout of the previous version, for the 135M comparison")
     parser.add_argument("--eval-tokens-135m", type=int, default=8192)
     args = parser.parse_args()
@@ -278,7 +278,8 @@ def main():
     else:
         if not args.only_135m:
             results["minicpm4-8b-shaped"] = run_8b(args)
-            results["coreml in chunks, minicpm4-8b-shaped slice"] = run_coreml(args)
+            if args.coreml_layers:
+                results["coreml in chunks, minicpm4-8b-shaped slice"] = run_coreml(args)
         if not args.only_8b:
             results["minicpm-smollm2 (135M)"] = run_135m(args)
     print(json.dumps(results, indent=2))

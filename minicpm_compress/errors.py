@@ -13,6 +13,15 @@ class CompressError(Exception):
     exit_code = 2
 
 
+class SettingError(ValueError):
+    """A check across several settings that blames one of them (`key`): a recipe error shows it at that key,
+    as if the key's own type had refused the value."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class GateFailure(CompressError):
     """A stage's accuracy gate was exceeded; nothing after it ran. Exit code 3.
 

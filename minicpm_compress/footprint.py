@@ -52,13 +52,31 @@ def _numel(state: "ModelState", prefix: str) -> int:
     return sum(torch.Size(state.weights.shape(n)).numel() for n in state.weights.names() if n.startswith(prefix))
 
 
-def stage_memory(state: "ModelState", whole_model: float | None, data, calibrates: bool = False) -> dict:
+def quantized_output_bytes(state: "ModelState", config) -> int:
+    """Bytes of the quantized weights a quantizing stage (a config that is a `QuantScheme`) makes: every
+    decoder linear at its scheme's stored bits per weight, with scales (a bit budget's `target_bits` where
+    it asks for more); 0 for any other stage."""
+    from .quant.qweight import QuantScheme
+
+    if not isinstance(config, QuantScheme):
+        return 0
+    total = 0.0
+    for name in state.linear_names():
+        rows, cols = state.weights.shape(f"{name}.weight")
+        bits = max(config.bits_per_weight(cols), getattr(config, "target_bits", None) or 0)
+        total += rows * cols * bits / 8
+    return int(total)
+
+
+def stage_memory(state: "ModelState", whole_model: float | None, data, calibrates: bool = False,
+                 config=None) -> dict:
     """Estimated peak memory of a stage on `state`, with what it is made of.
 
     Every stage holds the packed quantized weights and is measured afterwards: one decoder layer at a
     time (float32, plus a dequantized copy and temporaries), the output head as stored, the hidden states
     of every held-out window at one layer and one batch of logits. A calibrating stage adds its samples'
     activations and the Gram matrices of one layer; a whole-model stage the float32 model that many times.
+    The quantized weights are the larger of those held now and those a quantizing `config` will make.
     """
     from .models.architectures import layer_prefix
 
@@ -80,7 +98,7 @@ def stage_memory(state: "ModelState", whole_model: float | None, data, calibrate
             + 2 * c.intermediate_size * c.hidden_size * 4 * 4)  # gate+up candidates: ~4 float32 copies
     if whole_model is not None:
         parts["float32 model × %g" % whole_model] = int(state.parameter_count() * 4 * whole_model)
-    parts["quantized weights (packed)"] = max(qbytes, linear_params // 2)
+    parts["quantized weights (packed)"] = max(qbytes, quantized_output_bytes(state, config), linear_params // 2)
     parts["process"] = PROCESS_BASE_BYTES
     return {"bytes": sum(parts.values()), "parts": parts}
 

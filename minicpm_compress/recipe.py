@@ -171,6 +171,8 @@ def validation_message(err: ValidationError, source: str, lines: dict | None = N
     out = []
     for error in err.errors():
         loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        blamed = getattr((error.get("ctx") or {}).get("error"), "key", None)  # a SettingError's key
+        loc += (blamed,) if blamed else ()
         line = None
         for n in range(len(loc), -1, -1):  # the deepest location that has a line
             if lines and loc[:n] in lines:

@@ -24,8 +24,11 @@ def _error(tmp_path, text: str) -> str:
 
 
 def test_wrong_type_names_file_line_key_and_expectation(tmp_path):
-    msg = _error(tmp_path, "model: minicpm-smollm2\nstages:\n  - rtn: {bits: 3}\n")
-    assert msg == f"{tmp_path}/r.yaml:3: stages[0].rtn.bits: Input should be 4, 5, 6 or 8 (got 3)"
+    msg = _error(tmp_path, "model: minicpm-smollm2\nstages:\n  - rtn: {bits: 7}\n")
+    assert msg == f"{tmp_path}/r.yaml:3: stages[0].rtn.bits: Input should be 2, 3, 4, 5, 6 or 8 (got 7)"
+    # a check across settings blames its key too: 3 bits need a K-quant grid
+    msg = _error(tmp_path, "model: minicpm-smollm2\nstages:\n  - rtn:\n      group_size: 32\n      bits: 3\n")
+    assert msg == f"{tmp_path}/r.yaml:5: stages[0].rtn.bits: 3-bit codes exist on a K-quant grid only (layout: Q3_K)"
 
 
 def test_unknown_key_and_unknown_stage(tmp_path):
@@ -61,4 +64,4 @@ def test_cli_recipes_are_the_same_objects():
     assert [n for n, _ in built.stage_list()] == ["load", "rtn"]
     assert built.resolved()["stages"][1]["rtn"]["bits"] == 8
     with pytest.raises(CompressError, match="command line: stages\\[0\\].rtn.bits"):
-        build_recipe(model="minicpm-smollm2", stages=[{"rtn": {"bits": 3}}])
+        build_recipe(model="minicpm-smollm2", stages=[{"rtn": {"bits": 3}}])  # 3 bits: K-quant grids only

@@ -2,8 +2,8 @@
 
 Each type here is a scheme of the one quantizer (`GGUF_GRIDS` in quant/qweight.py), so packing is lossless:
 codes and scales are only rearranged. Legacy types have blocks of 32 with a float16 scale (and offset);
-K-quants have super-blocks of 256 whose group scales are integers times a float16 factor, recovered from
-our scales as described in qweight.py. Layouts follow ggml's block_q5_0, block_q4_K, block_q6_K, …
+K-quants have super-blocks of 256 whose group scales are integers times a float16 factor, held so by our
+quantized weights (`KFactors` in qweight.py). Layouts follow ggml's block_q5_0, block_q4_K, block_q6_K, …
 """
 
 from __future__ import annotations
@@ -39,13 +39,6 @@ def _nibbles(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return (low & 0x0F) | ((high & 0x0F) << 4)
 
 
-def _super_factor(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grid values [..., groups per super-block] (d · int, the largest int = top) → (d, the integers)."""
-    d = values.max(axis=-1, keepdims=True) / top  # exact: the grid makes max = d · top
-    ints = np.where(d > 0, np.rint(values / np.where(d > 0, d, 1)), 0)
-    return d[..., 0], ints.astype(np.int64)
-
-
 def _pack_legacy(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
     """Blocks of 32: codes [n, 32], scales/zeros [n] → [n, bytes per block]."""
     d = _f16_bytes(scales)
@@ -76,16 +69,15 @@ def _crumbs(u: np.ndarray) -> np.ndarray:
     return parts.sum(axis=2, dtype=np.uint8).reshape(-1, 64)
 
 
-def _pack_low_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
-    """Q2_K / Q3_K super-blocks (16 groups of 16): codes [n, 256], scales/zeros [n, 16] → [n, bytes per block]."""
+def _pack_low_k(type_name: str, codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray | None,
+                m: np.ndarray | None) -> np.ndarray:
+    """Q2_K / Q3_K super-blocks (16 groups of 16): codes [n, 256], factors [n] and integers [n, 16] of the
+    scales (and offsets) → [n, bytes per block]."""
     n = codes.shape[0]
     if type_name == "Q2_K":
-        d, sc = _super_factor(scales, 15)
-        dmin, m = _super_factor(-zeros, 15)
         packed_scales = (sc | (m << 4)).astype(np.uint8)
         return np.concatenate([packed_scales, _crumbs(codes.astype(np.uint8)), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
-    d, sc = _super_factor(scales, 31)
-    s6 = (sc + 32).astype(np.uint8)  # the scale integer, stored offset by 32 in 6 bits
+    s6 = (sc.astype(np.int16) + 32).astype(np.uint8)  # the scale integer, stored offset by 32 in 6 bits
     low = (s6[:, :8] & 0x0F) | ((s6[:, 8:] & 0x0F) << 4)
     high = (((s6.reshape(n, 4, 4) >> 4) & 3) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1)).sum(
         axis=1, dtype=np.uint8)  # byte b holds scale k·4 + b in bits 2k..2k+1
@@ -95,13 +87,14 @@ def _pack_low_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np
     return np.concatenate([hmask, _crumbs(u), low, high, _f16_bytes(d)], axis=1)
 
 
-def _pack_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
-    """Super-blocks of 256: codes [n, 256], scales/zeros [n, groups] → [n, bytes per block]."""
+def _pack_k(type_name: str, codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray | None,
+            m: np.ndarray | None) -> np.ndarray:
+    """Super-blocks of 256: codes [n, 256], factors [n] and integers [n, groups] of the scales (and offsets)
+    → [n, bytes per block]."""
     n = codes.shape[0]
     if type_name in ("Q2_K", "Q3_K"):
-        return _pack_low_k(type_name, codes, scales, zeros)
+        return _pack_low_k(type_name, codes, d, sc, dmin, m)
     if type_name == "Q6_K":
-        d, sc = _super_factor(scales, 127)
         u = codes.astype(np.int16) + 32
         halves = u.reshape(n, 2, 128)
         ql = _nibbles(halves[:, :, :64], halves[:, :, 64:]).reshape(n, 128)  # element h·128 + k·64 + b
@@ -109,8 +102,6 @@ def _pack_k(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.nda
         qh = (hi[:, :, 0:32] | (hi[:, :, 32:64] << 2) | (hi[:, :, 64:96] << 4) | (hi[:, :, 96:128] << 6)).reshape(n, 64)
         return np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), sc.astype(np.int8).view(np.uint8),
                                _f16_bytes(d)], axis=1)
-    d, sc = _super_factor(scales, 63)
-    dmin, m = _super_factor(-zeros, 63)
     u = codes.astype(np.int16).reshape(n, 4, 2, 32)  # pairs of groups of 32
     qs = _nibbles(u[:, :, 0], u[:, :, 1]).reshape(n, 128).astype(np.uint8)
     parts = [_f16_bytes(d), _f16_bytes(dmin), _k_scales(sc.astype(np.uint8), m.astype(np.uint8))]
@@ -130,10 +121,12 @@ def pack_blocks(q: QuantizedWeight, type_name: str) -> np.ndarray:
     width = BLOCK_WIDTH[type_name]
     n = rows * cols // width
     codes = q.codes.numpy().reshape(n, width)
-    scales = q.scales.numpy().reshape(n, -1)
-    zeros = None if q.zeros is None else q.zeros.numpy().astype(np.float32).reshape(n, -1)
     if width == 32:
-        packed = _pack_legacy(type_name, codes, scales[:, 0], None if zeros is None else zeros[:, 0])
+        scales = q.scales.numpy().reshape(n)
+        zeros = None if q.zeros is None else q.zeros.numpy().astype(np.float32).reshape(n)
+        packed = _pack_legacy(type_name, codes, scales, zeros)
     else:
-        packed = _pack_k(type_name, codes, scales, zeros)
+        (d, sc), offsets = q.k_factors
+        dmin, m = (None, None) if offsets is None else (offsets.d.numpy().reshape(n), offsets.ints.numpy().reshape(n, -1))
+        packed = _pack_k(type_name, codes, d.numpy().reshape(n), sc.numpy().reshape(n, -1), dmin, m)
     return np.ascontiguousarray(packed).reshape(rows, -1)

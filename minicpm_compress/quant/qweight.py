@@ -15,7 +15,8 @@ K-quant grids (`super_block: 256`, GGUF Q2_K / Q3_K / Q4_K / Q5_K / Q6_K) quanti
 super-block of 256 columns, every group's scale is d · sc with one float16 d and an integer sc of
 `scale_bits` bits (and every float offset is −dmin · m likewise), so scales are exact float32 products,
 not float16 values. The largest sc (and m) of a super-block is always the top of its range, which makes
-d = max(scale) / top: the packer recovers d and every sc from the scales alone. A weight whose width is
+d = max(scale) / top exactly. A weight holds (and its file stores) them as the GGUF block does: d and the
+integers (`KFactors`), not the float32 products. A weight whose width is
 not a multiple of 256 takes a fallback type instead (K_FALLBACK: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, as
 llama.cpp does; Q2_K / Q3_K → Q4_0).
 Schemes can be named by the GGUF type whose layout they are: `layout: Q4_K` (see GGUF_GRIDS).
@@ -27,17 +28,18 @@ import json
 import math
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError, safe_open
 
 from .. import atomic
-from ..errors import CompressError
+from ..errors import CompressError, SettingError
 
 MIN_SCALE = 1e-5
-FILE_FORMAT = "minicpm-compress-qweights/2"  # /2: 4-bit codes packed two per byte
+FILE_FORMAT = "minicpm-compress-qweights/3"  # /2: 4-bit codes packed two per byte; /3: K-grid scales as integers
+OLDER_FORMAT = "minicpm-compress-qweights/2"  # still read when it holds no K-grid weight
 
 
 # GGUF types whose blocks hold our codes and scales exactly: the scheme each one is
@@ -99,7 +101,7 @@ class QuantScheme(BaseModel):
         if self.super_block is not None and self.layout is None:
             raise ValueError(f"a K-quant grid must be one of {', '.join(K_FALLBACK)} (use layout: NAME)")
         if self.bits < 4 and self.super_block is None:
-            raise ValueError(f"bits: {self.bits} exists on a K-quant grid only (layout: Q{self.bits}_K)")
+            raise SettingError("bits", f"{self.bits}-bit codes exist on a K-quant grid only (layout: Q{self.bits}_K)")
         return self
 
     @property
@@ -145,27 +147,77 @@ class QuantScheme(BaseModel):
         return scheme.bits + groups * (16 + zero) / cols
 
 
+class KFactors(NamedTuple):
+    """Values on a K-quant grid as the file holds them: per super-block a float16 factor `d` [out, n_super]
+    and per group an integer [out, n_groups] (uint8), the value being d · int. Scales are held so (and float
+    offsets as −d · int): 0.6 bits per weight beyond the codes, against 2 as float32 products."""
+
+    d: torch.Tensor
+    ints: torch.Tensor
+
+    @classmethod
+    def of(cls, values: torch.Tensor, scheme: QuantScheme) -> "KFactors":
+        """Grid values [out, n_groups] (≥ 0; the largest integer of a super-block is the top of its range, so
+        d = max / top exactly) → their factors. Values off the grid are refused, not rounded."""
+        rows, per_super = values.shape[0], scheme.super_block // scheme.group_size
+        v = values.to(torch.float32).reshape(rows, -1, per_super)
+        d = v.amax(dim=2, keepdim=True) / k_top(scheme)
+        ints = torch.where(d > 0, torch.round(v / torch.where(d > 0, d, 1.0)), 0.0)
+        factors = cls(d.reshape(rows, -1).to(torch.float16), ints.reshape(rows, -1).to(torch.uint8))
+        if not torch.equal(factors.values(scheme), values.to(torch.float32)):
+            raise ValueError(f"scales are not on the {scheme.layout} grid (d · integer per super-block)")
+        return factors
+
+    def values(self, scheme: QuantScheme) -> torch.Tensor:
+        """d · int as float32 [out, n_groups] (exact: an 11-bit factor times an integer of ≤ 8 bits)."""
+        per_super = scheme.super_block // scheme.group_size
+        return self.d.to(torch.float32).repeat_interleave(per_super, dim=1) * self.ints.to(torch.float32)
+
+    def apply(self, fn) -> "KFactors":
+        return KFactors(fn(self.d), fn(self.ints))
+
+
 class QuantizedWeight:
     """One linear's quantized weight. Codes are held packed at their bit width (two int4 codes per byte,
-    low nibble first, each row padded to whole bytes); `codes` unpacks them on demand."""
+    low nibble first, each row padded to whole bytes); `codes` unpacks them on demand. Scales are held as
+    float16 (exact by construction), a K-quant grid's scales and offsets as their `KFactors`."""
 
-    __slots__ = ("packed", "cols", "_scales", "zeros", "scheme")
+    __slots__ = ("packed", "cols", "_scales", "_zeros", "scheme")
 
-    def __init__(self, codes: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor | None,
+    def __init__(self, codes: torch.Tensor | None, scales: torch.Tensor | KFactors, zeros: torch.Tensor | KFactors | None,
                  scheme: QuantScheme, *, packed: torch.Tensor | None = None, cols: int | None = None):
         if packed is None:
             packed, cols = pack_codes(codes, scheme), codes.shape[1]
         self.packed = packed  # uint8 [out, ceil(cols · bits / 8)]; the int8/uint8 codes themselves for 8 bits
         self.cols = int(cols)
-        # float16-exact by construction (held at half the size), except a K-quant grid's d · sc products
-        self._scales = scales.to(torch.float32 if scheme.super_block else torch.float16)
-        self.zeros = zeros  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
         self.scheme = scheme
+        if scheme.super_block:
+            self._scales = scales if isinstance(scales, KFactors) else KFactors.of(scales, scheme)
+            self._zeros = zeros if zeros is None or isinstance(zeros, KFactors) else KFactors.of(-zeros, scheme)
+        else:
+            self._scales = scales.to(torch.float16)
+            self._zeros = zeros  # [out, n_groups]: uint8 (int zero points) or float32 offsets; None if symmetric
 
     @property
     def scales(self) -> torch.Tensor:
-        """[out, n_groups] float32 (exactly representable in float16)."""
+        """[out, n_groups] float32 (float16-exact, or d · int on a K-quant grid)."""
+        if self.scheme.super_block:
+            return self._scales.values(self.scheme)
         return self._scales.to(torch.float32)
+
+    @property
+    def zeros(self) -> torch.Tensor | None:
+        """[out, n_groups]: uint8 zero points or float32 offsets; None if symmetric."""
+        if self.scheme.super_block and self._zeros is not None:
+            return -self._zeros.values(self.scheme)
+        return self._zeros
+
+    @property
+    def k_factors(self) -> tuple[KFactors, KFactors | None]:
+        """A K-quant grid's scales and (negated) offsets as the file holds them."""
+        if not self.scheme.super_block:
+            raise ValueError(f"{self.scheme.describe()} is not a K-quant grid")
+        return self._scales, self._zeros
 
     @property
     def codes(self) -> torch.Tensor:
@@ -180,20 +232,30 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return (self.packed.shape[0], self.cols)
 
+    def _with(self, scales_fn, zeros_fn, packed: torch.Tensor) -> "QuantizedWeight":
+        zeros = None if self._zeros is None else zeros_fn(self._zeros)
+        return QuantizedWeight(None, scales_fn(self._scales), zeros, self.scheme, packed=packed, cols=self.cols)
+
     def to(self, device) -> "QuantizedWeight":
-        zeros = None if self.zeros is None else self.zeros.to(device)
-        return QuantizedWeight(None, self.scales.to(device), zeros, self.scheme, packed=self.packed.to(device),
-                               cols=self.cols)
+        move = (lambda f: f.apply(lambda t: t.to(device))) if self.scheme.super_block else (lambda t: t.to(device))
+        return self._with(move, move, self.packed.to(device))
 
     def scaled(self, factor: float) -> "QuantizedWeight":
         """The same codes standing for the weight × `factor` (a power of two keeps the scales exact)."""
-        zeros = self.zeros * factor if self.scheme.zero_point == "float" and self.zeros is not None else self.zeros
-        return QuantizedWeight(None, self.scales * factor, zeros, self.scheme, packed=self.packed, cols=self.cols)
+        if self.scheme.super_block:
+            def times(f: KFactors) -> KFactors:
+                d = f.d.to(torch.float32) * factor
+                if not torch.equal(d.to(torch.float16).to(torch.float32), d):
+                    raise ValueError(f"× {factor} takes {self.scheme.layout} factors out of float16")
+                return KFactors(d.to(torch.float16), f.ints)
+            return self._with(times, times, self.packed)
+        zeros = (lambda z: z * factor) if self.scheme.zero_point == "float" else (lambda z: z)
+        return self._with(lambda s: s * factor, zeros, self.packed)
 
     def rows(self, index: torch.Tensor) -> "QuantizedWeight":
         """The same weight with its output rows reordered or selected by `index`."""
-        return QuantizedWeight(None, self.scales[index], None if self.zeros is None else self.zeros[index],
-                               self.scheme, packed=self.packed[index], cols=self.cols)
+        pick = (lambda f: f.apply(lambda t: t[index])) if self.scheme.super_block else (lambda t: t[index])
+        return self._with(pick, pick, self.packed[index])
 
     def dequantize(self) -> torch.Tensor:
         codes = self.codes.to(torch.float32)
@@ -308,7 +370,7 @@ def k_grid(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: QuantScheme
     """Scales [out, n_groups] (≥ 0) and float offsets (≤ 0) moved onto the scheme's K-quant grid: per
     super-block, d · sc with d float16 and sc an integer in [0, top], the largest sc equal to top (so d is
     max / top, exactly). Idempotent: scales already on the grid come back unchanged."""
-    top = 2 ** (scheme.scale_bits - (1 if scheme.symmetric else 0)) - 1  # Q6_K: int8 scales; Q4_K/Q5_K: 6 bits
+    top = k_top(scheme)
     per_super = scheme.super_block // scheme.group_size
 
     def snap(v: torch.Tensor) -> torch.Tensor:
@@ -321,6 +383,12 @@ def k_grid(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: QuantScheme
         return (d * torch.where(d > 0, ints, 0.0)).reshape(rows, -1)
 
     return snap(scales), (None if zeros is None else -snap(-zeros))
+
+
+def k_top(scheme: QuantScheme) -> int:
+    """The largest scale integer of a K-quant grid: Q6_K's are int8 and Q3_K's 6-bit signed (we use their
+    non-negative half), Q4_K / Q5_K's 6-bit and Q2_K's 4-bit unsigned."""
+    return 2 ** (scheme.scale_bits - (1 if scheme.symmetric else 0)) - 1
 
 
 def code_range(scheme: QuantScheme) -> tuple[int, int]:
@@ -395,9 +463,10 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
 
 
 def save_qweights(qweights: "dict[str, QuantizedWeight] | StoredQWeights", path: Path) -> None:
-    """One safetensors file: `<name>.codes` (packed), `.scales` (float16), `.zeros`; schemes and widths in
-    the header metadata. Weights read unchanged from a file are that file, copied as it is (no codes in
-    memory)."""
+    """One safetensors file: `<name>.codes` (packed), `.scales` (float16), `.zeros`; a K-quant grid's scales
+    as their integers (`.scales`, uint8) and factors (`.scale_d`, float16), its offsets likewise (`.zeros`,
+    `.zero_d`); schemes and widths in the header metadata. Weights read unchanged from a file are that file,
+    copied as it is (no codes in memory)."""
     if isinstance(qweights, StoredQWeights) and qweights.unchanged:
         atomic.copy_file(qweights.path, path)
         return
@@ -405,16 +474,27 @@ def save_qweights(qweights: "dict[str, QuantizedWeight] | StoredQWeights", path:
     for name in sorted(qweights):
         q = qweights[name]
         tensors[f"{name}.codes"] = q.packed.contiguous()
-        scale_dtype = torch.float32 if q.scheme.super_block else torch.float16  # float16-exact, or d · sc products
-        tensors[f"{name}.scales"] = q.scales.to(scale_dtype).contiguous()
-        if q.zeros is not None:
-            zeros = q.zeros if q.zeros.dtype == torch.uint8 else q.zeros.to(scale_dtype)
-            tensors[f"{name}.zeros"] = zeros.contiguous()
+        if q.scheme.super_block:
+            for part, factors in zip(("scale", "zero"), q.k_factors):
+                if factors is not None:
+                    tensors[f"{name}.{part}s"], tensors[f"{name}.{part}_d"] = factors.ints.contiguous(), factors.d.contiguous()
+        else:
+            tensors[f"{name}.scales"] = q.scales.to(torch.float16).contiguous()
+            if q.zeros is not None:
+                tensors[f"{name}.zeros"] = (q.zeros if q.zeros.dtype == torch.uint8 else q.zeros.to(torch.float16)).contiguous()
         schemes[name] = {**q.scheme.model_dump(), "cols": q.cols}
     # One metadata key: safetensors writes its metadata map in no fixed order, and artifacts must be
     # byte-identical from run to run.
     header = json.dumps({"format": FILE_FORMAT, "schemes": schemes}, sort_keys=True)
     atomic.save_safetensors(tensors, path, {"minicpm_compress": header})
+
+
+def _stored_parts(scheme: dict) -> tuple[str, ...]:
+    """The tensors a weight of `scheme` has in a file of FILE_FORMAT."""
+    parts = ("codes", "scales") + (() if scheme.get("symmetric") else ("zeros",))
+    if scheme.get("super_block"):
+        parts += ("scale_d",) + (() if scheme.get("symmetric") else ("zero_d",))
+    return parts
 
 
 class StoredQWeights(MutableMapping):
@@ -438,16 +518,21 @@ class StoredQWeights(MutableMapping):
             raise KeyError(name)
         scheme = dict(self.schemes[name])
         cols = scheme.pop("cols")
+        scheme = QuantScheme(**scheme)
         try:
             with safe_open(str(self.path), "pt") as f:
-                names = set(f.keys())
-                zeros = f.get_tensor(f"{name}.zeros") if f"{name}.zeros" in names else None
-                scales, packed = f.get_tensor(f"{name}.scales").float(), f.get_tensor(f"{name}.codes")
+                parts = {p: f.get_tensor(f"{name}.{p}") for p in _stored_parts(scheme.model_dump())}
         except (SafetensorError, OSError) as e:
             raise CompressError(f"{self.path}: unreadable quantized-weights file ({e})") from None
-        if zeros is not None and zeros.dtype != torch.uint8:
-            zeros = zeros.float()  # float offsets, stored as float16 (exact) or float32 (K-quant grids)
-        return QuantizedWeight(None, scales, zeros, QuantScheme(**scheme), packed=packed, cols=cols)
+        scales, zeros = parts["scales"], parts.get("zeros")
+        if scheme.super_block:
+            scales = KFactors(parts["scale_d"], scales)
+            zeros = None if zeros is None else KFactors(parts["zero_d"], zeros)
+        else:
+            scales = scales.float()
+            if zeros is not None and zeros.dtype != torch.uint8:
+                zeros = zeros.float()  # float offsets, stored as float16 (exact)
+        return QuantizedWeight(None, scales, zeros, scheme, packed=parts["codes"], cols=cols)
 
     def __setitem__(self, name: str, q: QuantizedWeight) -> None:
         self.held[name] = q
@@ -479,10 +564,12 @@ def load_qweights(path: Path) -> StoredQWeights:
             names = set(f.keys())
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise CompressError(f"{path}: unreadable quantized-weights file ({e})") from None
-    if meta.get("format") != FILE_FORMAT:
-        raise CompressError(f"{path}: not a {FILE_FORMAT} file (format '{meta.get('format')}')")
+    fmt = meta.get("format")
+    older_same = fmt == OLDER_FORMAT and not any(s.get("super_block") for s in meta.get("schemes", {}).values())
+    if fmt != FILE_FORMAT and not older_same:  # /2 differs from /3 only in K-grid weights
+        raise CompressError(f"{path}: not a {FILE_FORMAT} file (format '{fmt}'); rerun the stage that wrote it")
     for name, scheme in meta["schemes"].items():
-        for part in ("codes", "scales") + (() if scheme.get("symmetric") else ("zeros",)):
+        for part in _stored_parts(scheme):
             if f"{name}.{part}" not in names:
                 raise CompressError(f"{path}: missing tensor '{name}.{part}'")
         try:

@@ -5,7 +5,8 @@ import torch
 from pydantic import ValidationError
 
 from minicpm_compress.quant.qweight import (
-    GGUF_GRIDS, QuantScheme, encode, fake_quantize, k_grid, load_qweights, per_column, quantize, save_qweights,
+    GGUF_GRIDS, KFactors, QuantizedWeight, QuantScheme, encode, fake_quantize, k_grid, load_qweights, per_column,
+    quantize, save_qweights,
 )
 
 from ..conftest import WIDE
@@ -44,7 +45,7 @@ def test_grid_names_expand_to_their_settings_and_conflicts_are_refused():
         QuantScheme(bits=4, group_size=32, super_block=256)
     with pytest.raises(ValidationError, match="must be one of Q4_K, Q5_K, Q6_K, Q3_K, Q2_K"):
         QuantScheme(bits=4, group_size=64, zero_point="float", super_block=256, scale_bits=6)
-    with pytest.raises(ValidationError, match=r"bits: 3 exists on a K-quant grid only \(layout: Q3_K\)"):
+    with pytest.raises(ValidationError, match=r"3-bit codes exist on a K-quant grid only \(layout: Q3_K\)"):
         QuantScheme(bits=3, group_size=32)
 
 
@@ -108,6 +109,71 @@ def test_errors_follow_the_bits(weight):
     assert err("Q6_K") < err("Q5_K") < err("Q4_K") < err("Q4_0") < err("Q3_K") < err("Q2_K")
     assert err("Q4_K") < 1.05 * err("Q4_1")  # the 6-bit scale grid costs almost nothing at 0.5 bit less
     assert err("Q5_K") < 1.05 * err("Q5_1") and err("Q5_1") < err("Q5_0")
+
+
+@pytest.mark.parametrize("grid", K_GRIDS)
+def test_k_grid_scales_are_held_and_stored_as_their_factors_and_integers(tmp_path, weight, grid):
+    from safetensors import safe_open
+
+    scheme = QuantScheme(layout=grid)
+    q = quantize(weight, scheme)
+    groups, supers = 768 // scheme.group_size, 768 // 256
+    held = [f for f in q.k_factors if f is not None]
+    assert len(held) == (1 if scheme.symmetric else 2)
+    for f in held:  # a byte per group and a float16 per super-block: no float32 scales in memory
+        assert f.ints.dtype == torch.uint8 and f.ints.shape == (24, groups)
+        assert f.d.dtype == torch.float16 and f.d.shape == (24, supers)
+    assert torch.equal(held[0].values(scheme), q.scales)
+    save_qweights({"x": q}, tmp_path / "q.safetensors")
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert stored["x.scales"].dtype == torch.uint8 and stored["x.scale_d"].dtype == torch.float16
+    assert sum(t.numel() * t.element_size() for k, t in stored.items() if k != "x.codes") == sum(
+        f.ints.numel() + f.d.numel() * 2 for f in held)
+    back = load_qweights(tmp_path / "q.safetensors")["x"]
+    assert torch.equal(back.scales, q.scales) and (q.zeros is None or torch.equal(back.zeros, q.zeros))
+    # row selection, device moves and power-of-two scaling keep the factors
+    index = torch.tensor([3, 0, 7])
+    assert torch.equal(q.rows(index).dequantize(), q.dequantize()[index])
+    assert torch.equal(q.scaled(4.0).dequantize(), q.dequantize() * 4)
+    with pytest.raises(ValueError, match="out of float16"):  # subnormal factors would lose bits
+        q.scaled(2.0**-20)
+    assert torch.equal(q.to("cpu").dequantize(), q.dequantize())
+
+
+def test_scales_off_a_k_grid_are_refused_not_rounded(weight):
+    scheme = QuantScheme(layout="Q4_K")
+    q = quantize(weight, scheme)
+    off = q.scales.clone()
+    off[0, 1] *= 1.001
+    with pytest.raises(ValueError, match="not on the Q4_K grid"):
+        QuantizedWeight(q.codes, off, q.zeros, scheme)
+    assert isinstance(QuantizedWeight(q.codes, q.scales, q.zeros, scheme).k_factors[0], KFactors)
+
+
+def test_an_older_file_is_read_unless_it_holds_k_grid_weights(tmp_path, weight):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from minicpm_compress.errors import CompressError
+
+    def as_older(qweights, path):
+        save_qweights(qweights, path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata()["minicpm_compress"]
+        meta = json.loads(header)
+        meta["format"] = "minicpm-compress-qweights/2"
+        save_file(load_file(str(path)), str(path), metadata={"minicpm_compress": json.dumps(meta)})
+
+    legacy = quantize(weight, QuantScheme(layout="Q4_1"))
+    as_older({"x": legacy}, tmp_path / "plain.safetensors")
+    assert torch.equal(load_qweights(tmp_path / "plain.safetensors")["x"].dequantize(), legacy.dequantize())
+    as_older({"x": quantize(weight, QuantScheme(layout="Q4_K"))}, tmp_path / "k.safetensors")
+    with pytest.raises(CompressError, match="k.safetensors: not a minicpm-compress-qweights/3 file .*rerun"):
+        load_qweights(tmp_path / "k.safetensors")
 
 
 def test_two_three_five_and_six_bit_codes_are_packed_and_round_trip(tmp_path, weight):

@@ -136,7 +136,7 @@ def test_output_folder_of_an_older_version_is_refused(tmp_path, quantized):
     path = quantized / "quantized.safetensors"
     with safe_open(str(path), "pt") as f:
         header = f.metadata()["minicpm_compress"]
-    header = header.replace(FILE_FORMAT, FILE_FORMAT.replace("/2", "/1"))  # codes one per byte in /1
+    header = header.replace(FILE_FORMAT, "minicpm-compress-qweights/1")  # codes one per byte in /1
     save_file(load_file(str(path)), str(path), metadata={"minicpm_compress": header})
     manifest = json.loads((quantized / "manifest.json").read_text())
     for artifact in manifest["artifacts"]:  # a consistent old folder: its manifest matches its files
