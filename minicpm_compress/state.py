@@ -54,6 +54,12 @@ class Weights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.overrides[name].shape) if name in self.overrides else self.base.shape(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `get(name, dtype=None)` returns: the checkpoint's for an untouched tensor, else float32."""
+        if name in self.overrides:
+            return self.overrides[name].dtype
+        return torch.float32 if self.ops.get(name) else self.base.dtype(name)
+
     def get(self, name: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> torch.Tensor:
         """The tensor as the model computes with it: source or override, then its ops, in `dtype` (None:
         as stored, when no op applies)."""

@@ -48,6 +48,9 @@ NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4
 # types made by llama.cpp's quantizer (llama_model_quantize), by their llama_ftype constant's suffix
 LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "IQ4_NL")
 K_TYPES = tuple(K_FALLBACK)
+# file type "stored": matrices in the dtype they are held in when GGUF has it (the intermediate file handed to
+# llama.cpp's quantizer: half the size of an F32 one for a bf16 checkpoint, and the same values)
+STORED_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16"}
 # pre-tokenizer settings of byte-level BPE tokenizers → llama.cpp's `tokenizer.ggml.pre`
 KNOWN_PRE_TOKENIZERS = {
     json.dumps({"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": True},
@@ -143,7 +146,7 @@ def _gguf_bytes(shape: tuple[int, ...], type_name: str) -> int:
     numel = torch.Size(shape).numel()
     if type_name == "F32":
         return numel * 4
-    if type_name == "F16":
+    if type_name in ("F16", "BF16"):
         return numel * 2
     block, size = gguf.GGML_QUANT_SIZES[_ggml_type(type_name)]
     return numel // block * size
@@ -258,7 +261,7 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
     writer.add_value_length(head_dim)
     writer.add_vocab_size(c.vocab_size)
     ftype = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
-             "auto": "GUESSED"}.get(file_type, f"MOSTLY_{file_type}")
+             "auto": "GUESSED", "stored": "GUESSED"}.get(file_type, f"MOSTLY_{file_type}")
     writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch == "minicpm":
@@ -268,7 +271,7 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
         writer.add_logit_scale(divisor)
     _tokenizer_metadata(writer, state.tokenizer, state.source.checkpoint, c.vocab_size, tokenizer_pre)
 
-    quantized_type = file_type not in ("F32", "F16")
+    quantized_type = file_type not in ("F32", "F16", "stored")
     plan = []  # (key, GGUF name, how, target type, shape)
     extra = longrope_factors(c, rope, head_dim, arch)
     if extra:
@@ -301,9 +304,11 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
             continue
         is_linear = linear in state.qweights or key.endswith("_proj.weight")
         target = own if is_linear or not quantized_type else "Q8_0"  # embeddings: Q8_0 in quantized files
-        if target not in ("F32", "F16") and shape[1] % 32:
+        if target not in ("F32", "F16", "stored") and shape[1] % 32:
             raise CompressError(f"gguf: '{key}' has {shape[1]} input columns, not a multiple of the 32-wide "
                                 f"{target} blocks; export as F16")
+        if target == "stored":  # the matrix as it is held, bf16 and f16 exactly, anything else as F32
+            target = STORED_TYPES.get(state.weights.dtype(key), "F32")
         plan.append((key, gguf_name, ("requantized" if quantized_type else "float") if is_linear else "convert",
                      target, shape))
 
@@ -311,6 +316,9 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
         if target in ("F32", "F16"):
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if target == "F32" else np.float16),
                                    _gguf_bytes(shape, target))
+        elif target == "BF16":  # numpy has no bfloat16: the raw 16 bits
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.int16), _gguf_bytes(shape, target),
+                                   raw_dtype=_ggml_type(target))
         else:
             nbytes = _gguf_bytes(shape, target)
             writer.add_tensor_info(gguf_name, (shape[0], nbytes // shape[0]), np.dtype(np.uint8), nbytes,
@@ -325,6 +333,10 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
         if how == "lossless":
             q = chosen[key] if key in chosen else state.qweights[key.removesuffix(".weight")]
             return pack_blocks(q.rows(index) if heads else q, target)
+        if STORED_TYPES.get(state.weights.dtype(key)) == target:  # 16 bits as held: no float32 copy
+            data = state.weights.get(key, dtype=None)
+            data = data[index] if heads else data
+            return (data.view(torch.int16) if target == "BF16" else data).numpy()
         data = state.tensor(key)
         array = (data[index] if heads else data).numpy()
         if target == "F32":
@@ -485,8 +497,8 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
                 f"{name}×{weight:g}" for name, weight in data.calibration_sources()), data.sequence_length)
             artifacts.append(artifact_entry(ctx.out_dir, ctx.out_dir / "imatrix.gguf",
                                             "llama.cpp importance matrix (llama-quantize --imatrix)", 32))
-        base = ctx.out_dir / f".{path.name}.f32"
-        paths = write_gguf(state, base, "F32", config.tokenizer_pre)
+        base = ctx.out_dir / f".{path.name}.source"
+        paths = write_gguf(state, base, "stored", config.tokenizer_pre)
         llama_cpp_quantize(base, path, config.type, imatrix)
         base.unlink()
         paths = {"llama.cpp quantizer": paths["float"]}

@@ -227,7 +227,7 @@ TABLE_CLIP_GRID, TABLE_MAX_SHRINK = 20, 0.5
 
 
 def table_blocks(table: torch.Tensor, bits: int, block_size: int, rows_per_chunk: int = 8192) -> QuantizedWeight:
-    """A token table (or untied head) [vocab, hidden] as `bits` blocks of `block_size`: int8 symmetric,
+    """A token table (or untied head) [vocab, hidden], in any float dtype, as `bits` blocks of `block_size`: int8 symmetric,
     int4 with integer zero points (half the squared error of symmetric int4 blocks on the built-in tables,
     for 4 more bits per block). Each block's range is clipped where that lowers its squared rounding error
     (the project's clip search with an identity Gram: a table's rows are looked up, not multiplied by
@@ -237,9 +237,13 @@ def table_blocks(table: torch.Tensor, bits: int, block_size: int, rows_per_chunk
 
     scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=bits == 8)
     eye = torch.eye(table.shape[1])
-    clip = torch.cat([search_clip(table[i : i + rows_per_chunk], eye, scheme, TABLE_CLIP_GRID, TABLE_MAX_SHRINK)
-                      for i in range(0, table.shape[0], rows_per_chunk)])
-    return quantize(table, scheme, clip=clip)
+    parts = []
+    for i in range(0, table.shape[0], rows_per_chunk):  # a chunk at a time: quantizing makes float copies
+        chunk = table[i : i + rows_per_chunk].float()
+        parts.append(quantize(chunk, scheme, clip=search_clip(chunk, eye, scheme, TABLE_CLIP_GRID, TABLE_MAX_SHRINK)))
+    zeros = None if scheme.symmetric else torch.cat([q.zeros for q in parts])
+    return QuantizedWeight(None, torch.cat([q.scales for q in parts]), zeros, parts[0].scheme,
+                           packed=torch.cat([q.packed for q in parts]), cols=table.shape[1])
 
 
 def table_arrays(q: QuantizedWeight, block_size: int) -> dict[str, np.ndarray]:
@@ -270,7 +274,7 @@ def _quantize_embeddings(graph, data: _ExternalData, state, bits: int, block_siz
             raise CompressError(f"onnx: '{key}' has uses other than a lookup and the output head in the traced graph")
         parameter = key.removeprefix("model.")
         source = state.head_name() if parameter == "lm_head.weight" else parameter
-        q = table_blocks(state.tensor(source), bits, block_size)
+        q = table_blocks(state.weights.get(source, dtype=None), bits, block_size)
         rows, cols = q.shape
         arrays = table_arrays(q, block_size)
         if not gathers:  # an untied head: MatMulNBits only

@@ -141,14 +141,17 @@ def _embedding_and_head(g: _Graph, state, ids, embedding_bits: int | None):
             return rows, lambda x: g.op("FusedMatMul", [x, table], "/lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1,
                                         alpha=1.0)
         return rows, lambda x: g.linear(x, "lm_head", None, state.tensor(state.head_name()))
-    q = table_blocks(state.tensor(table_name), embedding_bits, g.block_size)
+    q = table_blocks(state.weights.get(table_name, dtype=None), embedding_bits, g.block_size)
     table = {part: g.weight(f"{table_name}.{part}", array) for part, array in table_arrays(q, g.block_size).items()}
     rows = block_lookup(g, "/model/embed_tokens", table, ids, q.shape, embedding_bits, g.block_size)
     if state.tied:
         head = {p: table[p] for p in ("B", "scales", "zero_points") if p in table}
         return rows, lambda x: g.nbits(x, "lm_head", head, *q.shape, embedding_bits)
-    return rows, lambda x: g.linear(x, "lm_head", table_blocks(state.tensor(state.head_name()), embedding_bits,
-                                                               g.block_size))
+
+    def untied_head(x):  # read when the graph reaches it, not held while the layers are written
+        return g.linear(x, "lm_head", table_blocks(state.weights.get(state.head_name(), dtype=None), embedding_bits,
+                                                   g.block_size))
+    return rows, untied_head
 
 
 def _attention_lengths(g: _Graph, mask):

@@ -259,3 +259,29 @@ def test_qwen_files_compute_in_llama_cpp_like_in_torch(model_type, tmp_path, tok
         changed = model(ids).logits
     assert (ours - theirs).abs().max().item() < 2e-2
     assert (changed - theirs).abs().max().item() > 0.1
+
+
+def test_llama_cpp_quantizer_reads_matrices_as_held_and_makes_the_same_file(tmp_path, tokenizer):
+    """The file handed to llama.cpp's quantizer holds bf16 matrices as bf16 (half an F32 file: 16 GB instead
+    of 32 for an 8B model) and changed ones as F32; llama.cpp's Q4_K_M from it is byte for byte the one it
+    makes from an all-F32 file."""
+    from minicpm_compress.export.gguf import llama_cpp_quantize
+
+    model = tiny_model("minicpm", tie_word_embeddings=False).to(torch.bfloat16)
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    changed = "model.layers.1.mlp.down_proj.weight"
+    state.weights.set(changed, state.weights.get(changed) * 1.5)
+    write_gguf(state, tmp_path / "stored.gguf", "stored")
+    write_gguf(state, tmp_path / "f32.gguf", "F32")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "stored.gguf")).tensors}
+    assert types["blk.1.ffn_down.weight"] == "F32" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == "BF16"
+    assert sum(t == "BF16" for t in types.values()) == 2 * 7 + 2 - 1  # linears, embedding, head
+    for name in ("stored", "f32"):
+        llama_cpp_quantize(tmp_path / f"{name}.gguf", tmp_path / f"{name}-q4_k_m.gguf", "Q4_K_M")
+    made = (tmp_path / "stored-q4_k_m.gguf").read_bytes()
+    assert made == (tmp_path / "f32-q4_k_m.gguf").read_bytes()
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "stored.gguf")).tensors}
+    assert np.array_equal(tensors["blk.1.ffn_down.weight"].data, state.weights.get(changed).numpy())
+    assert np.array_equal(tensors["blk.0.ffn_up.weight"].data.view(np.int16),
+                          model.get_parameter("model.layers.0.mlp.up_proj.weight").detach().view(torch.int16).numpy())

@@ -213,6 +213,13 @@ def test_table_blocks_clip_where_it_helps_and_int4_blocks_carry_zero_points():
         plain = quantize(table, q.scheme)
         assert error(q) <= error(plain)
         assert bits == 8 or error(q) < 0.9 * error(quantize(table, QuantScheme(bits=4, group_size=32, symmetric=True)))
+        whole = table_blocks(table, bits, 32, rows_per_chunk=1000)  # chunks are only a memory bound
+        for part in ("packed", "scales", "zeros"):
+            assert (getattr(q, part) is None and getattr(whole, part) is None) or torch.equal(getattr(q, part),
+                                                                                                getattr(whole, part))
+    half = table.to(torch.bfloat16)  # a bf16 table is read as such, each chunk widened exactly
+    assert torch.equal(table_blocks(half, 4, 32, rows_per_chunk=128).dequantize(),
+                       table_blocks(half.float(), 4, 32, rows_per_chunk=300).dequantize())
 
 
 def test_auto_accuracy_level_times_both_levels_and_keeps_the_chosen_one(tmp_path, tiny_checkpoint):
