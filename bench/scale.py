@@ -169,7 +169,7 @@ def run_8b(args) -> dict:
         "export gguf Q4_0 (codes copied)": cli("export", "gguf", "--model", out / "rtn", "--type", "Q4_0", *common,
                                                "--out", out / "gguf-q4_0"),
         "export gguf Q4_K_M (llama.cpp quantizer)": cli("export", "gguf", "--model", out / "rtn", "--type", "Q4_K_M",
-                                                        *common, "--out", out / "gguf-q4_k_m"),
+                                                        "--no-imatrix", *common, "--out", out / "gguf-q4_k_m"),
         "export onnx int4": cli("export", "onnx", "--model", out / "rtn", "--bits", 4, *common, "--out", out / "onnx"),
         "export coreml int4, chunks 16": cli("export", "coreml", "--model", out / "rtn", "--bits", 4, "--chunks", 16,
                                              "--context", 512, *common, "--out", out / "coreml"),

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from minicpm_compress.evaluate import metrics
@@ -26,7 +27,9 @@ def _direct(ref_model, model, windows):
     return ppl, ref_ppl, kld, top1
 
 
-def test_metrics_equal_a_direct_computation():
+@pytest.mark.parametrize("rows", [64, 5])  # 5: each batch's 46 positions compared in uneven chunks
+def test_metrics_equal_a_direct_computation(monkeypatch, rows):
+    monkeypatch.setattr(metrics, "COMPARE_ROWS", rows)
     ref_model, other = tiny_model("minicpm", seed=0), tiny_model("minicpm", seed=1)
     windows = _windows()
     m = compare(metrics.TorchRunner(other), windows, reference_stats(ref_model, windows, batch_size=2), batch_size=2)
