@@ -227,11 +227,11 @@ TABLE_CLIP_GRID, TABLE_MAX_SHRINK = 20, 0.5
 
 
 def table_blocks(table: torch.Tensor, bits: int, block_size: int, rows_per_chunk: int = 8192) -> QuantizedWeight:
-    """A token table (or untied head) [vocab, hidden], in any float dtype, as `bits` blocks of `block_size`: int8 symmetric,
-    int4 with integer zero points (half the squared error of symmetric int4 blocks on the built-in tables,
-    for 4 more bits per block). Each block's range is clipped where that lowers its squared rounding error
-    (the project's clip search with an identity Gram: a table's rows are looked up, not multiplied by
-    known activations)."""
+    """A token table (or untied head) [vocab, hidden], in any float dtype, as `bits` blocks of `block_size`:
+    int8 symmetric, int4 with integer zero points (half the squared error of symmetric int4 blocks on the
+    built-in tables, for 4 more bits per block). Each block's range is clipped where that lowers its squared
+    rounding error (the project's clip search with an identity Gram: a table's rows are looked up, not
+    multiplied by known activations). Quantized `rows_per_chunk` rows at a time."""
     from ..quant.awq import search_clip
     from ..quant.qweight import quantize
 
