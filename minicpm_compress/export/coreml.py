@@ -40,6 +40,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -342,20 +343,29 @@ def read_program(path: Path):
     return load(spec, spec.specificationVersion, file_weights_dir=mlmodel.weights_dir)
 
 
-def read_back_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Every blockwise constant in the package dequantized in float32 (by op name), and the op counts."""
-    prog = read_program(path)
-    weights, ops = {}, {}
+def op_counts(prog) -> dict[str, int]:
+    ops = {}
     for op in prog.functions["main"].operations:
         ops[op.op_type] = ops.get(op.op_type, 0) + 1
+    return ops
+
+
+def read_back_constants(prog) -> Iterator[tuple[str, torch.Tensor]]:
+    """(op name, the constant dequantized in float32) for every blockwise constant of a program, one at a time."""
+    for op in prog.functions["main"].operations:
         if op.op_type == QUANTIZED_OP:
             data = op.data.val.astype(np.float32)
             scale = op.scale.val.astype(np.float32)
             offset = op.offset.val.astype(np.float32) if op.offset is not None else np.zeros_like(scale)
             blocks = [d // s for d, s in zip(data.shape, scale.shape)]
             expand = lambda t: np.repeat(np.repeat(t, blocks[0], 0), blocks[1], 1)  # noqa: E731
-            weights[op.name] = torch.from_numpy(expand(scale) * (data - expand(offset)))
-    return weights, ops
+            yield op.name, torch.from_numpy(expand(scale) * (data - expand(offset)))
+
+
+def read_back_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every blockwise constant in the package dequantized in float32 (by op name), and the op counts."""
+    prog = read_program(path)
+    return dict(read_back_constants(prog)), op_counts(prog)
 
 
 def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:

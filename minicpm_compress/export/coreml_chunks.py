@@ -28,7 +28,7 @@ from ..models.architectures import layer_prefix
 from ..quant.qweight import QuantScheme, quantize
 from .coreml import (
     QUANTIZED_OP, _coremltools, _head_dim, _StateSliceCache, causal_mask, constant_name, convert_program, fits_coreml,
-    module_peaks, quantize_constants, read_back_weights, save_package,
+    module_peaks, op_counts, quantize_constants, read_back_constants, read_program, save_package,
 )
 from .weights import export_weights
 
@@ -208,24 +208,26 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
 def read_back_chunks(folder, quantized: dict, embeddings: dict, tied: bool) -> tuple[dict, dict[str, int]]:
     """Check every package's quantized constants against our weights, one package at a time; return the
     float tensors read back for the embedding / head (state names) and the op counts over all packages."""
-    expected = {constant_name(name): (name, q) for name, q in {**quantized, **embeddings}.items()}
+    # names only: each of our weights is read (`quantized` may read them from the input folder) when compared
+    expected = {constant_name(name): name for name in [*quantized, *embeddings]}
     seen, tensors, ops = set(), {}, {}
     for package in sorted(folder.glob("*.mlpackage")):
         if package.name == "vision.mlpackage":
             continue
-        found, counts = read_back_weights(package)
-        for op, n in counts.items():
+        prog = read_program(package)
+        for op, n in op_counts(prog).items():
             ops[op] = ops.get(op, 0) + n
-        for constant, weight in found.items():
+        for constant, weight in read_back_constants(prog):  # one constant in float32 at a time
             if constant not in expected:
                 continue
-            name, q = expected[constant]
+            name = expected[constant]
+            q = embeddings[name] if name in embeddings else quantized[name]
             if not torch.equal(weight, q.dequantize()):
                 raise CompressError(f"coreml: weight of '{name}' read back from {package.name} differs from the one written")
             seen.add(name)
             if name == "model.embed_tokens" or (name == "lm_head" and not tied):
                 tensors[f"{name}.weight"] = weight
-        del found
+        del prog
     missing = sorted((set(quantized) | set(embeddings)) - seen)
     if missing:
         raise CompressError(f"coreml: no package in {folder.name} holds the quantized weight of '{missing[0]}'")

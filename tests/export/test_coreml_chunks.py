@@ -1,9 +1,12 @@
 """Core ML in chunks: the package wrappers chained equal the model, and the packages hold our codes."""
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 
 from minicpm_compress.errors import CompressError
+from minicpm_compress.export import coreml, coreml_chunks
 from minicpm_compress.export.coreml import CoreMLConfig, causal_mask
 from minicpm_compress.export.coreml_chunks import (
     EmbedChunk, HeadChunk, LayersChunk, layer_groups, read_back_chunks, streamed_peaks, with_tensors, write_chunks,
@@ -41,7 +44,7 @@ def test_chained_chunks_token_by_token_equal_the_model():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_packages_hold_our_codes_and_the_embedding_read_back(tokenizer, tmp_path):
+def test_packages_hold_our_codes_and_the_embedding_read_back(tokenizer, tmp_path, monkeypatch):
     state = _state(tokenizer, QuantScheme(bits=4, group_size=32, symmetric=True))
     samples = torch.randint(0, 1000, (2, 16))
     # the streamed range check finds what the whole-model one finds
@@ -62,3 +65,27 @@ def test_packages_hold_our_codes_and_the_embedding_read_back(tokenizer, tmp_path
     wrong = {**quantized, name: quantized[next(n for n in quantized if n != name and quantized[n].shape == quantized[name].shape)]}
     with pytest.raises(CompressError, match=f"weight of '{name}' read back from layers-0.mlpackage differs"):
         read_back_chunks(tmp_path, wrong, embeddings, state.tied)
+
+    # our weights are read as each package's constants are compared, not all at once before
+    events = []
+
+    class Recorded(Mapping):  # as the exporter's weights: a mapping that reads each weight when asked
+        def __getitem__(self, key):
+            events.append(key)
+            return quantized[key]
+
+        def __iter__(self):
+            return iter(quantized)
+
+        def __len__(self):
+            return len(quantized)
+
+    real_read = coreml.read_program
+    for module in (coreml, coreml_chunks):
+        monkeypatch.setattr(module, "read_program", lambda path: events.append(path.name) or real_read(path),
+                            raising=False)
+    read_back_chunks(tmp_path, Recorded(), embeddings, state.tied)
+    layer_1 = events.index("layers-1.mlpackage")
+    assert events[0] == "embed.mlpackage" and len(events) == 4 + 14
+    assert all(".layers.0." in e for e in events[events.index("layers-0.mlpackage") + 1 : layer_1])
+    assert all(".layers.1." in e for e in events[layer_1 + 1 :])
