@@ -19,6 +19,7 @@ weights the packages hold. The float16 range check walks the layers too.
 from __future__ import annotations
 
 import gc
+from collections.abc import Mapping
 
 import torch
 
@@ -205,7 +206,7 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
     return quantized, paths, read_back_tensors
 
 
-def read_back_chunks(folder, quantized: dict, embeddings: dict, tied: bool) -> tuple[dict, dict[str, int]]:
+def read_back_chunks(folder, quantized: Mapping, embeddings: dict, tied: bool) -> tuple[dict, dict[str, int]]:
     """Check every package's quantized constants against our weights, one package at a time; return the
     float tensors read back for the embedding / head (state names) and the op counts over all packages."""
     # names only: each of our weights is read (`quantized` may read them from the input folder) when compared
