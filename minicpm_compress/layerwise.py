@@ -83,21 +83,22 @@ def first_layer_inputs(model: torch.nn.Module, samples, batch_size: int) -> Laye
     return captured
 
 
-def state_layer_inputs(state: "ModelState", samples, batch_size: int) -> LayerInputs:
+def state_layer_inputs(state: "ModelState", samples, batch_size: int, quantized: bool = False) -> LayerInputs:
     """The inputs of layer 0 for `samples`, from a state whose layers stay unmaterialised (image prompts
-    without features get them from the state's vision half)."""
+    without features get them from the state's vision half; `quantized`: the embedding as deployed when the
+    state holds it quantized)."""
     if isinstance(samples, ImagePrompts) and samples.features is None:
         if state.vision is None:
             raise ValueError("image prompts need a MiniCPM-V model (this one has no vision half)")
         samples = state.vision.features(samples)
-    with state.modules("model.embed_tokens") as skeleton:
+    with state.modules("model.embed_tokens", quantized=quantized) as skeleton:
         return first_layer_inputs(skeleton, samples.to(state.device), batch_size)
 
 
 def head_inputs(state: "ModelState", windows, batch_size: int, quantized: bool,
                 desc: str = "layers") -> list[torch.Tensor]:
     """The output head's input (final norm output) for every batch of `windows`, one layer at a time."""
-    inputs = state_layer_inputs(state, windows, batch_size)
+    inputs = state_layer_inputs(state, windows, batch_size, quantized)
     for index in progress(range(state.num_layers), desc=desc, total=state.num_layers, unit="layer"):
         with state.layer(index, quantized) as layer:
             inputs = run_layer(layer, inputs)

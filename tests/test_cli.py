@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -130,6 +131,15 @@ def test_export_coreml_from_an_output_folder(tmp_path, tiny_checkpoint):
     paths = {a["path"] for a in manifest["artifacts"]}
     assert "coreml-int8/model.mlpackage/Data/com.apple.CoreML/weights/weight.bin" in paths
     assert "coreml-int8/tokenizer.json" in paths
+    # in chunks (the int8 embedding kept packed while measured): the same weights, the same measurement
+    chunked = _run("export", "coreml", "--model", tmp_path / "q", "--bits", "8", "--context", "64", "--chunks", "2",
+                   "--eval-tokens", "512", "--out", tmp_path / "c2")
+    assert chunked.exit_code == 0, chunked.stderr
+    stage = json.loads((tmp_path / "c2/manifest.json").read_text())["stages"][1]
+    assert stage["details"]["packages"] == ["embed.mlpackage", "head.mlpackage", "layers-0.mlpackage", "layers-1.mlpackage"]
+    assert stage["details"]["linears"] == details["linears"]
+    for key in ("ppl", "kld", "top1"):
+        assert stage["metrics"][key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
 
 
 def test_export_coreml_float16_fits_what_it_can_and_refuses_what_it_cannot(tmp_path, tokenizer):

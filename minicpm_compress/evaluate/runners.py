@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from ..quant.qweight import QuantizedWeight
     from ..state import ModelState
 
 
@@ -41,10 +42,13 @@ class StreamedRunner:
         self.quantized = quantized
         self.capture = capture  # if given, each batch's head inputs (all but the last position) are appended
 
-    def head(self) -> torch.Tensor:
+    def head(self) -> "torch.Tensor | QuantizedWeight":
         if "lm_head.bias" in self.state.weights:
             raise ValueError("output heads with a bias are not supported")
-        return self.state.weights.get(self.state.head_name(), dtype=None)  # as stored: bf16 stays bf16
+        name = self.state.head_name()
+        if self.quantized and name.removesuffix(".weight") in self.state.qweights:
+            return self.state.qweights[name.removesuffix(".weight")]  # packed: dequantized a slice at a time
+        return self.state.weights.get(name, dtype=None)  # as stored: bf16 stays bf16
 
     def batches(self, windows, batch_size: int) -> Iterator[torch.Tensor]:
         from ..layerwise import head_inputs

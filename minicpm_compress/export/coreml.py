@@ -547,8 +547,8 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
         quantized, paths, embeddings = chunked.write_chunks(state, folder, config, precision, embed_scale or 1.0,
                                                             state.vision is not None)
         state.tokenizer.save_pretrained(str(folder))
-        tensors, ops = chunked.read_back_chunks(folder, quantized, embeddings, state.tied)
-        subject = chunked.with_tensors(state, tensors)  # our codes (checked equal) and the embedding read back
+        tables, ops = chunked.read_back_chunks(folder, quantized, embeddings, state.tied)
+        subject = chunked.with_tables(state, tables)  # our codes and int8 tables, checked equal to the packages
     packages = [p for p in sorted(folder.glob("*.mlpackage")) if p.name != "vision.mlpackage"]
     features, vision = None, None
     if state.vision is not None:  # MiniCPM-V: vision.mlpackage beside the decoder, its weights read back too

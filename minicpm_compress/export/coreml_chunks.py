@@ -26,7 +26,7 @@ import torch
 from ..errors import CompressError
 from ..layerwise import run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
-from ..quant.qweight import QuantScheme, quantize
+from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 from .coreml import (
     QUANTIZED_OP, _coremltools, _head_dim, _StateSliceCache, causal_mask, constant_name, convert_program, fits_coreml,
     module_peaks, op_counts, quantize_constants, read_back_constants, read_program, save_package,
@@ -208,10 +208,11 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
 
 def read_back_chunks(folder, quantized: Mapping, embeddings: dict, tied: bool) -> tuple[dict, dict[str, int]]:
     """Check every package's quantized constants against our weights, one package at a time; return the
-    float tensors read back for the embedding / head (state names) and the op counts over all packages."""
+    int8 embedding / head tables the packages hold (module name → quantized weight, equal to what was read
+    back) and the op counts over all packages."""
     # names only: each of our weights is read (`quantized` may read them from the input folder) when compared
     expected = {constant_name(name): name for name in [*quantized, *embeddings]}
-    seen, tensors, ops = set(), {}, {}
+    seen, tables, ops = set(), {}, {}
     for package in sorted(folder.glob("*.mlpackage")):
         if package.name == "vision.mlpackage":
             continue
@@ -227,24 +228,23 @@ def read_back_chunks(folder, quantized: Mapping, embeddings: dict, tied: bool) -
                 raise CompressError(f"coreml: weight of '{name}' read back from {package.name} differs from the one written")
             seen.add(name)
             if name == "model.embed_tokens" or (name == "lm_head" and not tied):
-                tensors[f"{name}.weight"] = weight
+                tables[name] = q  # kept packed (a 73k-row table is 1.2 GB in float32); `weight` is its value
         del prog
     missing = sorted((set(quantized) | set(embeddings)) - seen)
     if missing:
         raise CompressError(f"coreml: no package in {folder.name} holds the quantized weight of '{missing[0]}'")
-    return tensors, ops
+    return tables, ops
 
 
-def with_tensors(state, tensors: dict[str, torch.Tensor]):
-    """A view of `state` whose float tensors `tensors` replace its own (nothing else is copied)."""
+def with_tables(state, tables: dict[str, QuantizedWeight]):
+    """A view of `state` evaluated with `tables` (module name → quantized weight: the embedding / head
+    read back) as well as its quantized linears; each is dequantized only while it is used."""
     import copy
 
     view = copy.copy(state)
-    view.weights = copy.copy(state.weights)
-    view.weights.overrides = {**state.weights.overrides, **tensors}
-    view.weights.ops = {k: v for k, v in state.weights.ops.items() if k not in tensors}
+    view.qweights = {**state.qweights, **tables}
     view._skeleton, view._model = None, None
     return view
 
 
-__all__ = ["layer_groups", "streamed_peaks", "write_chunks", "read_back_chunks", "with_tensors", "QUANTIZED_OP"]
+__all__ = ["layer_groups", "streamed_peaks", "write_chunks", "read_back_chunks", "with_tables", "QUANTIZED_OP"]

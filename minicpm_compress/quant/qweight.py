@@ -252,8 +252,8 @@ class QuantizedWeight:
         zeros = (lambda z: z * factor) if self.scheme.zero_point == "float" else (lambda z: z)
         return self._with(lambda s: s * factor, zeros, self.packed)
 
-    def rows(self, index: torch.Tensor) -> "QuantizedWeight":
-        """The same weight with its output rows reordered or selected by `index`."""
+    def rows(self, index: torch.Tensor | slice) -> "QuantizedWeight":
+        """The same weight with its output rows reordered or selected by `index` (a slice shares storage)."""
         pick = (lambda f: f.apply(lambda t: t[index])) if self.scheme.super_block else (lambda t: t[index])
         return self._with(pick, pick, self.packed[index])
 

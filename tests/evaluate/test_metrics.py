@@ -6,6 +6,7 @@ import torch
 from minicpm_compress.evaluate import metrics
 from minicpm_compress.evaluate.evaluator import Evaluator
 from minicpm_compress.evaluate.metrics import compare, reference_stats
+from minicpm_compress.quant.qweight import QuantScheme, quantize
 
 from ..conftest import tiny_model
 
@@ -58,3 +59,15 @@ def test_reference_statistics_are_cached(monkeypatch, tmp_path):
     assert calls == [] and len(list((tmp_path / "reference").iterdir())) == 1
     assert torch.equal(first.reference.hidden, second.reference.hidden)
     assert torch.equal(first.reference.nll, second.reference.nll)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=8, group_size=None, symmetric=True),
+                                    QuantScheme(bits=4, group_size=32)], ids=lambda s: s.describe())
+def test_head_logits_of_a_packed_head_equal_its_dequantized_product(scheme):
+    head = quantize(torch.randn(23, 64, generator=torch.Generator().manual_seed(3)), scheme)
+    hidden = torch.randn(2, 7, 64)
+    expected = hidden @ head.dequantize().T
+    for chunk in (5, 8192):  # slices of the vocabulary that do not divide it, and the whole of it at once
+        torch.testing.assert_close(metrics.head_logits(hidden, head, chunk), expected, atol=1e-5, rtol=1e-5)
+    bf16 = head.dequantize().to(torch.bfloat16)
+    torch.testing.assert_close(metrics.head_logits(hidden, bf16, 5), hidden @ bf16.float().T, atol=1e-5, rtol=1e-5)

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from minicpm_compress.errors import CompressError
+from minicpm_compress.evaluate.runners import StreamedRunner
 from minicpm_compress.export import coreml, coreml_chunks
 from minicpm_compress.export.coreml import CoreMLConfig, causal_mask
 from minicpm_compress.export.coreml_chunks import (
-    EmbedChunk, HeadChunk, LayersChunk, layer_groups, read_back_chunks, streamed_peaks, with_tensors, write_chunks,
+    EmbedChunk, HeadChunk, LayersChunk, layer_groups, read_back_chunks, streamed_peaks, with_tables, write_chunks,
 )
 from minicpm_compress.models.minicpm import mup_scales
-from minicpm_compress.quant.qweight import QuantScheme
+from minicpm_compress.quant.qweight import QuantizedWeight, QuantScheme
 
 from ..conftest import tiny_model
 from .test_coreml import _state, activation_peaks
@@ -54,12 +55,20 @@ def test_packages_hold_our_codes_and_the_embedding_read_back(tokenizer, tmp_path
     assert sorted(p.name for p in tmp_path.glob("*.mlpackage")) == [
         "embed.mlpackage", "head.mlpackage", "layers-0.mlpackage", "layers-1.mlpackage"]
     assert paths == {"lossless": 14, "requantized": 0, "embedding int8 per row": 1}
-    tensors, ops = read_back_chunks(tmp_path, quantized, embeddings, state.tied)
+    tables, ops = read_back_chunks(tmp_path, quantized, embeddings, state.tied)
     assert ops["constexpr_blockwise_shift_scale"] == 14 + 2  # the tied table in both embed and head packages
-    torch.testing.assert_close(tensors["model.embed_tokens.weight"], embeddings["model.embed_tokens"].dequantize())
-    view = with_tensors(state, tensors)
-    assert torch.equal(view.tensor("model.embed_tokens.weight"), tensors["model.embed_tokens.weight"])
-    assert not torch.equal(state.tensor("model.embed_tokens.weight"), tensors["model.embed_tokens.weight"])
+    assert list(tables) == ["model.embed_tokens"] and tables["model.embed_tokens"] is embeddings["model.embed_tokens"]
+    table = tables["model.embed_tokens"].dequantize()
+    view = with_tables(state, tables)
+    assert torch.equal(view.tensor("model.embed_tokens.weight", quantized=True), table)
+    assert not torch.equal(state.tensor("model.embed_tokens.weight", quantized=True), table)
+    assert "model.embed_tokens" not in state.qweights
+    # evaluated with the int8 table kept packed: the same logits as with the table's float values set in
+    ids = torch.randint(0, 1000, (2, 12))
+    packed = StreamedRunner(view, quantized=True).logits(ids)
+    assert isinstance(StreamedRunner(view, quantized=True).head(), QuantizedWeight)  # the tied head too
+    state.weights.set("model.embed_tokens.weight", table)
+    torch.testing.assert_close(packed, StreamedRunner(state, quantized=True).logits(ids), atol=1e-5, rtol=1e-5)
     # a weight that is not what was written is caught
     name = next(iter(quantized))
     wrong = {**quantized, name: quantized[next(n for n in quantized if n != name and quantized[n].shape == quantized[name].shape)]}
