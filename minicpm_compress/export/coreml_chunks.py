@@ -19,6 +19,7 @@ weights the packages hold. The float16 range check walks the layers too.
 from __future__ import annotations
 
 import gc
+from collections import ChainMap
 from collections.abc import Mapping
 
 import torch
@@ -242,7 +243,7 @@ def with_tables(state, tables: dict[str, QuantizedWeight]):
     import copy
 
     view = copy.copy(state)
-    view.qweights = {**state.qweights, **tables}
+    view.qweights = ChainMap(tables, state.qweights)  # the state's weights still read on use, not copied
     view._skeleton, view._model = None, None
     return view
 

@@ -60,6 +60,7 @@ def test_packages_hold_our_codes_and_the_embedding_read_back(tokenizer, tmp_path
     assert list(tables) == ["model.embed_tokens"] and tables["model.embed_tokens"] is embeddings["model.embed_tokens"]
     table = tables["model.embed_tokens"].dequantize()
     view = with_tables(state, tables)
+    assert view.qweights["model.layers.0.mlp.up_proj"] is state.qweights["model.layers.0.mlp.up_proj"]
     assert torch.equal(view.tensor("model.embed_tokens.weight", quantized=True), table)
     assert not torch.equal(state.tensor("model.embed_tokens.weight", quantized=True), table)
     assert "model.embed_tokens" not in state.qweights
@@ -98,3 +99,18 @@ def test_packages_hold_our_codes_and_the_embedding_read_back(tokenizer, tmp_path
     assert events[0] == "embed.mlpackage" and len(events) == 4 + 14
     assert all(".layers.0." in e for e in events[events.index("layers-0.mlpackage") + 1 : layer_1])
     assert all(".layers.1." in e for e in events[layer_1 + 1 :])
+
+    # the measured view reads the state's weights on use as the state does: with_tables copies none of them
+    held = dict(state.qweights)
+
+    class Stored(Recorded):  # as a state's weights read from an output folder
+        def __getitem__(self, key):
+            events.append(key)
+            return held[key]
+
+    events.clear()
+    state.qweights = Stored()
+    view = with_tables(state, tables)
+    assert events == [] and view.qweights["model.embed_tokens"] is tables["model.embed_tokens"] and events == []
+    assert view.qweights["model.layers.1.mlp.up_proj"] is held["model.layers.1.mlp.up_proj"]
+    assert events == ["model.layers.1.mlp.up_proj"]
