@@ -118,7 +118,9 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
 
     def on_start(index, name, estimate):
         parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in estimate["parts"].items())
-        click.echo(f"  [{index}] {name}: estimated peak memory {estimate['bytes'] / 2**30:.1f} GiB ({parts})", err=True)
+        phase = f"while {estimate['phase']}: " if "phase" in estimate else ""
+        click.echo(f"  [{index}] {name}: estimated peak memory {estimate['bytes'] / 2**30:.1f} GiB ({phase}{parts})",
+                   err=True)
 
     def on_stage(r):
         m = r.metrics

@@ -69,7 +69,7 @@ def quantized_output_bytes(state: "ModelState", config) -> int:
 
 
 def stage_memory(state: "ModelState", whole_model: float | None, data, calibrates: bool = False,
-                 config=None) -> dict:
+                 config=None, layer_groups: int | None = None) -> dict:
     """Estimated peak memory of a stage on `state`, with what it is made of.
 
     Every stage holds the packed quantized weights and is measured afterwards: one decoder layer at a
@@ -77,6 +77,9 @@ def stage_memory(state: "ModelState", whole_model: float | None, data, calibrate
     of every held-out window at one layer and one batch of logits. A calibrating stage adds its samples'
     activations and the Gram matrices of one layer; a whole-model stage the float32 model that many times.
     The quantized weights are the larger of those held now and those a quantizing `config` will make.
+    A stage converting the model in `layer_groups` apart from its measurement (Core ML in chunks) peaks in
+    whichever phase needs more: the measurement, or one group's float32 weights and the converter's two
+    copies of them (the embedding table, in float16, when that is larger); `phase` then names it.
     """
     from .models.architectures import layer_prefix
 
@@ -100,7 +103,17 @@ def stage_memory(state: "ModelState", whole_model: float | None, data, calibrate
         parts["float32 model × %g" % whole_model] = int(state.parameter_count() * 4 * whole_model)
     parts["quantized weights (packed)"] = max(qbytes, quantized_output_bytes(state, config), linear_params // 2)
     parts["process"] = PROCESS_BASE_BYTES
-    return {"bytes": sum(parts.values()), "parts": parts}
+    estimate = {"bytes": sum(parts.values()), "parts": parts}
+    if layer_groups:
+        per_group = -(-state.num_layers // layer_groups)
+        package = max(_numel(state, layer_prefix(0) + ".") * per_group * 4, c.vocab_size * c.hidden_size * 2)
+        converting = {f"one package ({per_group} layers) float32 × 3": package * 3,
+                      "quantized weights (packed)": parts["quantized weights (packed)"], "process": PROCESS_BASE_BYTES}
+        phases = {"measuring": estimate,
+                  "converting": {"bytes": sum(converting.values()), "parts": converting}}
+        phase = max(phases, key=lambda k: phases[k]["bytes"])
+        estimate = {**phases[phase], "phase": phase}
+    return estimate
 
 
 def available_memory() -> int:

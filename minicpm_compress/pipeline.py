@@ -78,7 +78,8 @@ def _run_stage(index: int, name: str, config, state, ctx: RunContext,
     recipe, stage = ctx.recipe, STAGES[name]
     estimate = None
     if state is not None:
-        estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrating(config), config)
+        estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrating(config), config,
+                                stage.groups(config))
         on_start(index, name, estimate)
         check_memory(name, estimate, recipe.memory_check)
         if stage.exports:

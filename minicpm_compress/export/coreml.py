@@ -508,7 +508,8 @@ def read_back_model(model: torch.nn.Module, stored: dict[str, torch.Tensor],
 
 
 @register_stage("coreml", CoreMLConfig, "export a stateful Core ML mlpackage (iOS 18) with blockwise int4/int8 weights",
-                transforms=False, whole_model=lambda c: 3 if c.chunks == 1 else 3 / c.chunks, exports=True)
+                transforms=False, whole_model=lambda c: 3 if c.chunks == 1 else None, exports=True,
+                layer_groups=lambda c: c.chunks if c.chunks > 1 else None)
 def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     from . import coreml_chunks as chunked
 

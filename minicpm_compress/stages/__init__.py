@@ -87,6 +87,9 @@ class StageType:
     # runs calibration samples through the layers (memory for their activations); or a function of the config
     calibrates: bool | Callable[[StageConfig], bool] = False
     exports: bool = False  # writes an artifact for a runtime (free disk is checked before it starts)
+    # converts the model a group of consecutive decoder layers at a time, apart from its measurement (Core
+    # ML in chunks): a function of the config giving the number of groups, or None
+    layer_groups: Callable[[StageConfig], int | None] | None = None
 
     def memory_multiple(self, config: StageConfig) -> float | None:
         return self.whole_model(config) if callable(self.whole_model) else self.whole_model
@@ -94,17 +97,22 @@ class StageType:
     def calibrating(self, config: StageConfig) -> bool:
         return self.calibrates(config) if callable(self.calibrates) else self.calibrates
 
+    def groups(self, config: StageConfig) -> int | None:
+        return self.layer_groups(config) if self.layer_groups else None
+
 
 STAGES: dict[str, StageType] = {}
 
 
 def register_stage(name: str, config_class: type[StageConfig], summary: str, transforms: bool = True,
                    whole_model: float | Callable[[StageConfig], float | None] | None = None,
-                   calibrates: bool | Callable[[StageConfig], bool] = False, exports: bool = False):
+                   calibrates: bool | Callable[[StageConfig], bool] = False, exports: bool = False,
+                   layer_groups: Callable[[StageConfig], int | None] | None = None):
     def decorate(handler):
         if name in STAGES:
             raise RuntimeError(f"stage '{name}' registered twice")
-        STAGES[name] = StageType(name, config_class, handler, summary, transforms, whole_model, calibrates, exports)
+        STAGES[name] = StageType(name, config_class, handler, summary, transforms, whole_model, calibrates, exports,
+                                 layer_groups)
         return handler
 
     return decorate
