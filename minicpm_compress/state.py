@@ -307,10 +307,10 @@ class ModelState:
         names = [n for n, _ in model.named_parameters(remove_duplicate=False)
                  if any(n == p or n.startswith(p + ".") for p in prefixes)]
         try:
-            for name in names:
+            for name in names:  # no local reference kept: a caller may convert a parameter (`.half()`) in place
                 source = self.head_name() if name == "lm_head.weight" else name
-                t = self.tensor(source, quantized).to(device=self.device, dtype=self.dtype)
-                _set_param(model, name, t, requires_grad=False)
+                _set_param(model, name, self.tensor(source, quantized).to(device=self.device, dtype=self.dtype),
+                           requires_grad=False)
             yield model
         finally:
             for name in names:

@@ -52,7 +52,7 @@ from transformers.cache_utils import Cache
 from ..errors import CompressError
 from ..footprint import DEFAULT_CONTEXT, kv_cache_bytes
 from ..manifest import artifact_entry
-from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
+from ..quant.qweight import QuantizedWeight, QuantScheme, quantize_rows
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .float16_fit import simulate_float16
 from .weights import export_weights
@@ -472,7 +472,7 @@ def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["
                for name, q in quantized.items()}
     if config.embeddings == "int8":
         for name, weight in embedding_matrices(model).items():
-            weights[name] = (weight, quantize(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
+            weights[name] = (weight, quantize_rows(weight, QuantScheme(bits=8, group_size=None, symmetric=True)))
             paths["embedding int8 per row"] = paths.get("embedding int8 per row", 0) + 1
     prog = decoder_program(model, config.context, precision, embed_scale)
     quantize_constants(prog, weights)

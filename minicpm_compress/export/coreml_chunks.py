@@ -27,7 +27,7 @@ import torch
 from ..errors import CompressError
 from ..layerwise import run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
-from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
+from ..quant.qweight import QuantizedWeight, QuantScheme, quantize_rows
 from .coreml import (
     QUANTIZED_OP, _coremltools, _head_dim, _StateSliceCache, causal_mask, constant_name, convert_program, fits_coreml,
     module_peaks, op_counts, quantize_constants, read_back_constants, read_program, save_package,
@@ -172,9 +172,9 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
     embed_name, head_name = "model.embed_tokens", "lm_head"
     emb_weights, head_weights = {}, {}
     with state.modules(embed_name) as model:  # embedding and head one after the other: each is vocab × hidden
-        table = model.get_submodule(embed_name).weight
+        embed = model.get_submodule(embed_name)
         if config.embeddings == "int8":
-            emb_weights[embed_name] = (table, quantize(table, int8))
+            emb_weights[embed_name] = quantize_rows(embed.weight, int8)
             paths["embedding int8 per row"] = 1
         ids = ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32)
         inputs, example = [ids], (torch.zeros(1, 4, dtype=torch.int32),)
@@ -182,9 +182,9 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
             inputs += [ct.TensorType(name="image_embeds", shape=(1, seq, width), dtype=np.float16),
                        ct.TensorType(name="image_mask", shape=(1, seq, 1), dtype=np.float16)]
             example += (torch.zeros(1, 4, width), torch.zeros(1, 4, 1))
-        embed = model.get_submodule(embed_name)
-        if emb_weights:  # the table is replaced by its int8 constant: trace it in float16 (half the converter's copies)
-            embed.half()
+        if emb_weights:  # the table is replaced by its int8 constant: trace it in float16 (half the converter's
+            embed.half()  # copies), the float32 table released; constants are matched by their float16 values
+            emb_weights = {embed_name: (embed.weight, emb_weights[embed_name])}
             example = tuple(x.half() if x.is_floating_point() else x for x in example)
         _convert(EmbedChunk(embed, embed_scale, images).eval(), example, inputs, [],
                  [ct.TensorType(name="hidden_out")], precision, emb_weights, folder / "embed.mlpackage",
@@ -194,11 +194,12 @@ def write_chunks(state, folder, config, precision: str, embed_scale: float, imag
     with state.modules("model.norm", head_name) as model:
         head = model.get_submodule(head_name)
         if config.embeddings == "int8":
-            head_weights[head_name] = (head.weight, emb_weights[embed_name][1] if state.tied else quantize(head.weight, int8))
+            head_weights[head_name] = emb_weights[embed_name][1] if state.tied else quantize_rows(head.weight, int8)
         logits = ct.TensorType(name="logits", dtype=np.float16 if precision == "float16" else np.float32)
         example = (torch.zeros(1, 4, width),)
         if head_weights:  # as the embedding: the float table only has to be found, then it is replaced
             head.half()
+            head_weights = {head_name: (head.weight, head_weights[head_name])}
             example = (example[0].half(),)
         _convert(HeadChunk(model.model.norm, head).eval(), example, [hidden_in], [], [logits],
                  precision, head_weights, folder / "head.mlpackage", f"{c.model_type} final norm and output head", base)

@@ -233,17 +233,12 @@ def table_blocks(table: torch.Tensor, bits: int, block_size: int, rows_per_chunk
     rounding error (the project's clip search with an identity Gram: a table's rows are looked up, not
     multiplied by known activations). Quantized `rows_per_chunk` rows at a time."""
     from ..quant.awq import search_clip
-    from ..quant.qweight import quantize
+    from ..quant.qweight import quantize_rows
 
     scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=bits == 8)
     eye = torch.eye(table.shape[1])
-    parts = []
-    for i in range(0, table.shape[0], rows_per_chunk):  # a chunk at a time: quantizing makes float copies
-        chunk = table[i : i + rows_per_chunk].float()
-        parts.append(quantize(chunk, scheme, clip=search_clip(chunk, eye, scheme, TABLE_CLIP_GRID, TABLE_MAX_SHRINK)))
-    zeros = None if scheme.symmetric else torch.cat([q.zeros for q in parts])
-    return QuantizedWeight(None, torch.cat([q.scales for q in parts]), zeros, parts[0].scheme,
-                           packed=torch.cat([q.packed for q in parts]), cols=table.shape[1])
+    return quantize_rows(table, scheme, rows_per_chunk,
+                         clip=lambda rows: search_clip(rows, eye, scheme, TABLE_CLIP_GRID, TABLE_MAX_SHRINK))
 
 
 def table_arrays(q: QuantizedWeight, block_size: int) -> dict[str, np.ndarray]:

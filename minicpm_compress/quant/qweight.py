@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -334,6 +334,22 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     scheme = scheme.fitting(w.shape[1])
     return encode(w, *group_params(w, scheme, clip), scheme)
+
+
+def quantize_rows(weight: torch.Tensor, scheme: QuantScheme, rows_per_chunk: int = 8192,
+                  clip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> QuantizedWeight:
+    """`quantize` a large matrix (a 73k-row token table) `rows_per_chunk` output rows at a time, from any
+    float dtype: the float32 copies quantizing makes are one slice's, not the whole matrix's. Rows are
+    quantized independently, so the result is `quantize`'s. `clip(rows)` gives a slice's clip."""
+    if scheme.super_block:
+        raise ValueError(f"{scheme.describe()}: K-quant blocks are not quantized in row slices")
+    parts = []
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = weight[start : start + rows_per_chunk].float()
+        parts.append(quantize(rows, scheme, clip=clip(rows) if clip else None))
+    zeros = None if parts[0].zeros is None else torch.cat([q.zeros for q in parts])
+    return QuantizedWeight(None, torch.cat([q.scales for q in parts]), zeros, parts[0].scheme,
+                           packed=torch.cat([q.packed for q in parts]), cols=weight.shape[1])
 
 
 def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None

@@ -3,7 +3,7 @@ import torch
 
 from minicpm_compress.errors import CompressError
 from minicpm_compress.quant.qweight import (
-    QuantScheme, encode, fake_quantize, load_qweights, per_column, quantize, save_qweights,
+    QuantScheme, encode, fake_quantize, load_qweights, per_column, quantize, quantize_rows, save_qweights,
 )
 
 SCHEMES = [
@@ -153,3 +153,19 @@ def test_int4_codes_are_held_and_stored_two_per_byte(tmp_path, symmetric, cols):
         assert f.get_tensor("x.codes").numel() == 5 * ((cols + 1) // 2)
     back = load_qweights(tmp_path / "q.safetensors")["x"]
     assert torch.equal(back.codes, codes) and torch.equal(back.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=8, group_size=None, symmetric=True), QuantScheme(bits=4, group_size=32)],
+                         ids=lambda s: s.describe())
+def test_quantizing_in_row_slices_is_quantizing_whole(scheme):
+    w = (torch.randn(37, 96, generator=torch.Generator().manual_seed(5)) * 0.1).to(torch.bfloat16)
+    whole = quantize(w, scheme)
+    for rows in (5, 37, 8192):
+        q = quantize_rows(w, scheme, rows)
+        assert torch.equal(q.packed, whole.packed) and torch.equal(q.scales, whole.scales)
+        assert (q.zeros is None) == (whole.zeros is None) and (q.zeros is None or torch.equal(q.zeros, whole.zeros))
+    seen = []
+    clipped = quantize_rows(w, scheme, 16, clip=lambda r: seen.append(len(r)) or torch.full((len(r), 1), 0.9))
+    assert seen == [16, 16, 5] and torch.equal(clipped.packed, quantize(w, scheme, clip=torch.full((37, 1), 0.9)).packed)
+    with pytest.raises(ValueError, match="K-quant blocks are not quantized in row slices"):
+        quantize_rows(w, QuantScheme(layout="Q4_K"), 16)
