@@ -290,6 +290,8 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
             plan.append((key, gguf_name, "lossless", chosen[key].scheme.layout, shape))
             continue
         q = state.qweights.get(linear)
+        if q is not None and file_type == "auto":
+            raise CompressError(f"gguf: '{key}' is quantized but the mixture chose no type for it")
         # linears a bit budget promoted keep their width in a lower-bit file: int8 as Q8_0, a layout as itself
         own = file_type
         if q is not None and quantized_type and q.scheme.bits > GGUF_GRIDS[file_type]["bits"]:

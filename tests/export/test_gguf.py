@@ -237,6 +237,18 @@ def test_longrope_with_an_attention_factor_is_refused(tmp_path, tokenizer):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_a_mixture_missing_a_quantized_tensor_is_refused_by_name(tmp_path, tokenizer):
+    from minicpm_compress.errors import CompressError
+
+    model = tiny_model("minicpm")
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=True)
+    up, down = (f"model.layers.0.mlp.{n}" for n in ("up_proj", "down_proj"))
+    state.qweights = {name: quantize(model.get_submodule(name).weight, scheme) for name in (up, down)}
+    with pytest.raises(CompressError, match=f"'{down}.weight' is quantized but the mixture chose no type"):
+        write_gguf(state, tmp_path / "m.gguf", "auto", chosen={f"{up}.weight": state.qweights[up]})
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_qwen_files_compute_in_llama_cpp_like_in_torch(model_type, tmp_path, tokenizer):
     """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): llama.cpp's qwen2 / qwen3 archs, rope on halves (no q/k
