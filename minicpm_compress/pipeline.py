@@ -11,9 +11,8 @@ import torch
 
 from . import atomic
 from .errors import GateFailure
-from .evaluate.greedy import smoke_test, with_torch_agreement
+from .evaluate.greedy import with_torch_agreement
 from .evaluate.metrics import Metrics
-from .evaluate.runners import StreamedRunner
 from .footprint import GIB, check_disk, check_memory, disk_estimate, memory_estimate, stage_memory
 from .manifest import write_outputs
 from .recipe import Recipe
@@ -85,6 +84,8 @@ def _run_stage(index: int, name: str, config, state, ctx: RunContext,
         if stage.exports:
             check_disk(name, disk_estimate(state, config), ctx.out_dir, recipe.memory_check)
     start = time.perf_counter()
+    if stage.transforms:
+        ctx.forget_smoke()
     outcome = stage.handler(config, state, ctx)
     metrics = outcome.metrics or ctx.evaluator.measure(outcome.state, desc=f"evaluate {name}")
     gate = config.gate
@@ -92,7 +93,7 @@ def _run_stage(index: int, name: str, config, state, ctx: RunContext,
     if estimate is not None:
         details["memory_estimate_gib"] = round(estimate["bytes"] / GIB, 2)
     if stage.exports and outcome.artifacts:  # what the hand-off's load snippets must reproduce
-        ours = smoke_test(outcome.state.tokenizer, StreamedRunner(outcome.state), "the gated model in torch")
+        ours = ctx.torch_smoke(outcome.state)
         details["smoke_test"] = with_torch_agreement(details.get("smoke_test", ours), ours["tokens"])
     record = StageRecord(
         index, name, config.model_dump(mode="json", exclude={"gate"}), details, metrics,

@@ -116,3 +116,27 @@ def test_manifest_records_settings_metrics_gates_and_artifacts(tmp_path, tiny_ch
     assert m["memory_estimate"]["weights_bytes"] > 0 and m["memory_estimate"]["kv_cache_bytes"] > 0
     report = (tmp_path / "o/report.md").read_text()
     assert "| 1 | rtn | int8 per-channel sym |" in report and "## Memory estimate" in report
+
+
+def test_exporters_of_one_model_share_its_torch_smoke_test(tmp_path, tiny_checkpoint, monkeypatch):
+    from minicpm_compress.evaluate import greedy
+
+    computed = []
+
+    def counting(tokenizer, runner, by, **kwargs):
+        computed.append(by)
+        return real(tokenizer, runner, by, **kwargs)
+
+    real = greedy.smoke_test
+    monkeypatch.setattr(greedy, "smoke_test", counting)
+    stages = ("  - rtn: {bits: 4, group_size: 32, symmetric: true}\n  - gguf: {type: Q4_0}\n  - gguf: {type: Q8_0}\n"
+              "  - rtn: {bits: 8, group_size: 32, symmetric: true}\n  - gguf: {type: Q8_0}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {tiny_checkpoint('llama')}\ncache: false\n{SMALL_DATA}stages:\n{stages}")
+    result = _run("run", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    # once for the int4 model (two exports), once again after the int8 rtn changed the model
+    assert [by for by in computed if by == "the gated model in torch"] == ["the gated model in torch"] * 2
+    smokes = [s["details"]["smoke_test"] for s in _manifest(tmp_path / "out")["stages"] if s["name"] == "gguf"]
+    assert len(smokes) == 3 and smokes[0]["torch_tokens"] == smokes[1]["torch_tokens"]
+    assert all(len(s["torch_tokens"]) == len(s["tokens"]) for s in smokes)

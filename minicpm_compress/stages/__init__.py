@@ -12,6 +12,7 @@ at the bottom of this file.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -41,6 +42,23 @@ class RunContext:
     evaluator: "Evaluator | None" = None  # set by the load stage
     reference: "ModelState | None" = None  # the full-precision reference's state (set by the load stage)
     reference_model: Any = None  # its whole float model, once a stage needed one (qat, heal)
+    _smoke: tuple | None = field(default=None, repr=False)  # (weak reference to a state, its torch smoke test)
+
+    def torch_smoke(self, state: "ModelState") -> dict:
+        """The smoke test of `state` as the gated model in torch: computed once per model state, so that
+        exporters of the same model (a recipe's gguf, onnx and coreml stages) share it (on an 8B model
+        streamed layer by layer it is one full pass per token). `forget_smoke` after a stage that may
+        change the state in place."""
+        if self._smoke is None or self._smoke[0]() is not state:
+            from ..evaluate.greedy import smoke_test
+            from ..evaluate.runners import StreamedRunner
+
+            self._smoke = (weakref.ref(state), smoke_test(state.tokenizer, StreamedRunner(state),
+                                                          "the gated model in torch"))
+        return self._smoke[1]
+
+    def forget_smoke(self) -> None:
+        self._smoke = None
 
     def teacher(self):
         """The reference as a whole float model (materialised on first use: training stages need it)."""
