@@ -47,8 +47,8 @@ class RunContext:
     def torch_smoke(self, state: "ModelState") -> dict:
         """The smoke test of `state` as the gated model in torch: computed once per model state, so that
         exporters of the same model (a recipe's gguf, onnx and coreml stages) share it (on an 8B model
-        streamed layer by layer it is one full pass per token). `forget_smoke` after a stage that may
-        change the state in place."""
+        streamed layer by layer it is one full pass per token). The pipeline calls `forget_smoke` before a
+        stage that may change the state in place."""
         if self._smoke is None or self._smoke[0]() is not state:
             from ..evaluate.greedy import smoke_test
             from ..evaluate.runners import StreamedRunner
