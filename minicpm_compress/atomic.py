@@ -7,10 +7,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def _umask() -> int:
@@ -52,11 +53,31 @@ def copy_file(source: Path, path: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
-def check_destination(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+OUTPUT_MARKER = "manifest.json"  # what makes a folder one of this tool's output folders
+TOOL_NAME = "minicpm-compress"
+
+
+def is_output_folder(folder: Path) -> bool:
+    """`folder` holds this tool's manifest (an output folder, or the record of a failed run)."""
+    try:
+        manifest = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+        return isinstance(manifest, dict) and (manifest.get("tool") or {}).get("name") == TOOL_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def own_cache(folder: Path) -> bool:
+    """For folders under the tool's own cache: everything there is the tool's to replace."""
+    return True
+
+
+def check_destination(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (),
+                      replaceable: Callable[[Path], bool] = is_output_folder) -> None:
     """Refuse, before any work, an output folder that could not be written or would destroy something.
 
     Refused: a regular file; the current folder or one above it; a folder holding (or inside) one of the
-    `inputs`; an existing non-empty folder without `overwrite`."""
+    `inputs`; an existing non-empty folder without `overwrite`, or with it when `replaceable` says the
+    folder is not ours to replace (by default: it holds no manifest of this tool)."""
     from .errors import CompressError
 
     final = Path(final)
@@ -71,8 +92,103 @@ def check_destination(final: Path, overwrite: bool = False, inputs: tuple[Path, 
         source = Path(source).resolve()
         if target == source or target in source.parents or source in target.parents:
             raise CompressError(f"{final}: overlaps the input {source}; choose a folder outside it")
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise CompressError(f"{final}: output folder exists and is not empty (pass --overwrite to replace it)")
+    if final.exists() and any(final.iterdir()):
+        if not overwrite:
+            raise CompressError(f"{final}: output folder exists and is not empty (pass --overwrite to replace it)")
+        if not replaceable(final):
+            raise CompressError(f"{final}: not an output folder of {TOOL_NAME} (no {OUTPUT_MARKER} of ours); "
+                                "--overwrite replaces only those: choose a new output folder or empty this one")
+
+
+# ---------------------------------------------------------------- one writer per destination
+
+
+def lock_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(final: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the lock of destination `final` (`.NAME.lock` beside it, removed on release).
+
+    Without `wait`, a destination another live process is writing is refused with one line naming it and
+    that process. The kernel drops the lock of a process that dies, so a killed run never blocks a rerun.
+    """
+    import fcntl
+
+    from .errors import CompressError, DestinationBusy
+
+    final = Path(final)
+    path = lock_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompressError(f"{final}: cannot create the output folder here ({e.strerror})") from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise CompressError(f"{final}: cannot create the output folder here ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DestinationBusy(f"{final}: another minicpm-compress run (pid {holder}) is writing it now; wait for it "
+                                "to finish or choose another output folder") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its previous holder removed while we waited for it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.partial|old-\d+)$")
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Staging (`.NAME.*.partial`) and backup (`.NAME.old-PID`) folders of `final` left by a run that was
+    killed; call only while holding `final`'s lock (so no live run owns them). A backup whose rename back
+    never happened (the run died between its two renames) is put back as `final`; the rest are removed."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in sorted(final.parent.iterdir()):
+        m = _STAGING.match(entry.name)
+        if not m or m["name"] != final.name or not entry.is_dir():
+            continue
+        if entry.name.startswith(f".{final.name}.old-") and not final.exists():
+            os.replace(entry, final)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def sweep(parent: Path) -> list[Path]:
+    """`remove_stale` for every destination in `parent` that no live run holds (a cache's clean-up)."""
+    from .errors import DestinationBusy
+
+    removed = []
+    names = {m["name"] for e in Path(parent).iterdir() if (m := _STAGING.match(e.name))} if Path(parent).is_dir() else ()
+    for name in sorted(names):
+        try:
+            with exclusive(Path(parent) / name):
+                removed += remove_stale(Path(parent) / name)
+        except DestinationBusy:  # held by a live run: its staging folder is in use
+            continue
+    return removed
 
 
 def _write_failure(final: Path, error: OSError):
@@ -88,16 +204,27 @@ def _write_failure(final: Path, error: OSError):
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+def staged_dir(final: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (),
+               replaceable: Callable[[Path], bool] = is_output_folder, lock: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final` in one rename.
 
-    On any exception (or signal turned into one) the temporary folder is removed and `final` is left as it
-    was; an OSError of writing (disk full, read-only) becomes a one-line error.
+    The destination is locked for the whole block (`lock=False`: the caller holds `exclusive(final)`), and
+    what a killed earlier run left beside it is cleaned up first. On any exception (or signal turned into
+    one) the temporary folder is removed and `final` is left as it was; an OSError of writing (disk full,
+    read-only) becomes a one-line error.
     """
     final = Path(final)
-    check_destination(final, overwrite, inputs)
+    check_destination(final, overwrite, inputs, replaceable)  # before taking the lock: refusals create nothing
+    with exclusive(final) if lock else contextlib.nullcontext():
+        remove_stale(final)
+        check_destination(final, overwrite, inputs, replaceable)  # as it is now that no one else writes it
+        with _staging(final) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _staging(final: Path) -> Iterator[Path]:
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:

@@ -67,7 +67,7 @@ def _model_options(command):
         click.option("--model", "-m", required=True, help="built-in model name, checkpoint folder, or output folder"),
         click.option("--reference", default=None, help="full-precision reference (default: the model's origin)"),
         click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="output folder"),
-        click.option("--overwrite", is_flag=True, help="replace an existing output folder"),
+        click.option("--overwrite", is_flag=True, help="replace an existing output folder of this tool (one holding its manifest.json)"),
         click.option("--eval-tokens", type=int, default=None, help="held-out tokens to evaluate on (default 32768)"),
         click.option("--evaluation", multiple=True, help="held-out text set or .txt/.jsonl file (repeatable)"),
         click.option("--trust-remote-code", is_flag=True, help="allow executing model code shipped in the checkpoint"),
@@ -140,9 +140,11 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
         click.echo(f"\nwrote {folder}/ ({', '.join(written)})")
 
     try:
-        run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage, on_start=on_start)
+        run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage, on_start=on_start,
+                   on_note=lambda line: click.echo(f"  {line}", err=True))
     except GateFailure as e:
-        show(e.record_dir)
+        if e.record_dir is not None:
+            show(e.record_dir)
         raise
     show(out)
 
@@ -161,9 +163,33 @@ def models(prepare: bool):
 
 
 @main.command()
+@click.option("--clear", is_flag=True, help="delete every entry (except those a running command is writing)")
+@_reports_errors
+def cache(clear: bool):
+    """Show the stage cache (where, how big, its budget) or clear it."""
+    import time
+
+    from .stage_cache import StageCache, budget, cache_root, folder_bytes
+
+    store = StageCache(cache_root(), "", budget())
+    if clear:
+        freed = store.clear()
+        click.echo(f"cleared {store.root}: {freed / 2**20:.0f} MiB freed")
+        return
+    entries = store.entries()
+    sizes = [folder_bytes(p) for p in entries]
+    click.echo(f"stage cache {store.root}: {len(entries)} entries, {sum(sizes) / 2**20:.0f} MiB of a "
+               f"{store.budget / 2**30:.1f} GiB budget (MINICPM_COMPRESS_STAGE_CACHE_SIZE)")
+    for p, size in zip(reversed(entries), reversed(sizes)):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(store.last_used(p)))
+        files = ", ".join(sorted(a["path"] for a in store.read_record(p).get("artifacts", []))) or "model only"
+        click.echo(f"  {p.name}  {size / 2**20:9.1f} MiB  last used {used}  {files}")
+
+
+@main.command()
 @click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="output folder (default out/NAME)")
-@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder of this tool (one holding its manifest.json)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,
               help="override the recipe's compute device")
 @click.option("--no-memory-check", is_flag=True, help="run a stage even when its memory estimate exceeds free RAM")

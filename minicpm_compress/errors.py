@@ -13,6 +13,10 @@ class CompressError(Exception):
     exit_code = 2
 
 
+class DestinationBusy(CompressError):
+    """Another live run holds the lock of the output folder (or cache entry) this one would write."""
+
+
 class SettingError(ValueError):
     """A check across several settings that blames one of them (`key`): a recipe error shows it at that key,
     as if the key's own type had refused the value."""

@@ -97,7 +97,7 @@ def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | No
 
     load = record.stages[0]
     return {
-        "tool": {"name": "minicpm-compress", "version": __version__},
+        "tool": {"name": atomic.TOOL_NAME, "version": __version__},
         "status": "failed" if record.failed else "passed",
         "model": load.details.get("model"),
         "reference": load.details.get("reference"),

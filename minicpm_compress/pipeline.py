@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from . import atomic
-from .errors import GateFailure
+from .errors import CompressError, GateFailure
 from .evaluate.greedy import with_torch_agreement
 from .evaluate.metrics import Metrics
 from .footprint import GIB, check_disk, check_memory, disk_estimate, memory_estimate, stage_memory
@@ -105,7 +105,8 @@ def _run_stage(index: int, name: str, config, state, ctx: RunContext,
 
 def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                on_stage: Callable[[StageRecord], None] = lambda r: None,
-               on_start: Callable[[int, str, dict | None], None] = lambda i, n, e: None) -> RunRecord:
+               on_start: Callable[[int, str, dict | None], None] = lambda i, n, e: None,
+               on_note: Callable[[str], None] = lambda line: None) -> RunRecord:
     """Run `recipe`, writing `out` atomically; raise GateFailure if a gate fails.
 
     Before each stage after `load`, its peak memory is estimated, reported through `on_start` and
@@ -135,6 +136,8 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                     stage_record, state = _run_stage(index, name, config, state, ctx, on_start)
                     if cached and not stage_record.failures:
                         cached.store(index, stage_record.cached(), state, tmp, STAGES[name].transforms)
+                        for line in cached.cache.drain_notes():
+                            on_note(line)
                 record.stages.append(stage_record)
                 on_stage(stage_record)
                 transformed |= STAGES[name].transforms
@@ -144,13 +147,20 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
             write_outputs(record, state if transformed else None, tmp)
             if cached:
                 cached.finish()  # a passed run replaces the recipe's previous entries
+                for line in cached.cache.drain_notes():
+                    on_note(line)
     except _Stop:
         s = record.failed
         keep = out.is_dir() and any(out.iterdir())
         record_dir = out.with_name(out.name + ".failed") if keep else out
-        with atomic.staged_dir(record_dir, overwrite=True) as tmp:
-            write_outputs(record, None, tmp)
-        kept = f"; {out} was left as it was, this run's record is in {record_dir}" if keep else ""
+        try:
+            with atomic.staged_dir(record_dir, overwrite=True) as tmp:
+                write_outputs(record, None, tmp)
+        except CompressError as e:  # e.g. OUT.failed is a folder of the user's: the record is not worth it
+            kept = f"; {out} was left as it was; this run's record was not written ({e})"
+            record_dir = None
+        else:
+            kept = f"; {out} was left as it was, this run's record is in {record_dir}" if keep else ""
         raise GateFailure(f"gate failed after stage {s.index} '{s.name}': {'; '.join(s.failures)}{kept}",
                           record_dir) from None
     return record

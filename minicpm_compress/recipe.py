@@ -12,6 +12,7 @@ Unknown keys, wrong types and missing files are errors that name the file, line 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,9 @@ from .data.textsets import TextSource
 from .errors import CompressError
 from .models.builtin import BUILTIN_MODELS
 from .stages import STAGES, StageConfig
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class WeightedSource(BaseModel):
@@ -82,6 +86,16 @@ class Recipe(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[_StageItem] = Field(min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_label(cls, value: str):
+        # the default output folder is out/NAME and the stage cache files runs under it: a path here could
+        # reach outside out/ or name out/ itself
+        if not NAME_PATTERN.fullmatch(value):
+            raise ValueError(f"a recipe's name is a label (the default output folder is out/NAME): 1 to 64 letters, "
+                             f"digits, '.', '_' or '-', starting with a letter or digit, got {value!r}")
+        return value
+
     @field_validator("model", "reference")
     @classmethod
     def _model_exists(cls, value: str | None):
@@ -128,20 +142,44 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-def _compose(node, lines: dict, loc: tuple, constructor) -> Any:
-    lines[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out = {}
-        for key_node, value_node in node.value:
-            key = constructor.construct_object(key_node)
-            if key in out:
-                raise CompressError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
-            lines[loc + (key,)] = key_node.start_mark.line + 1
-            out[key] = _compose(value_node, lines, loc + (key,), constructor)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_compose(v, lines, loc + (i,), constructor) for i, v in enumerate(node.value)]
-    return constructor.construct_object(node)
+MAX_RECIPE_NODES = 100_000  # a real recipe has a few hundred values; aliases cannot multiply past this
+
+
+class _Walk:
+    """One pass over a composed YAML tree. Aliases share nodes, so a few hundred bytes can name billions of
+    values ("billion laughs") or a value that contains itself: count what the walk expands and refuse both."""
+
+    def __init__(self, constructor):
+        self.constructor, self.lines, self.count, self.open = constructor, {}, 0, set()
+
+    def value(self, node, loc: tuple) -> Any:
+        self.count += 1
+        if self.count > MAX_RECIPE_NODES:
+            raise CompressError(f"line {node.start_mark.line + 1}: the recipe expands to more than "
+                                f"{MAX_RECIPE_NODES:,} values (aliases repeated inside aliases?)")
+        self.lines[loc] = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode):
+            return self.constructor.construct_object(node)
+        if id(node) in self.open:
+            raise CompressError(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it "
+                                "(a recursive recipe)")
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.value(v, loc + (i,)) for i, v in enumerate(node.value)]
+            out = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise CompressError(f"line {key_node.start_mark.line + 1}: a key must be a plain name, not a "
+                                        f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
+                key = self.constructor.construct_object(key_node)
+                if key in out:
+                    raise CompressError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
+                self.lines[loc + (key,)] = key_node.start_mark.line + 1
+                out[key] = self.value(value_node, loc + (key,))
+            return out
+        finally:
+            self.open.discard(id(node))
 
 
 def _format_loc(loc: tuple) -> str:
@@ -196,14 +234,17 @@ def load_recipe(path: str | Path) -> Recipe:
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
-        lines: dict = {}
-        data = _compose(node, lines, (), loader) if node is not None else None
+        walk = _Walk(loader)
+        data = walk.value(node, ()) if node is not None else None
+        lines = walk.lines
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise CompressError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     except CompressError as e:
         raise CompressError(f"{path}:{str(e).removeprefix('line ')}") from None
+    except RecursionError:
+        raise CompressError(f"{path}: values nested too deeply to be a recipe") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import markdown
+
 STAGE_HEADER = ["#", "stage", "settings", "ppl", "Δppl", "KLD", "top-1", "gate", "time"]
 
 
@@ -52,8 +54,9 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """Cells are Markdown: put text from outside through `markdown.text` (which escapes pipes too) first."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -79,15 +82,16 @@ def render_report(manifest: dict) -> str:
     first = manifest["stages"][0]["metrics"]
     recipe = manifest["recipe"]
     parts = [
-        f"# {recipe['name']}: {manifest['status'].upper()}",
+        f"# {markdown.text(recipe['name'])}: {manifest['status'].upper()}",
         "",
-        f"Model `{manifest['model']}`, measured against the full-precision reference `{manifest['reference']}` "
-        f"on {first['tokens']} held-out tokens ({', '.join(recipe['data']['evaluation'])}, windows of "
+        f"Model {markdown.code(manifest['model'])}, measured against the full-precision reference "
+        f"{markdown.code(manifest['reference'])} on {first['tokens']} held-out tokens "
+        f"({markdown.text(', '.join(recipe['data']['evaluation']))}, windows of "
         f"{recipe['data']['eval_window']}). Reference perplexity {first['ref_ppl']:.3f}.",
         "",
         "## Stages",
         "",
-        md_table(stage_header(manifest), stage_rows(manifest)),
+        md_table(stage_header(manifest), [[markdown.text(c) for c in row] for row in stage_rows(manifest)]),
         "",
         "Δppl is relative to the reference; KLD is the mean KL divergence (nats) of next-token distributions "
         "from the reference; top-1 is the share of positions whose most likely token agrees with it.",
@@ -103,13 +107,14 @@ def render_report(manifest: dict) -> str:
             parts.append(f"- Gate of stage {s['index']} `{s['name']}` ({limits}): {verdict}.")
     if manifest.get("source"):
         src = manifest["source"]
-        parts += ["", f"This folder stores only what changed against its source checkpoint `{src['checkpoint']}` "
+        parts += ["", f"This folder stores only what changed against its source checkpoint {markdown.code(src['checkpoint'])} "
                       f"(weights sha256 {src['weights_sha256'][:16]}…), which must stay in place for the folder "
                       "to be used as `--model`."]
     if manifest["artifacts"]:
         parts += ["", "## Artifacts", "", md_table(
             ["path", "format", "bits", "size", "sha256"],
-            [[a["path"], a["format"], str(a["bits"] or "-"), _mib(a["bytes"]), a["sha256"][:16] + "…"]
+            [[markdown.text(a["path"]), markdown.text(a["format"]), str(a["bits"] or "-"), _mib(a["bytes"]),
+              a["sha256"][:16] + "…"]
              for a in manifest["artifacts"]],
         )]
     if manifest["memory_estimate"]:

@@ -51,11 +51,12 @@ def test_a_crash_leaves_no_output_and_keeps_the_old_one(tmp_path, tiny_checkpoin
 
     out.mkdir()
     (out / "keep.txt").write_text("old result")
+    (out / "manifest.json").write_text('{"tool": {"name": "minicpm-compress"}}')  # an earlier output of ours
     result = _run("run", recipe, "--out", out)
     assert result.exit_code == 2 and "output folder exists and is not empty" in result.stderr
     with pytest.raises(RuntimeError):
         _run("run", recipe, "--out", out, "--overwrite")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json"]
 
 
 def test_same_recipe_twice_gives_identical_manifests_and_artifacts(tmp_path, tiny_checkpoint):

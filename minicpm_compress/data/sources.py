@@ -48,7 +48,7 @@ def debian_package(name: str) -> Path:
         if got.returncode != 0 or not debs:
             reason = (got.stderr.strip().splitlines() or ["no .deb downloaded"])[-1]
             raise CompressError(f"cannot fetch Debian package '{name}': {reason}")
-        with atomic.staged_dir(final, overwrite=True) as out:
+        with atomic.staged_dir(final, overwrite=True, replaceable=atomic.own_cache) as out:
             unpacked = _run(["dpkg", "-x", str(debs[0]), str(out)], Path(tmp))
             if unpacked.returncode != 0:
                 raise CompressError(f"cannot unpack {debs[0].name}: {unpacked.stderr.strip()}")

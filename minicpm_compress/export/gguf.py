@@ -40,7 +40,8 @@ from ..models.checkpoint import untied_state_dict
 from ..quant.qweight import GGUF_GRIDS, K_FALLBACK, QuantizedWeight, QuantScheme, quantize
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .gguf_blocks import is_lossless, pack_blocks
-from .gguf_mixture import AUTO_TYPES, parse_size
+from ..sizes import parse_size
+from .gguf_mixture import AUTO_TYPES
 
 # types this module writes itself: legacy types quantized by gguf-py when not already ours, K-quants by our
 # quantizer on their grid (gguf_blocks.py packs both)

@@ -20,7 +20,6 @@ tensor data, and each tensor's data is counted in its blocks with the file's 32-
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -37,17 +36,6 @@ from .gguf_blocks import BLOCK_WIDTH, is_lossless
 # the types `auto` chooses from by default: every type whose blocks hold our codes exactly
 AUTO_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ALIGNMENT = 32  # gguf-py's default data alignment: every tensor's data starts at a multiple of it
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str | int) -> int:
-    """'90MiB', '94.5 MB', '1.2GiB' or a number of bytes → bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]I?B|B)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"size '{text}' is not a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
 def aligned(nbytes: int) -> int:

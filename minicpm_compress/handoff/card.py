@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import markdown
 from ..report import md_table
 from . import tiers
 from .deliverables import Deliverable, deliverables
@@ -72,15 +73,16 @@ def _section(d: Deliverable, manifest: dict, root: Path) -> list[str]:
                         [[f"`{f['path']}`", f"{f['bytes']:,}", f"`{f['sha256']}`"] for f in d.files]), ""]
     for s in d.runtime.snippets(d, root):
         tested = " (run by the test suite on the CI recipe's output)" if s.runs else ""
-        out += [f"{s.title}{tested}:", "", f"```{s.language}", s.code.rstrip("\n"), "```", ""]
+        out += [f"{s.title}{tested}:", "", *markdown.fence(s.code, s.language), ""]
     smoke = details.get("smoke_test")
     if smoke:
         agrees = smoke.get("torch_agrees", len(smoke["tokens"]))
         torch_note = ("" if smoke["by"].startswith("the gated model in torch")
                       else "; the gated model in torch gives the same tokens" if agrees == len(smoke["tokens"])
                       else f"; the gated model in torch agrees on the first {agrees} of {len(smoke['tokens'])}")
-        out += [f"Smoke test: greedy decoding of {json.dumps(smoke['prompt'])} must continue with "
-                f"{json.dumps(smoke['text'])} (token ids {smoke['tokens']}; measured with {smoke['by']}{torch_note}).",
+        out += [f"Smoke test: greedy decoding of {markdown.code(json.dumps(smoke['prompt']))} must continue with "
+                f"{markdown.code(json.dumps(smoke['text']))} (token ids {smoke['tokens']}; measured with "
+                f"{markdown.text(smoke['by'])}{torch_note}).",
                 ""]
     return out
 
@@ -90,15 +92,16 @@ def _tokenizer(load: dict) -> list[str]:
     if not tok:
         return []
     out = ["## Tokenizer and prompt format", "",
-           f"{tok['class']}, {tok['vocab_size']:,} tokens; BOS {json.dumps(tok['bos_token'])} "
-           f"({'added' if tok['adds_bos'] else 'not added'} to plain prompts), EOS {json.dumps(tok['eos_token'])}. "
+           f"{markdown.text(tok['class'])}, {tok['vocab_size']:,} tokens; BOS {markdown.code(json.dumps(tok['bos_token']))} "
+           f"({'added' if tok['adds_bos'] else 'not added'} to plain prompts), EOS "
+           f"{markdown.code(json.dumps(tok['eos_token']))}. "
            "Every runtime folder carries `tokenizer.json`; GGUF files carry the tokenizer and the chat template."]
     if tok.get("chat_template"):
-        out += ["", "Chat template (Jinja, as in `tokenizer_config.json` / `chat_template.jinja`):", "", "```jinja",
-                tok["chat_template"].rstrip("\n"), "```"]
+        out += ["", "Chat template (Jinja, as in `tokenizer_config.json` / `chat_template.jinja`):", "",
+                *markdown.fence(tok["chat_template"], "jinja")]
     vision = load.get("vision")
     if vision:
-        out += ["", f"Images (MiniCPM-V {vision['version']}): llama.cpp's mtmd builds the image block itself from "
+        out += ["", f"Images (MiniCPM-V {markdown.text(vision['version'])}): llama.cpp's mtmd builds the image block itself from "
                 "the mmproj file. Elsewhere each image becomes `<image>` + one `<unk>` slot per query "
                 f"({vision.get('query_num', 64)}) + `</image>` (plus `<slice>` blocks for large images and "
                 "`<image_id>` when the model uses it), then the text; the vision model's output rows replace the "
@@ -118,15 +121,16 @@ def render_handoff(manifest: dict, root: Path) -> str | None:
                                                   "README.md): check it before shipping")
     images = any("image_cosine" in d.metrics for d in items)
     parts = [
-        f"# Hand-off: {manifest['model']} ({manifest['recipe']['name']})", "",
-        f"Compressed from `{manifest['reference']}` ({load['details'].get('model_type', '')}, "
+        f"# Hand-off: {markdown.text(manifest['model'])} ({markdown.text(manifest['recipe']['name'])})", "",
+        f"Compressed from {markdown.code(manifest['reference'])} ({markdown.text(load['details'].get('model_type', ''))}, "
         f"{load['details'].get('parameters', 0) / 1e6:.1f}M parameters) by minicpm-compress "
         f"{manifest['tool']['version']}. Every file below was measured in its own runtime against the original "
-        f"full-precision model on {first['tokens']:,} held-out tokens ({', '.join(data['evaluation'])}): Δppl is "
+        f"full-precision model on {first['tokens']:,} held-out tokens ({markdown.text(', '.join(data['evaluation']))}): Δppl is "
         "the perplexity increase, KLD the mean KL divergence of next-token distributions, top-1 the share of "
         "positions whose most likely next token agrees" + (", img cos the cosine of image features" if images else "")
         + ".", "",
-        f"Licence of the source model: **{licence}**. Your app must comply with it.", "",
+        f"Licence of the source model: **{markdown.text(licence) if load['details'].get('license') else licence}**. "
+        "Your app must comply with it.", "",
         "## Which file to ship", "", *_tier_table(items), "",
         "## Files", "", _overview(items, images), "",
     ]

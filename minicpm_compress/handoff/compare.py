@@ -6,9 +6,9 @@ table marks the frontier: the artifacts no other one beats in both size and KLD.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .. import manifest_schema
 from ..errors import CompressError
 from ..models.source import MANIFEST_NAME
 from ..report import text_table
@@ -20,14 +20,9 @@ HEADER = ["run", "artifact", "runtime", "size", "bits/weight", "Δppl", "KLD", "
 
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        manifest["stages"][0]["metrics"]["tokens"]
-    except FileNotFoundError:
-        raise CompressError(f"{path}: not found; compare takes minicpm-compress output folders") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-        raise CompressError(f"{path}: not a minicpm-compress manifest") from None
-    return manifest
+    if not path.is_file():
+        raise CompressError(f"{path}: not found; compare takes minicpm-compress output folders")
+    return manifest_schema.read_manifest(path)
 
 
 def _measured_on(manifest: dict) -> tuple:

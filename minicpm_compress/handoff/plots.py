@@ -23,7 +23,8 @@ def _figure(width: float = 7.5, height: float = 3.4):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 9, "svg.hashsalt": "minicpm-compress"})
+    # labels carry user strings (folder, model and run names): never read them as math text ("$x$")
+    plt.rcParams.update({"font.size": 9, "svg.hashsalt": "minicpm-compress", "text.parse_math": False})
     return plt, *plt.subplots(figsize=(width, height), dpi=100)
 
 

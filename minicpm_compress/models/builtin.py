@@ -128,8 +128,10 @@ def builtin_path(name: str) -> Path:
         raise CompressError(f"unknown built-in model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
     final = cache_dir("models") / name
     if not (final / "config.json").is_file():
-        with atomic.staged_dir(final, overwrite=True) as tmp:
-            BUILTIN_MODELS[name].build(tmp)
+        with atomic.exclusive(final, wait=True):  # two runs preparing it at once: the second waits, then uses it
+            if not (final / "config.json").is_file():
+                with atomic.staged_dir(final, overwrite=True, replaceable=atomic.own_cache, lock=False) as tmp:
+                    BUILTIN_MODELS[name].build(tmp)
     return final
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CompressError
+from ..manifest_schema import read_manifest
 from .builtin import BUILTIN_MODELS, builtin_path
 
 MANIFEST_NAME = "manifest.json"
@@ -68,12 +68,8 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(spec, builtin_path(spec), spec)
     folder = Path(spec)
     if (folder / MANIFEST_NAME).is_file():
-        try:
-            manifest = json.loads((folder / MANIFEST_NAME).read_text())
-            reference = manifest["reference"]
-            origin = manifest.get("source")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise CompressError(f"{folder / MANIFEST_NAME}: not a minicpm-compress manifest (no 'reference')") from None
+        manifest = read_manifest(folder / MANIFEST_NAME)
+        reference, origin = manifest["reference"], manifest.get("source")
         if manifest.get("status") == "failed":
             raise CompressError(f"{folder / MANIFEST_NAME}: this run failed its gate (status 'failed') and holds "
                                 "no model; rerun it or use an earlier output folder")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -177,6 +177,12 @@ class CheckpointTensors:
         return weights_sha256(self.folder, self.files)
 
 
+def _outside(name: str) -> bool:
+    """A shard name that leaves its folder: absolute, a drive, or climbing with '..'."""
+    return (name.startswith(("/", "\\")) or PureWindowsPath(name).drive != ""
+            or ".." in PurePosixPath(name.replace("\\", "/")).parts)
+
+
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     """The weight files of a checkpoint folder, single-file or sharded (via its index.json)."""
     for index_name, is_pickle in ((SAFETENSORS_INDEX, False), (PICKLE_INDEX, True)):
@@ -184,11 +190,18 @@ def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
         if index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
+                shards = list(weight_map.values())
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise CompressError(f"{index_path}: not a valid shard index (needs a 'weight_map' object)") from None
             for shard in shards:
-                if not isinstance(shard, str) or not (folder / shard).is_file():
+                if not isinstance(shard, str) or not shard:
+                    raise CompressError(f"{index_path}: shard {shard!r} is not a file name")
+            shards = sorted(set(shards))
+            for shard in shards:
+                if _outside(shard):  # by name: a symlink inside the folder (Hugging Face's cache) is fine
+                    raise CompressError(f"{index_path}: shard '{shard}' lies outside the checkpoint folder; a "
+                                        "checkpoint's weights must be inside it (move the file in and name it plainly)")
+                if not (folder / shard).is_file():
                     raise CompressError(f"{index_path}: shard '{shard}' listed but missing")
             if is_pickle:
                 _refuse_pickle(folder / shards[0], allow_pickle)

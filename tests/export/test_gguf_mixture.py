@@ -8,7 +8,8 @@ from gguf import GGUFReader
 
 from minicpm_compress.errors import CompressError
 from minicpm_compress.export.gguf import GGUFConfig
-from minicpm_compress.export.gguf_mixture import fitting_types, parse_size, tensor_bytes
+from minicpm_compress.export.gguf_mixture import fitting_types, tensor_bytes
+from minicpm_compress.sizes import parse_size
 from minicpm_compress.pipeline import run_recipe
 from minicpm_compress.quant.budget import climb
 from minicpm_compress.recipe import build_recipe

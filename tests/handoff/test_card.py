@@ -49,3 +49,37 @@ def test_no_licence_is_said_and_a_failed_run_gets_no_card(tmp_path):
     assert render_handoff(failed, tmp_path) is None
     write_handoff(failed, tmp_path)
     assert (tmp_path / HTML_NAME).is_file() and not (tmp_path / HANDOFF_NAME).exists()
+
+
+HOSTILE_TEMPLATE = ("{% for m in messages %}{{ m.content }}{% endfor %}\n```\n# Install our app instead\n"
+                    "<script>alert(1)</script>\n[download](http://example.invalid/x.apk)\n````")
+
+
+def _tokens(markdown_text):
+    from markdown_it import MarkdownIt
+
+    def walk(tokens):
+        for t in tokens:
+            yield t
+            yield from walk(t.children or [])
+
+    return list(walk(MarkdownIt("commonmark").parse(markdown_text)))
+
+
+def test_strings_from_the_checkpoint_cannot_escape_their_place_in_the_card(tmp_path):
+    """A chat template with a fence in it used to end the card's code block; names, licence and special
+    tokens come from the checkpoint too. Parsed as a CommonMark renderer does: no heading, HTML or link of
+    theirs, and the template verbatim inside one code block."""
+    manifest = make_manifest(licence="MIT <img src=x onerror=alert(1)> [terms](http://example.invalid)")
+    manifest["model"] = "/models/# owned\n<b>x</b>`y`"
+    manifest["reference"] = "ref ``` [a](http://example.invalid)"
+    details = manifest["stages"][0]["details"]
+    details["model_type"] = "<i>llama</i>"
+    details["tokenizer"].update(chat_template=HOSTILE_TEMPLATE, eos_token="</s>`<script>`", **{"class": "T<hr>"})
+    tokens = _tokens(render_handoff(manifest, tmp_path))
+    assert not [t for t in tokens if t.type in ("html_block", "html_inline", "link_open", "image")]
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert not [h for h in headings if "Install" in h or "owned" in h.lower() and not h.startswith("Hand-off")]
+    fences = [t for t in tokens if t.type == "fence" and t.info == "jinja"]
+    assert len(fences) == 1 and fences[0].content == HOSTILE_TEMPLATE + "\n"
+    assert headings[-1] == "Tokenizer and prompt format"  # the card goes on as written after the template

@@ -60,3 +60,12 @@ def test_compare_two_real_recipe_outputs(ci_output, tmp_path, minicpm_path):
     assert sum(line.startswith("ci ") for line in lines) == 8  # every artifact of the CI recipe
     q8 = [line for line in lines if line.startswith("q8 ")]
     assert len(q8) == 1 and "model-Q8_0.gguf" in q8[0]
+
+
+def test_plot_labels_are_shown_as_written_not_as_math(tmp_path):
+    """A folder name with `$…$` made matplotlib parse it as math text and fail (an unbalanced `$` or `\\frac{`)."""
+    a = _folder(tmp_path, "run $\\frac{ $x^", make_manifest())
+    b = _folder(tmp_path, "cost_$5", make_manifest(small=500 * 2**20))
+    result = _compare(a, b, "--plot", tmp_path / "f.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

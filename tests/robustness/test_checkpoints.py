@@ -72,6 +72,18 @@ def _index_not_json(folder):
     (folder / "model.safetensors.index.json").write_text("{ nope")
 
 
+def _shard_elsewhere(folder, pattern):
+    """The second shard moved beside the checkpoint folder and the index pointing at it there (transformers
+    would read it; we refuse any weight file outside the folder)."""
+    _shard(folder, missing=False)
+    name = "model-00002-of-00002.safetensors"
+    (folder / name).rename(folder.parent / name)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    target = None if pattern is None else pattern.format(name=name, parent=folder.parent)
+    index["weight_map"] = {k: (target if v == name else v) for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def _to_pickle(folder):
     torch.save(load_file(str(folder / WEIGHTS)), folder / "pytorch_model.bin")
     (folder / WEIGHTS).unlink()
@@ -119,6 +131,9 @@ BAD_CHECKPOINTS = {
                         ["model.layers.0.self_attn.q_proj.weight", "NaN"]),
     "shard index names a missing shard": (_shard, ["model-00002-of-00002.safetensors"]),
     "shard index not JSON": (_index_not_json, ["model.safetensors.index.json"]),
+    "shard outside the folder by ..": (lambda f: _shard_elsewhere(f, "../{name}"), ["../model-00002", "outside"]),
+    "shard at an absolute path": (lambda f: _shard_elsewhere(f, "{parent}/{name}"), ["/model-00002", "outside"]),
+    "shard name not a string": (lambda f: _shard_elsewhere(f, None), ["model.safetensors.index.json", "not a file name"]),
     "pickle without --allow-pickle": (_to_pickle, ["pytorch_model.bin", "--allow-pickle"]),
 }
 
@@ -208,3 +223,15 @@ def test_unreadable_weights(tmp_path, checkpoint):
     out = tmp_path / "out"
     assert_refused(_rtn(checkpoint, out), 2, WEIGHTS, out=out)
     shutil.rmtree(checkpoint / WEIGHTS)
+
+
+def test_a_shard_symlinked_from_inside_the_folder_is_read(tmp_path, checkpoint):
+    """Hugging Face's cache keeps shards as symlinks into a blobs folder: names inside the folder are fine."""
+    _shard(checkpoint, missing=False)
+    name = "model-00002-of-00002.safetensors"
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (checkpoint / name).rename(blobs / "0123abcd")
+    (checkpoint / name).symlink_to(blobs / "0123abcd")
+    result = _rtn(checkpoint, tmp_path / "out")
+    assert result.exit_code == 0, result.stderr

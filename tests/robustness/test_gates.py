@@ -28,7 +28,7 @@ STAGE_KINDS = {
 def _previous_output(out):
     out.mkdir()
     (out / "model-Q4_0.gguf").write_bytes(b"the good file from yesterday")
-    (out / "manifest.json").write_text('{"status": "passed"}')
+    (out / "manifest.json").write_text('{"tool": {"name": "minicpm-compress"}, "status": "passed"}')
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 

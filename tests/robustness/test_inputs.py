@@ -162,3 +162,27 @@ def test_failed_run_folder_is_not_a_model(tmp_path, checkpoint):
     assert result.exit_code == 3, result.stderr
     out = tmp_path / "out"
     assert_refused(_gguf(failed, out), 2, "manifest.json", "failed", out=out)
+
+
+MANIFEST_DAMAGE = {
+    # case: (edit of the parsed manifest, the key the error must name)
+    "no reference": (lambda m: m.pop("reference"), "reference: missing"),
+    "stages empty": (lambda m: m.update(stages=[]), "stages"),
+    "metrics without tokens": (lambda m: m["stages"][0]["metrics"].pop("tokens"), "stages[0].metrics.tokens: missing"),
+    "artifact path escaping the folder": (lambda m: m["artifacts"][0].update(path="../../etc/passwd"), "artifacts[0].path"),
+    "artifact sha256 not a digest": (lambda m: m["artifacts"][0].update(sha256="abc"), "artifacts[0].sha256"),
+    "not our tool": (lambda m: m["tool"].update(name="other"), "tool.name"),
+    "a list": (lambda m: m.clear(), "(top level)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_DAMAGE))
+def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_key(tmp_path, quantized, case):
+    edit, key = MANIFEST_DAMAGE[case]
+    manifest = json.loads((quantized / "manifest.json").read_text())
+    edit(manifest)
+    (quantized / "manifest.json").write_text(json.dumps(manifest if manifest else [1]))
+    out = tmp_path / "out"
+    assert_refused(_gguf(quantized, out), 2, "manifest.json", key, out=out)
+    result = cli("compare", quantized)  # compare reads manifests through the same schema
+    assert_refused(result, 2, "manifest.json", key)

@@ -32,6 +32,28 @@ BAD_RECIPES = {
     "group size that divides nothing": ("model: smollm2-135m\nstages:\n  - rtn: {bits: 4, group_size: 0}\n",
                                         ["r.yaml", "group_size"]),
     "binary garbage": (b"\x00\x01\x02\xff", ["r.yaml", "UTF-8"]),
+    # a name is a label, never a path (out/NAME is the default output folder)
+    "empty name": ("name: ''\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name", "label"]),
+    "absolute path as name": ("name: /tmp/elsewhere\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    "parent folder as name": ("name: '..'\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    "nested path as name": ("name: a/b\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    "dot as name": ("name: .\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    "name too long": (f"name: {'x' * 65}\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    "name with a newline": ("name: \"a\\nb\"\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    "name a number": ("name: 12\nmodel: smollm2-135m\nstages: [rtn]\n", ["r.yaml:1", "name"]),
+    # YAML that is small on disk but not as data
+    "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                   "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+                   "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+                   "g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\nh: [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]\n"
+                   "model: smollm2-135m\nstages: [rtn]\n", ["r.yaml", "more than 100,000 values"]),
+    "self-referencing alias": ("model: smollm2-135m\ndata: &d {evaluation: *d}\nstages: [rtn]\n",
+                               ["r.yaml:2", "contains it"]),
+    "self-referencing list": ("model: smollm2-135m\nstages: &s [rtn, *s]\n", ["r.yaml:2", "contains it"]),
+    "list as a key": ("model: smollm2-135m\n[a, b]: 1\nstages: [rtn]\n", ["r.yaml:2", "key", "list"]),
+    "mapping as a key": ("model: smollm2-135m\n? {a: 1}\n: 2\nstages: [rtn]\n", ["r.yaml:2", "key", "mapping"]),
+    "nested too deeply": ("model: smollm2-135m\nx: " + "[" * 5000 + "]" * 5000 + "\nstages: [rtn]\n",
+                          ["r.yaml", "nested too deeply"]),
 }
 
 
@@ -73,3 +95,16 @@ def test_cli_misuse_is_a_usage_error(tmp_path, case):
     errors = [line for line in result.stderr.splitlines() if line.lower().startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["''", "..", "/tmp"])
+def test_a_name_never_reaches_files_outside_the_output(tmp_path, name):
+    """`name: ""` with --overwrite used to replace the whole out/ folder, another run's folder and a user's file with it."""
+    (tmp_path / "out" / "other-run").mkdir(parents=True)
+    (tmp_path / "out" / "other-run" / "manifest.json").write_text('{"tool": {"name": "minicpm-compress"}}')
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: {name}\nmodel: smollm2-135m\nstages: [rtn]\n")
+    assert_refused(cli("run", recipe, "--overwrite", cwd=tmp_path), 2, "r.yaml:1", "name")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt", "other-run"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"

@@ -68,3 +68,22 @@ def test_sigterm_during_an_export_leaves_nothing(tmp_path, checkpoint):
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=60) == 143, log.read_text()
     assert not out.exists() and leftovers(out) == []
+
+
+def test_sigkill_during_an_export_leaves_a_staging_folder_the_rerun_removes(tmp_path, checkpoint):
+    """SIGKILL cannot be caught: the dead run's `.out.*.partial` stays until the next run into `out` (which holds
+    the destination's lock, so no live run owns it) removes it."""
+    recipe = write_recipe(tmp_path, checkpoint, "  - rtn: {bits: 4, group_size: 32}\n  - onnx: {bits: 4}\n", name="onnx")
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    process = _start(recipe, out, log)
+    _wait(lambda: "onnx: estimated peak memory" in log.read_text(), process)
+    time.sleep(1.0)
+    assert process.poll() is None, "the export finished within a second; the test needs a longer one"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    stale = leftovers(out)  # what a hard kill leaves: the staging folder, and the lock file (no longer locked)
+    assert len(stale) == 2 and ".out.lock" in stale and [s for s in stale if s.endswith(".partial")] and not out.exists()
+
+    rerun = _start(recipe, out, log)
+    assert rerun.wait(timeout=300) == 0, log.read_text()
+    assert (out / "manifest.json").is_file() and leftovers(out) == []
