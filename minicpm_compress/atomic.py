@@ -254,6 +254,25 @@ def _staging(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class Cast:
+    """A tensor to be stored as another dtype, converted only while the writer writes it (a converted copy of
+    every tensor would otherwise be alive for the whole file)."""
+
+    def __init__(self, tensor, dtype):
+        self.tensor, self.dtype, self.shape = tensor, dtype, tensor.shape
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def element_size(self) -> int:
+        import torch
+
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def materialize(self):
+        return self.tensor.to(self.dtype)
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """A safetensors file, written to a temporary name one tensor at a time, then renamed.
 
@@ -284,7 +303,8 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name in names:
-            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+            t = tensors[name]
+            t = (t.materialize() if isinstance(t, Cast) else t).detach().to("cpu").contiguous().reshape(-1)
             f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
 
 

@@ -169,3 +169,23 @@ def test_quantizing_in_row_slices_is_quantizing_whole(scheme):
     assert seen == [16, 16, 5] and torch.equal(clipped.packed, quantize(w, scheme, clip=torch.full((37, 1), 0.9)).packed)
     with pytest.raises(ValueError, match="K-quant blocks are not quantized in row slices"):
         quantize_rows(w, QuantScheme(layout="Q4_K"), 16)
+
+
+def test_saving_hands_the_writer_the_held_tensors_not_copies(tmp_path, monkeypatch):
+    """A converted copy of every weight's scales used to stay alive for the whole write (0.5 GB at 8B, g32):
+    the writer gets the tensors the weights hold, and float offsets as a Cast made only while written."""
+    from minicpm_compress import atomic
+
+    w = torch.randn(8, 64)
+    sym = quantize(w, QuantScheme(bits=4, group_size=32, symmetric=True))
+    offsets = quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float"))
+    seen = {}
+    real = atomic.save_safetensors
+    monkeypatch.setattr(atomic, "save_safetensors", lambda tensors, path, metadata: (seen.update(tensors),
+                                                                                    real(tensors, path, metadata)))
+    save_qweights({"a": sym, "b": offsets}, tmp_path / "q.safetensors")
+    assert seen["a.codes"] is sym.packed and seen["a.scales"] is sym.stored_scales
+    assert isinstance(seen["b.zeros"], atomic.Cast) and seen["b.zeros"].tensor is offsets.zeros
+    back = load_qweights(tmp_path / "q.safetensors")
+    assert torch.equal(back["b"].dequantize(), offsets.dequantize())
+    assert torch.equal(back["a"].dequantize(), sym.dequantize())
