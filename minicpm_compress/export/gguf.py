@@ -38,9 +38,10 @@ from ..evaluate.greedy import smoke_test
 from ..manifest import artifact_entry
 from ..models.checkpoint import untied_state_dict
 from ..quant.qweight import GGUF_GRIDS, K_FALLBACK, QuantizedWeight, QuantScheme, quantize
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
-from .gguf_blocks import is_lossless, pack_blocks
 from ..sizes import parse_size
+from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from . import gguf_pretokenizers as pretokenizers
+from .gguf_blocks import is_lossless, pack_blocks
 from .gguf_mixture import AUTO_TYPES
 
 # types this module writes itself: legacy types quantized by gguf-py when not already ours, K-quants by our
@@ -52,7 +53,8 @@ K_TYPES = tuple(K_FALLBACK)
 # file type "stored": matrices in the dtype they are held in when GGUF has it (the intermediate file handed to
 # llama.cpp's quantizer: half the size of an F32 one for a bf16 checkpoint, and the same values)
 STORED_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16"}
-# pre-tokenizer settings of byte-level BPE tokenizers → llama.cpp's `tokenizer.ggml.pre`
+# pre-tokenizer settings of byte-level BPE tokenizers that llama.cpp's hash table does not list (our test
+# tokenizers) → llama.cpp's `tokenizer.ggml.pre`
 KNOWN_PRE_TOKENIZERS = {
     json.dumps({"add_prefix_space": False, "trim_offsets": True, "type": "ByteLevel", "use_regex": True},
                sort_keys=True): "gpt-2",
@@ -79,12 +81,14 @@ def _bpe_vocabulary(writer, tokenizer, vocab_size: int, pre: str | None) -> None
     if model.get("type") != "BPE":
         raise CompressError(f"gguf: tokenizer model '{model.get('type')}' is not supported (byte-level BPE or "
                             "SentencePiece with tokenizer.model)")
-    if pre is None:
+    if pre is None:  # as llama.cpp's converter recognises it; else a plain GPT-2 byte-level pre-tokenizer
+        pre, digest = pretokenizers.recognise(tokenizer)
         key = json.dumps(spec.get("pre_tokenizer"), sort_keys=True)
-        pre = KNOWN_PRE_TOKENIZERS.get(key)
+        pre = pre or KNOWN_PRE_TOKENIZERS.get(key)
         if pre is None:
             raise CompressError(
-                "gguf: unknown pre-tokenizer; set the gguf stage's tokenizer_pre to llama.cpp's name for it "
+                "gguf: pre-tokenizer not recognised (llama.cpp's converter would not know it either: check hash "
+                f"{digest[:16]}…); set the gguf stage's tokenizer_pre (--tokenizer-pre) to llama.cpp's name for it "
                 f"(pre_tokenizer: {key[:120]})"
             )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -538,6 +542,7 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
                    + (f", {copied} linears copied" if copied else "") + ", in llama.cpp",
         "type": config.type,
         "file": path.name,
+        "architecture": gguf_architecture(state.config)[0],
         "tensors": paths,
         "bits_per_weight": round(size * 8 / params, 3),
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": config.context,

@@ -36,7 +36,9 @@ class Runtime:
 def _gguf_requirement(d: "Deliverable", manifest: dict) -> str:
     t = d.stage["details"].get("type", "")
     vision = " and libmtmd for the mmproj file" if "mmproj" in d.stage["details"] else ""
-    return (f"llama.cpp with the `minicpm`/`llama` architectures and {t} tensors{vision}; measured with "
+    arch = d.stage["details"].get("architecture")  # older manifests did not record it
+    archs = f"the `{arch}` architecture" if arch else "the `minicpm`/`llama` architectures"
+    return (f"llama.cpp with {archs} and {t} tensors{vision}; measured with "
             f"{RUNTIMES['gguf'].tested_with(manifest)} (its bundled llama.cpp); older builds were not tested")
 
 

