@@ -88,6 +88,12 @@ def _special(tokenizer, text: str) -> int:
     return i
 
 
+def image_id_text(settings: "VLMSettings", index: int = 0) -> str:
+    """The text before image `index`'s block when the model numbers its images (MiniCPM-V 2.6 on): llama.cpp's
+    mtmd does not write it, so an app (and our llama.cpp runner) sends it in front of the image marker."""
+    return f"<image_id>{index}</image_id>" if settings.use_image_id else ""
+
+
 def image_block(tokenizer, settings: "VLMSettings", image: ImagePieces, index: int) -> tuple[list[int], list[bool]]:
     """Token ids and slot flags of one image's placeholder block, newline after it included."""
     unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0

@@ -517,15 +517,18 @@ def export_gguf(config: GGUFConfig, state, ctx: RunContext) -> StageOutcome:
     artifacts.insert(0, artifact_entry(ctx.out_dir, path, f"GGUF {config.type}", int(re.search(r"\d+", bits).group())))
     vision = {}
     if state.vision is not None:  # MiniCPM-V: the vision half as the mmproj file llama.cpp's mtmd loads
+        from ..data.prompts import image_id_text
         from ..models.minicpm import input_scale
         from .mmproj import MtmdRunner, write_mmproj
 
         mmproj = ctx.out_dir / f"mmproj-{config.mmproj_type}.gguf"
-        vision = {"file": mmproj.name, "type": config.mmproj_type, "tensors": write_mmproj(state, mmproj, config.mmproj_type)}
+        vision = {"file": mmproj.name, "type": config.mmproj_type, "tensors": write_mmproj(state, mmproj, config.mmproj_type),
+                  "image_prefix": image_id_text(state.vision.settings)}
         bits = int(re.search(r"\d+", config.mmproj_type).group())
         artifacts.append(artifact_entry(ctx.out_dir, mmproj, f"GGUF mmproj (MiniCPM-V {state.vision.settings.version} "
                                         f"vision, {config.mmproj_type})", bits))
-        runner = MtmdRunner(path, mmproj, ctx.recipe.data.eval_window, input_scale(state.config))
+        runner = MtmdRunner(path, mmproj, ctx.recipe.data.eval_window, input_scale(state.config),
+                            image_id_text(state.vision.settings))
     else:
         runner = LlamaCppRunner(path, ctx.recipe.data.eval_window)
     try:

@@ -125,7 +125,7 @@ class MtmdRunner:
 
     name = "llama.cpp"
 
-    def __init__(self, llm_path: Path, mmproj_path: Path, window: int, scale_emb: float):
+    def __init__(self, llm_path: Path, mmproj_path: Path, window: int, scale_emb: float, image_prefix: str = ""):
         try:
             import llama_cpp
             from llama_cpp import Llama, mtmd_cpp
@@ -134,6 +134,7 @@ class MtmdRunner:
                                 f"(`make install` builds it): {str(e).splitlines()[0]}") from None
         self.lc, self.mtmd = llama_cpp, mtmd_cpp
         self.scale_emb = scale_emb
+        self.image_prefix = image_prefix  # text an app sends before the image marker (`<image_id>0</image_id>`)
         self.llm = Llama(model_path=str(llm_path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
                          n_threads=os.cpu_count() or 1, verbose=False, seed=0, use_mmap=False)
         params = mtmd_cpp.mtmd_context_params_default()
@@ -163,8 +164,8 @@ class MtmdRunner:
         data = np.ascontiguousarray(rgb, dtype=np.uint8)
         bitmap = m.mtmd_bitmap_init(data.shape[1], data.shape[0], data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
         chunks = m.mtmd_input_chunks_init()
-        marker = m.mtmd_default_marker()
-        text = m.mtmd_input_text(marker, len(marker), False, True)
+        prompt = self.image_prefix.encode() + m.mtmd_default_marker()
+        text = m.mtmd_input_text(prompt, len(prompt), False, True)
         with native_log(), contextlib.ExitStack() as cleanup:
             cleanup.callback(m.mtmd_bitmap_free, bitmap)
             cleanup.callback(m.mtmd_input_chunks_free, chunks)

@@ -45,8 +45,11 @@ print(out["choices"][0]["text"])
 llama-cli -m {model}        # chat, with the chat template stored in the file
 ''', runs=False)]
     if "mmproj" in details:
+        prefix = details["mmproj"].get("image_prefix", "")
+        note = (f"\n# this model numbers its images: mtmd does not, so put {prefix} before the image marker "
+                "(<__media__>) in a prompt" if prefix else "")
         out.append(Snippet("llama.cpp with images (mtmd)", "sh", f'''llama-mtmd-cli -m {model} --mmproj {details["mmproj"]["file"]} \\
-    --image photo.jpg -p "What is in this image?"
+    --image photo.jpg -p "What is in this image?"{note}
 ''', runs=False))
     return out
 

@@ -46,15 +46,18 @@ def test_llama_cpp_with_mmproj_measures_like_the_gated_model(tmp_path, image_fol
     assert (tmp_path / "out" / "mmproj-F16.gguf").is_file() and (tmp_path / "out" / "mmproj-Q4_0.gguf").is_file()
 
 
-@pytest.mark.parametrize("version", ["2.6", "4.5"])
-def test_qwen_layouts_in_llama_cpp(version, tmp_path, vlm_tokenizer):
+@pytest.mark.parametrize("version, image_id", [("2.6", False), ("2.6", True), ("4.5", False)])
+def test_qwen_layouts_in_llama_cpp(version, image_id, tmp_path, vlm_tokenizer):
     """MiniCPM-V 2.6 (Qwen2 LLM, llama.cpp arch qwen2) and 4.5 (Qwen3): LLM GGUF + mmproj on tiny configs,
     448² held-out images sliced 3 × 3 at the tiny 112-pixel slice size (llama.cpp slices up to 9 pieces, as
-    the config now says), float files: llama.cpp computes what torch computes."""
+    the config now says), float files: llama.cpp computes what torch computes. With `use_image_id` (real 2.6
+    checkpoints) mtmd leaves `<image_id>0</image_id>` out: it goes in the text before the image marker, as
+    an app sends it (it used to stop with 'llama.cpp lays out image … that differ from the prompt's block')."""
     from ..conftest import write_tiny_vlm
 
-    folder = write_tiny_vlm(tmp_path / version, version, vlm_tokenizer, use_image_id=False, max_slice_nums=9)
+    folder = write_tiny_vlm(tmp_path / version, version, vlm_tokenizer, use_image_id=image_id, max_slice_nums=9)
     recipe = build_recipe(name="t", model=str(folder), data={"eval_tokens": 1024, "eval_window": 256},
                           stages=[{"gguf": {"type": "F32", "mmproj_type": "F32"}}])
     _load, gguf = run_recipe(recipe, tmp_path / "out").stages
     assert gguf.metrics.kld < 1e-3 and gguf.metrics.top1 > 0.99 and gguf.metrics.image_cosine > 0.9999
+    assert gguf.details["mmproj"]["image_prefix"] == ("<image_id>0</image_id>" if image_id else "")
