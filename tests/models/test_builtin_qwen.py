@@ -86,3 +86,17 @@ def test_gguf_export_end_to_end_in_llama_cpp(tmp_path, qwen_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text)["input_ids"]
     finally:
         llm.close()
+
+
+def test_the_benchmark_vlm_runs_through_llama_cpp_with_image_ids(tmp_path):
+    """minicpmv-qwen2.5: MiniCPM-V 2.6 layout with use_image_id (as real 2.6 checkpoints), the trained tower,
+    the pretrained LLM; an F16 mmproj through mtmd gives the torch model's image features."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: vlm\nmodel: minicpmv-qwen2.5\ndata: {eval_tokens: 512, eval_window: 512}\n"
+                      "stages:\n  - gguf: {type: Q8_0, mmproj_type: F16}\n")
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    load, gguf = manifest["stages"]
+    assert load["details"]["vision"]["version"] == "2.6" and gguf["details"]["mmproj"]["image_prefix"] == "<image_id>0</image_id>"
+    assert gguf["metrics"]["image_cosine"] > 0.999 and gguf["metrics"]["kld"] < 0.01, gguf["metrics"]
