@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/minicpm-compress models --prepare
+	$(BIN)/minicpm-compress models --prepare minicpm-smollm2
 	$(BIN)/minicpm-compress run recipes/demo.yaml --out out/demo --overwrite
 
 # report.html is checked in a real browser: headless Chromium from Debian's packages (needs root or sudo).

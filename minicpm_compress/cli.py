@@ -150,13 +150,19 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
 
 
 @main.command()
-@click.option("--prepare", is_flag=True, help="prepare (download-free) every built-in model into the cache now")
+@click.argument("names", nargs=-1)
+@click.option("--prepare", is_flag=True, help="prepare the named built-in models (all without names) into the cache now")
 @_reports_errors
-def models(prepare: bool):
-    """List the built-in models."""
+def models(names: tuple[str, ...], prepare: bool):
+    """List the built-in models (NAMES: only these)."""
     from .models.builtin import BUILTIN_MODELS, builtin_path, is_prepared
 
+    unknown = [n for n in names if n not in BUILTIN_MODELS]
+    if unknown:
+        raise CompressError(f"unknown built-in model '{unknown[0]}' (known: {', '.join(BUILTIN_MODELS)})")
     for name, m in BUILTIN_MODELS.items():
+        if names and name not in names:
+            continue
         path = builtin_path(name) if prepare else None
         state = f"prepared at {path}" if path else ("prepared" if is_prepared(name) else "not prepared yet")
         click.echo(f"{name:18} {m.description}  [{state}]")
