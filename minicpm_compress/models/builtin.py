@@ -24,7 +24,7 @@ from .. import atomic
 from . import builtin_qwen
 from ..cache import cache_dir
 from ..errors import CompressError
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_from_gguf, load_checkpoint, save_checkpoint
 from .minicpm import MiniCPMConfig, MiniCPMForCausalLM
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,17 +56,7 @@ def _gguf_path() -> Path:
 
 
 def _build_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = _gguf_path()
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    settings = loaded.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "architectures"):
-        settings.pop(key, None)
-    model = LlamaForCausalLM(LlamaConfig.from_dict(settings))
-    model.load_state_dict(loaded.state_dict())
-    save_checkpoint(model, tokenizer, out)
+    checkpoint_from_gguf(_gguf_path(), out)
 
 
 def minicpm_from_llama(model: torch.nn.Module, scale_emb: float, scale_depth: float,

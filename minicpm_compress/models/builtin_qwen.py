@@ -71,19 +71,7 @@ def gguf_file() -> Path:
 
 
 def build(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from .checkpoint import checkpoint_from_gguf
 
-    from .checkpoint import save_checkpoint
-
-    gguf = gguf_file()
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    settings = loaded.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
-        settings.pop(key, None)
-    settings["architectures"] = ["Qwen2ForCausalLM"]  # tools that build from a folder (ORT GenAI's builder) need it
-    model = Qwen2ForCausalLM(Qwen2Config.from_dict(settings))
-    model.load_state_dict(loaded.state_dict())
-    del loaded
-    save_checkpoint(model.eval(), tokenizer, out)
+    # architectures: tools that build from a folder (ORT GenAI's model builder, vLLM) need it
+    checkpoint_from_gguf(gguf_file(), out, architectures=["Qwen2ForCausalLM"])

@@ -151,6 +151,24 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: di
             atomic.write_bytes(folder / "tokenizer.model", spm.read_bytes())
 
 
+def checkpoint_from_gguf(gguf: Path, out: Path, architectures: list[str] | None = None) -> None:
+    """A float32 checkpoint folder (weights, config, tokenizer) from a GGUF file, dequantized by transformers'
+    GGUF reader; `architectures` written to config.json when given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    settings = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "architectures"):
+        settings.pop(key, None)
+    if architectures:
+        settings["architectures"] = architectures
+    model = type(loaded)(type(loaded.config).from_dict(settings))
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    save_checkpoint(model.eval(), tokenizer, out)
+
+
 def config_dict(config) -> dict:
     """A config as written to config.json (without the keys that name a writer, a path or remote code)."""
     d = config.to_dict()
