@@ -175,7 +175,10 @@ def main() -> None:
     for model in args.models.split(","):
         entry = {"baseline_peak_rss_mib": _child("--one", model, "w4-g128-asym", "baseline", *common)["peak_rss_mib"]}
         for setting in args.settings.split(","):
-            rows = {m: _child("--one", model, setting, m, *common) for m in args.methods.split(",")}
+            rows = {}
+            for m in args.methods.split(","):
+                rows[m] = _child("--one", model, setting, m, *common)
+                print(json.dumps({"model": model, "setting": setting, "method": m, **rows[m]}), file=sys.stderr, flush=True)
             if setting in args.llmcompressor_settings.split(",") and model in args.llmcompressor_models.split(","):
                 for method in ("awq", "gptq"):
                     rows[f"llm-compressor {method}"] = llmcompressor(model, setting, method, args)
