@@ -182,6 +182,8 @@ def main() -> None:
             if setting in args.llmcompressor_settings.split(",") and model in args.llmcompressor_models.split(","):
                 for method in ("awq", "gptq"):
                     rows[f"llm-compressor {method}"] = llmcompressor(model, setting, method, args)
+                    print(json.dumps({"model": model, "setting": setting, "method": f"llm-compressor {method}",
+                                      **rows[f"llm-compressor {method}"]}), file=sys.stderr, flush=True)
             rtn_gap = rows["rtn"]["ppl_increase"] if "rtn" in rows else None
             for row in rows.values():
                 if rtn_gap and "ppl_increase" in row:
