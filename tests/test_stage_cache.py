@@ -89,6 +89,11 @@ def test_a_reused_stage_meets_the_new_gate_and_a_changed_cached_file_is_not_reus
 
 
 def _set_chat_template(folder, template):
+    """Where transformers reads it: chat_template.jinja wins over tokenizer_config.json when both exist
+    (transformers 5 saves the template to the .jinja file), so a template is set in the one it reads."""
+    if (folder / "chat_template.jinja").is_file():
+        (folder / "chat_template.jinja").write_text(template)
+        return
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(config))

@@ -46,6 +46,17 @@ def test_streamed_evaluation_equals_the_whole_model(model_type, tiny_checkpoint,
     assert a.kld > 0.001 and abs(a.kld - b.kld) < 1e-6 and abs(a.ppl - b.ppl) / b.ppl < 1e-5 and a.top1 == b.top1
 
 
+def _manifest(folder, artifacts, weights_sha256):
+    """The smallest manifest the schema accepts (the loader validates every manifest it reads back)."""
+    metrics = {"ppl": 1.0, "kld": 0.0, "top1": 1.0, "ref_ppl": 1.0, "tokens": 1, "ppl_increase": 0.0}
+    stage = {"index": 0, "name": "awq", "settings": {}, "details": {}, "metrics": metrics, "gate": None,
+             "gate_passed": None, "failures": [], "wall_s": 0.0}
+    return {"tool": {"name": "minicpm-compress", "version": "test"}, "status": "passed", "model": None,
+            "reference": str(folder), "recipe": {"name": "t", "data": {"evaluation": ["t"]}}, "stages": [stage],
+            "artifacts": artifacts,
+            "source": {"checkpoint": str(folder.resolve()), "weights_sha256": weights_sha256}}
+
+
 def test_awq_keeps_scales_as_vectors_and_a_folder_round_trips(tmp_path, tiny_checkpoint):
     from minicpm_compress.manifest import write_model
 
@@ -65,9 +76,7 @@ def test_awq_keeps_scales_as_vectors_and_a_folder_round_trips(tmp_path, tiny_che
     out = tmp_path / "awq-out"
     out.mkdir()
     artifacts = write_model(state, out)
-    (out / "manifest.json").write_text(json.dumps({
-        "reference": str(folder), "artifacts": artifacts,
-        "source": {"checkpoint": str(folder.resolve()), "weights_sha256": state.weights.base.fingerprint()}}))
+    (out / "manifest.json").write_text(json.dumps(_manifest(folder, artifacts, state.weights.base.fingerprint())))
     changes = (out / "modified.safetensors").stat().st_size
     assert changes < 0.05 * (folder / "model.safetensors").stat().st_size  # norms and scale vectors only
     again = _open(out)

@@ -28,7 +28,7 @@ from ..errors import CompressError
 from ..layerwise import layer_grams, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
-from ..quant.awq import relative_error
+from ..quant.output_error import relative_error
 from ..quant.budget import climb
 from ..quant.qweight import QuantizedWeight, QuantScheme, quantize
 from .gguf_blocks import BLOCK_WIDTH, is_lossless

@@ -36,6 +36,7 @@ from ..models.architectures import layer_prefix
 from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from .budget import BudgetConfig, apply_budget, promotion_errors
+from .output_error import output_error, relative_error
 from .qweight import QuantScheme, QuantizedWeight, group_view, quantize
 
 
@@ -49,16 +50,6 @@ class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
                                "token) or by the output of the block they feed (AutoAWQ's; over block_tokens tokens)")
     block_tokens: int = Field(4096, ge=1, description="calibration tokens the block objective runs the block on")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward")
-
-
-def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Σ over tokens of the squared output error for weight errors `delta` [..., out, in]: tr(Δ G Δᵀ)."""
-    return ((delta @ gram) * delta).sum(dim=(-2, -1))
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """Output error of `approx` in place of `weight`, relative to the output's own energy (both through G)."""
-    return output_error(weight - approx, gram).item() / max(output_error(weight, gram).item(), 1e-30)
 
 
 def _effective(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from ..errors import CompressError
+from .output_error import relative_error
 from .qweight import QuantScheme, QuantizedWeight, quantize
 
 
@@ -56,8 +57,6 @@ def promotions(scheme: QuantScheme) -> list[QuantScheme]:
 
 def promotion_errors(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme) -> list[float]:
     """Relative output error of `weight` rounded to nearest at each promotion, over the Gram matrix's tokens."""
-    from .awq import relative_error  # awq imports this module
-
     return [relative_error(weight, quantize(weight, up).dequantize(), gram.float()) for up in promotions(scheme)]
 
 

@@ -36,6 +36,7 @@ from ..progress import progress
 from ..stages import RunContext, StageConfig, StageOutcome, register_stage
 from . import awq  # used at call time: importing awq first (it registers its stage) comes back here
 from .budget import BudgetConfig, apply_budget, promotion_errors
+from .output_error import relative_error
 from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, round_codes
 
 
@@ -128,7 +129,7 @@ def gptq_layer(layer: torch.nn.Module, prefix: str, grams: dict[str, torch.Tenso
         except CompressError as e:
             raise CompressError(f"gptq: '{prefix}.{name}': {e}") from None
         gram = grams[name].float()
-        errors[f"{prefix}.{name}"] = awq.relative_error(weight, q.dequantize(), gram)
+        errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
         if config.budgeted:
             errors_up[f"{prefix}.{name}"] = promotion_errors(weight, gram, scheme)
         qweights[f"{prefix}.{name}"] = q.to("cpu")

@@ -9,7 +9,8 @@ from minicpm_compress.layerwise import InputStatistics, first_layer_inputs, run_
 from minicpm_compress.models.architectures import ARCHITECTURES, decoder_layers
 from minicpm_compress.models.source import ModelSource
 from minicpm_compress.pipeline import run_recipe
-from minicpm_compress.quant.awq import AWQConfig, _fold, apply_awq, output_error, search_scales
+from minicpm_compress.quant.awq import AWQConfig, _fold, apply_awq, search_scales
+from minicpm_compress.quant.output_error import output_error
 from minicpm_compress.quant.qweight import QuantScheme, quantize
 from minicpm_compress.recipe import build_recipe
 from minicpm_compress.stages import RunContext

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minicpm_compress.pipeline import run_recipe
-from minicpm_compress.quant.awq import output_error
+from minicpm_compress.quant.output_error import output_error
 from minicpm_compress.quant.gptq import GPTQConfig, apply_gptq, gptq_quantize
 from minicpm_compress.quant.qweight import QuantScheme, encode, group_params, quantize
 from minicpm_compress.recipe import build_recipe
