@@ -13,7 +13,7 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CMAKE := -DLLAVA_BUILD=ON -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 LLAMA_CPP_WHEELS := $(MINICPM_COMPRESS_CACHE)/wheels/llama-cpp-mtmd
 
-.PHONY: install browser demo test bench bench-scale clean
+.PHONY: install test-tools demo test bench bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -34,11 +34,13 @@ demo: install
 	$(BIN)/minicpm-compress models --prepare minicpm-smollm2
 	$(BIN)/minicpm-compress run recipes/demo.yaml --out out/demo --overwrite
 
-# report.html is checked in a real browser: headless Chromium from Debian's packages (needs root or sudo).
-browser:
-	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+# Tools the tests run, from Debian's packages (needs root or sudo): headless Chromium checks report.html in a
+# real browser; Go's text/template renders the Ollama Modelfile's template as Ollama does.
+test-tools:
+	command -v chromium >/dev/null 2>&1 && command -v go >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium golang-go)
 
-test: install browser
+test: install test-tools
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -135,9 +135,15 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
                                                               if r.failures else ""), err=True)
 
     def show(folder: Path) -> None:
-        click.echo("\n" + summary(json.loads((folder / "manifest.json").read_text())))
+        from .chat import try_table
+
+        manifest = json.loads((folder / "manifest.json").read_text())
+        click.echo("\n" + summary(manifest))
         written = [n for n in ("HANDOFF.md", "report.html", "report.md", "manifest.json") if (folder / n).is_file()]
         click.echo(f"\nwrote {folder}/ ({', '.join(written)})")
+        tried = try_table(manifest, folder)
+        if tried:
+            click.echo("\n" + tried)
 
     try:
         run_recipe(recipe, out, overwrite=overwrite, on_stage=on_stage, on_start=on_start,
@@ -513,6 +519,68 @@ def compare(folders: tuple[Path, ...], plot: Path | None):
     click.echo(compare_runs(list(folders), plot))
     if plot is not None:
         click.echo(f"\nwrote {plot}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--artifact", default=None, help="gguf, onnx, coreml, torch, or an artifact's file/folder name "
+              "(default: the first GGUF or ONNX artifact, else the folder's torch model)")
+@click.option("--prompt", default=None, help="answer this once and exit (without it: an interactive chat)")
+@click.option("--system", default=None, help="a system message before the conversation")
+@click.option("--max-tokens", type=click.IntRange(1, 1024), default=128, show_default=True,
+              help="answer length at most (the prompt and the answer share a 2,048-token context)")
+@click.option("--compare", is_flag=True, help="also answer with the full-precision reference model, side by side")
+@click.option("--json", "as_json", is_flag=True, help="with --prompt: print the answer(s) as JSON, no streaming")
+@_reports_errors
+def chat(folder: Path, artifact: str | None, prompt: str | None, system: str | None, max_tokens: int, compare: bool,
+         as_json: bool):
+    """Talk to an output folder's artifact in its own runtime (greedy decoding, the model's chat template)."""
+    import json
+
+    from .chat import open_chat, shared_prefix
+
+    if as_json and prompt is None:
+        raise CompressError("--json: needs --prompt (an interactive chat is not JSON)")
+    session = open_chat(folder, artifact, context=2048)
+    reference = session.reference() if compare else None
+    click.echo(f"{session.artifact} in {session.decoder.label}" + (" (and the reference in torch)" if compare else "")
+               + ("" if prompt else "; an empty line or Ctrl-D ends"), err=True)
+
+    def turn(text: str) -> None:
+        ids = session.prompt_ids(text, system, answer_room=max_tokens)
+        stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+        if reference is not None and not as_json:
+            click.echo(f"[{session.artifact}] ", nl=False)
+        answer = session.answer(ids, max_tokens, stream=stream)
+        result = {"artifact": session.artifact, "runtime": session.decoder.label, "prompt_ids": ids,
+                  "answer": answer.as_dict()}
+        if not as_json:
+            click.echo("")
+            click.echo(f"({len(answer.ids)} tokens, {answer.as_dict()['tokens_per_s'] or 0} tokens/s"
+                       + ("" if answer.stopped else f", stopped at --max-tokens {max_tokens}") + ")", err=True)
+        if reference is not None:
+            if not as_json:
+                click.echo("[reference] ", nl=False)
+            ref = session.answer(ids, max_tokens, decoder=reference, stream=stream)
+            shared = shared_prefix(answer.ids, ref.ids)
+            result.update(reference=ref.as_dict(), shared_tokens=shared)
+            if not as_json:
+                click.echo(f"\n(the two answers share their first {shared} of {len(ref.ids)} tokens)")
+        if as_json:
+            click.echo(json.dumps(result, ensure_ascii=False))
+        session.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer.text}]
+
+    if prompt is not None:
+        turn(prompt)
+        return
+    while True:
+        try:
+            text = click.prompt(">>>", default="", show_default=False, prompt_suffix=" ", err=True)
+        except click.Abort:
+            break
+        if not text.strip():
+            break
+        turn(text)
 
 
 def _int(value: str, option: str) -> int:

@@ -17,7 +17,10 @@ def write_handoff(manifest: dict, root: Path) -> None:
     from .card import render_handoff
     from .html import render_html
 
+    from .ollama import write_modelfiles
+
     atomic.write_text(root / HTML_NAME, render_html(manifest))
+    write_modelfiles(manifest, root)
     card = render_handoff(manifest, root)
     if card is not None:
         atomic.write_text(root / HANDOFF_NAME, card)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,6 +44,11 @@ print(out["choices"][0]["text"])
         Snippet("llama.cpp command line", "sh", f'''llama-completion -m {model} -no-cnv -p {json.dumps(prompt)} -n {n} --temp 0
 llama-cli -m {model}        # chat, with the chat template stored in the file
 ''', runs=False)]
+    stem = PurePosixPath(model).stem
+    out.append(Snippet("Ollama and LM Studio", "sh", f'''ollama create {stem.lower()} -f {stem}.Modelfile   # in this folder; the Modelfile holds the chat template
+ollama run {stem.lower()}
+lms import {model}        # LM Studio reads the chat template stored in the file
+''', runs=False))
     if "mmproj" in details:
         prefix = details["mmproj"].get("image_prefix", "")
         note = (f"\n# this model numbers its images: mtmd does not, so put {prefix} before the image marker "
