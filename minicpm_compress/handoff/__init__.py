@@ -1,4 +1,5 @@
-"""What the people who receive an output folder read: HANDOFF.md (the model card) and report.html.
+"""What the people who receive an output folder read: HANDOFF.md (the model card), report.html, and an
+Ollama Modelfile beside each GGUF file.
 
 Both are rendered from the manifest (plus, for Core ML, the packages' specs), beside report.md.
 """
@@ -16,7 +17,6 @@ HTML_NAME = "report.html"
 def write_handoff(manifest: dict, root: Path) -> None:
     from .card import render_handoff
     from .html import render_html
-
     from .ollama import write_modelfiles
 
     atomic.write_text(root / HTML_NAME, render_html(manifest))
