@@ -186,7 +186,7 @@ def _pick(deliverables: list, artifact: str | None, folder: Path):
     if artifact == "torch":
         return None
     if artifact is None:
-        runnable = [d for d in deliverables if d.runtime.stage in ("gguf", "onnx")]
+        runnable = [d for d in deliverables if d.runtime.stage in RUNS_HERE]
         return runnable[0] if runnable else None
     for d in deliverables:
         if artifact in (d.runtime.stage, d.name, d.name.rstrip("/")):
