@@ -7,7 +7,7 @@ g128 asym (576-wide rows: blocks of 64 with repeated scales); int8 per-channel s
 unquantized embedding instead of int8. Each package is read back (spec + weight blob), its weights checked
 against the codes written and measured in torch against the float model and against the gated torch
 model the codes came from. The compute precision is chosen as the stage does: the float16 range check on
-calibration text, and where it fails the power-of-two float16 rewrite (export/float16_fit.py); a float16
+calibration text, and where it fails the power-of-two float16 rewrite (export/coreml/float16_fit.py); a float16
 package's read-back model is also run in float16 (torch) on 8 held-out windows (`float16_simulation`).
 Predictions on a device need macOS; none are made here.
 """
@@ -41,20 +41,14 @@ def main() -> None:
 
     from minicpm_compress.data.textsets import calibration_samples, evaluation_windows
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.export.coreml import (
-        PACKAGE_NAME,
-        CoreMLConfig,
-        activation_peaks,
-        fit_float16,
-        float16_overflow,
-        read_back_model,
-        read_back_weights,
-        write_coreml,
-    )
-    from minicpm_compress.export.float16_fit import simulate_float16
+    from minicpm_compress.export.coreml.program import PACKAGE_NAME, read_back_model, read_back_weights
+    from minicpm_compress.export.coreml.stage import CoreMLConfig, write_coreml
+    from minicpm_compress.export.coreml.float16_fit import activation_peaks, fit_float16, float16_overflow
+    from minicpm_compress.export.coreml.float16_fit import simulate_float16
     from minicpm_compress.models.architectures import quantizable_linears
-    from minicpm_compress.models.checkpoint import load_checkpoint, untied_state_dict
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.models.checkpoint import untied_state_dict
+    from minicpm_compress.state import load_checkpoint
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.quant.qweight import QuantScheme, quantize
     from minicpm_compress.state import ModelState
 

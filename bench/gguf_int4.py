@@ -27,10 +27,12 @@ def main() -> None:
 
     from minicpm_compress.data.textsets import evaluation_windows
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.export.gguf import LlamaCppRunner, llama_cpp_quantize, write_gguf
-    from minicpm_compress.models.builtin import builtin_path
-    from minicpm_compress.models.checkpoint import load_checkpoint
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.export.gguf.llama_cpp import LlamaCppRunner
+    from minicpm_compress.export.gguf.llama_cpp import llama_cpp_quantize
+    from minicpm_compress.export.gguf.writer import write_gguf
+    from minicpm_compress.builtin import builtin_path
+    from minicpm_compress.state import load_checkpoint
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.quant.awq import AWQConfig, apply_awq
     from minicpm_compress.recipe import build_recipe
     from minicpm_compress.stages import RunContext

@@ -103,7 +103,7 @@ def _calibration_file(model: str, args, path: Path) -> None:
     from safetensors.torch import save_file
 
     from minicpm_compress.data.textsets import calibration_samples
-    from minicpm_compress.models.builtin import builtin_path
+    from minicpm_compress.builtin import builtin_path
     from minicpm_compress.models.checkpoint import load_tokenizer
 
     recipe = _recipe(model, "w4-g128-asym", None, args)
@@ -114,7 +114,7 @@ def _calibration_file(model: str, args, path: Path) -> None:
 
 
 def llmcompressor(model: str, setting: str, method: str, args) -> dict:
-    from minicpm_compress.models.builtin import builtin_path
+    from minicpm_compress.builtin import builtin_path
 
     s = SETTINGS[setting]
     with tempfile.TemporaryDirectory(prefix="llmc-", dir=ROOT / ".cache/bench") as tmp:

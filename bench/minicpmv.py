@@ -46,10 +46,10 @@ def main() -> None:
     from minicpm_compress.data.prompts import image_prompts
     from minicpm_compress.data.textsets import evaluation_windows
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.export.mmproj import MtmdRunner
-    from minicpm_compress.export.onnx_vision import OnnxVisionRunner
+    from minicpm_compress.export.gguf.mmproj import MtmdRunner
+    from minicpm_compress.export.onnx.vision import OnnxVisionRunner
     from minicpm_compress.models.minicpm import input_scale
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.pipeline import run_recipe
     from minicpm_compress.recipe import build_recipe
     from minicpm_compress.state import ModelState

@@ -107,10 +107,11 @@ def main() -> None:
 
     from minicpm_compress.data.textsets import evaluation_windows
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.export.onnx import OnnxConfig, OnnxRunner, decode_tokens_per_s, write_onnx
+    from minicpm_compress.export.onnx.stage import OnnxConfig, write_onnx
+    from minicpm_compress.export.onnx.runner import OnnxRunner, decode_tokens_per_s
     from minicpm_compress.models.architectures import quantizable_linears
-    from minicpm_compress.models.checkpoint import load_checkpoint
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.state import load_checkpoint
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.quant.qweight import QuantScheme, quantize
     from minicpm_compress.state import ModelState
 

@@ -37,8 +37,8 @@ def main() -> None:
     from minicpm_compress.data.textsets import calibration_samples, evaluation_windows
     from minicpm_compress.errors import CompressError
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.models.checkpoint import load_checkpoint
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.state import load_checkpoint
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.pipeline import run_recipe
     from minicpm_compress.prune.scores import measure
     from minicpm_compress.prune.stage import PruneConfig, prune_model

@@ -18,11 +18,11 @@ import torch
 
 from minicpm_compress.data.textsets import evaluation_windows
 from minicpm_compress.evaluate.evaluator import Evaluator
-from minicpm_compress.models.builtin import builtin_path
-from minicpm_compress.models.checkpoint import load_checkpoint
+from minicpm_compress.builtin import builtin_path
+from minicpm_compress.state import load_checkpoint
 from minicpm_compress.quant.qweight import QuantScheme
 from minicpm_compress.quant.rtn import RTNConfig, apply_rtn
-from minicpm_compress.models.source import resolve_model
+from minicpm_compress.resolve import resolve_model
 from minicpm_compress.state import ModelState
 
 SCHEMES = [

@@ -36,7 +36,7 @@ def write_checkpoint(folder: Path, seed: int = 0, layers: int | None = None) -> 
     import torch
     from safetensors.torch import save_file
 
-    from minicpm_compress.models.builtin import builtin_path
+    from minicpm_compress.builtin import builtin_path
     from minicpm_compress.models.checkpoint import config_dict, load_tokenizer
     from minicpm_compress.models.minicpm import MiniCPMConfig
     from minicpm_compress.state import build_skeleton
@@ -151,7 +151,7 @@ def run_8b(args) -> dict:
     ckpt = base / "minicpm4-8b-shaped"
     t = time.perf_counter()
     write_checkpoint(ckpt)
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.state import ModelState
 
     state = ModelState.open(resolve_model(str(ckpt)))

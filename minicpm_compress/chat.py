@@ -200,7 +200,7 @@ def open_chat(folder: Path, artifact: str | None = None, context: int = 2048) ->
     from .handoff.compare import read_manifest
     from .handoff.deliverables import deliverables
     from .models.checkpoint import load_tokenizer
-    from .models.source import resolve_model
+    from .resolve import resolve_model
     from .state import ModelState
 
     folder = Path(folder)

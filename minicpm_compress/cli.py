@@ -161,7 +161,7 @@ def _run(recipe, out: Path | None, overwrite: bool) -> None:
 @_reports_errors
 def models(names: tuple[str, ...], prepare: bool):
     """List the built-in models (NAMES: only these)."""
-    from .models.builtin import BUILTIN_MODELS, builtin_path, is_prepared
+    from .builtin import BUILTIN_MODELS, builtin_path, is_prepared
 
     unknown = [n for n in names if n not in BUILTIN_MODELS]
     if unknown:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ResourceError
+from .models import architectures
 
 if TYPE_CHECKING:
     from .quant.qweight import QuantizedWeight
@@ -25,7 +26,7 @@ def quantized_bytes(q: "QuantizedWeight") -> int:
 
 def kv_cache_bytes(config, context: int = DEFAULT_CONTEXT) -> int:
     """Keys and values of every layer for `context` tokens, in float16."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = architectures.head_dim(config)
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * 2
 
 
@@ -142,14 +143,15 @@ def disk_estimate(state: "ModelState", config) -> int:
     return int(linear * bits / 8 * 1.1 + (other + vision) * 4)
 
 
-def check_memory(name: str, estimate: dict, enforce: bool) -> None:
-    """Refuse a stage whose estimated peak exceeds the memory available now (unless told not to)."""
+def check_memory(name: str, estimate: dict, enforce: bool, hint: str = "") -> None:
+    """Refuse a stage whose estimated peak exceeds the memory available now (unless told not to); `hint`
+    names a setting of the stage that needs less."""
     available = available_memory()
     if enforce and estimate["bytes"] > available:
         biggest = max(estimate["parts"], key=estimate["parts"].get)
         raise ResourceError(
             f"stage '{name}' needs about {estimate['bytes'] / GIB:.1f} GiB (mostly {biggest}), "
-            f"{available / GIB:.1f} GiB is available; use a machine with more memory or pass --no-memory-check"
+            f"{available / GIB:.1f} GiB is available; {hint}use a machine with more memory or pass --no-memory-check"
         )
 
 

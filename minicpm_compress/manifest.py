@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from .pipeline import RunRecord
     from .state import ModelState
 
-REPORT_NAME = "report.md"
-
-
 def artifact_entry(root: Path, path: Path, fmt: str, bits: int | None) -> dict:
     """A manifest entry for a file written under the output folder `root`."""
     return {
@@ -130,9 +127,8 @@ def build_manifest(record: "RunRecord", artifacts: list[dict], source: dict | No
 
 
 def write_outputs(record: "RunRecord", state: "ModelState | None", root: Path) -> dict:
-    from .handoff import write_handoff
-    from .report import render_report
-
+    """manifest.json (and the model files it lists) into `root`; returns the manifest. What people read is
+    rendered from it afterwards (handoff.write_handoff)."""
     # a failed run ships nothing; each shipped file names the stage that wrote (and measured) it, and a file
     # a later stage wrote again (two exporters, one file name) is listed once, as that stage's
     written = {} if record.failed else {a["path"]: {**a, "stage": s.index} for s in record.stages for a in s.artifacts}
@@ -140,6 +136,4 @@ def write_outputs(record: "RunRecord", state: "ModelState | None", root: Path) -
     artifacts += write_model(state, root) if state is not None else []
     manifest = build_manifest(record, artifacts, source_entry(state) if state is not None else None)
     atomic.write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-    atomic.write_text(root / REPORT_NAME, render_report(manifest))
-    write_handoff(manifest, root)
     return manifest

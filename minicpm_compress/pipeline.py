@@ -14,6 +14,7 @@ from .errors import CompressError, GateFailure
 from .evaluate.greedy import with_torch_agreement
 from .evaluate.metrics import Metrics
 from .footprint import GIB, check_disk, check_memory, disk_estimate, memory_estimate, stage_memory
+from .handoff import write_handoff
 from .manifest import write_outputs
 from .recipe import Recipe
 from .stage_cache import CachedRun
@@ -80,7 +81,9 @@ def _run_stage(index: int, name: str, config, state, ctx: RunContext,
         estimate = stage_memory(state, stage.memory_multiple(config), recipe.data, stage.calibrating(config), config,
                                 stage.groups(config))
         on_start(index, name, estimate)
-        check_memory(name, estimate, recipe.memory_check)
+        whole = stage.layer_groups is not None and stage.groups(config) is None
+        check_memory(name, estimate, recipe.memory_check,
+                     "convert it a group of layers at a time (`chunks: N`, --chunks N), " if whole else "")
         if stage.exports:
             check_disk(name, disk_estimate(state, config), ctx.out_dir, recipe.memory_check)
     start = time.perf_counter()
@@ -144,7 +147,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
                 if stage_record.failures:
                     raise _Stop
             record.memory = memory_estimate(state)
-            write_outputs(record, state if transformed else None, tmp)
+            write_handoff(write_outputs(record, state if transformed else None, tmp), tmp)
             if cached:
                 cached.finish()  # a passed run replaces the recipe's previous entries
                 for line in cached.cache.drain_notes():
@@ -155,7 +158,7 @@ def run_recipe(recipe: Recipe, out: Path, overwrite: bool = False,
         record_dir = out.with_name(out.name + ".failed") if keep else out
         try:
             with atomic.staged_dir(record_dir, overwrite=True) as tmp:
-                write_outputs(record, None, tmp)
+                write_handoff(write_outputs(record, None, tmp), tmp)
         except CompressError as e:  # e.g. OUT.failed is a folder of the user's: the record is not worth it
             kept = f"; {out} was left as it was; this run's record was not written ({e})"
             record_dir = None

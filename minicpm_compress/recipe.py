@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .data.images import ImageSource
 from .data.textsets import TextSource
 from .errors import CompressError
-from .models.builtin import BUILTIN_MODELS
+from .builtin import BUILTIN_MODELS
 from .stages import STAGES, StageConfig
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -155,7 +156,7 @@ def _config_json(config) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def _set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> None:
+def set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
@@ -309,13 +310,13 @@ class ModelState:
         try:
             for name in names:  # no local reference kept: a caller may convert a parameter (`.half()`) in place
                 source = self.head_name() if name == "lm_head.weight" else name
-                _set_param(model, name, self.tensor(source, quantized).to(device=self.device, dtype=self.dtype),
+                set_param(model, name, self.tensor(source, quantized).to(device=self.device, dtype=self.dtype),
                            requires_grad=False)
             yield model
         finally:
             for name in names:
                 p = model.get_parameter(name)
-                _set_param(model, name, torch.empty(p.shape, device="meta", dtype=p.dtype), requires_grad=False)
+                set_param(model, name, torch.empty(p.shape, device="meta", dtype=p.dtype), requires_grad=False)
 
     @contextlib.contextmanager
     def computing_in(self, dtype: torch.dtype) -> Iterator[None]:
@@ -344,7 +345,7 @@ class ModelState:
         for name, _ in list(model.named_parameters(remove_duplicate=False)):
             if name == "lm_head.weight" and self.tied:
                 continue
-            _set_param(model, name, self.tensor(name, quantized), requires_grad=True)
+            set_param(model, name, self.tensor(name, quantized), requires_grad=True)
         if self.tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
@@ -384,3 +385,11 @@ class ModelState:
     def evaluated_model(self) -> torch.nn.Module:
         """The model as deployed, whole: quantized linears hold their dequantized weights."""
         return self.materialize(quantized=True)
+
+
+def load_checkpoint(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """(whole float32 model in eval mode, tokenizer) from a checkpoint folder (small models; see ModelState)."""
+    folder = Path(folder)
+    state = ModelState.open(ModelSource(str(folder), folder, str(folder)), allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+    return state.model, state.tokenizer

@@ -16,7 +16,7 @@ os.environ.setdefault("MINICPM_COMPRESS_PROGRESS", "0")
 os.environ.setdefault("MINICPM_COMPRESS_STAGE_CACHE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from minicpm_compress.models.builtin import builtin_path  # noqa: E402
+from minicpm_compress.builtin import builtin_path  # noqa: E402
 from minicpm_compress.models.checkpoint import load_tokenizer, save_checkpoint  # noqa: E402
 
 

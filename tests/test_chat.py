@@ -12,7 +12,7 @@ from minicpm_compress.cli import main
 from minicpm_compress.evaluate.greedy import greedy_tokens
 from minicpm_compress.evaluate.runners import TorchRunner
 from minicpm_compress.models.checkpoint import load_tokenizer
-from minicpm_compress.models.source import resolve_model
+from minicpm_compress.resolve import resolve_model
 from minicpm_compress.state import ModelState
 
 PROMPT = "Write one sentence about the sea."

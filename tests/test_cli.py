@@ -218,13 +218,13 @@ def test_minicpmv_recipe_end_to_end(tmp_path):
     from minicpm_compress.data.images import read_images
     from minicpm_compress.data.prompts import image_prompts
     from minicpm_compress.data.textsets import evaluation_windows
-    from minicpm_compress.export.mmproj import MtmdRunner
-    from minicpm_compress.export.onnx_vision import OnnxVisionRunner
+    from minicpm_compress.export.gguf.mmproj import MtmdRunner
+    from minicpm_compress.export.onnx.vision import OnnxVisionRunner
     from minicpm_compress.models.minicpm import input_scale
-    from minicpm_compress.models.source import resolve_model
+    from minicpm_compress.resolve import resolve_model
     from minicpm_compress.state import ModelState
 
-    from .export.test_onnx_vision import torch_greedy
+    from .export.onnx.test_vision import torch_greedy
 
     out = tmp_path / "vlm"
     result = _run("run", "recipes/minicpmv.yaml", "--out", out)

@@ -47,7 +47,7 @@ def test_k_grid_weights_are_estimated_above_plain_int4_codes(tokenizer):
 
 def test_core_ml_in_chunks_peaks_in_its_larger_phase_not_in_both_at_once(tokenizer):
     """8B shapes on the meta device: converting a package apart from measuring is not counted on top of it."""
-    from minicpm_compress.export.coreml import CoreMLConfig
+    from minicpm_compress.export.coreml.stage import CoreMLConfig
     from minicpm_compress.models.architectures import ARCHITECTURES
     from minicpm_compress.stages import STAGES
 

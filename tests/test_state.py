@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minicpm_compress.evaluate.evaluator import Evaluator
-from minicpm_compress.models.source import ModelSource, resolve_model
+from minicpm_compress.models.source import ModelSource
+from minicpm_compress.resolve import resolve_model
 from minicpm_compress.quant.awq import AWQConfig, apply_awq
 from minicpm_compress.quant.qweight import QuantScheme, quantize
 from minicpm_compress.recipe import build_recipe

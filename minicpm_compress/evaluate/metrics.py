@@ -20,8 +20,7 @@ from .. import atomic
 from ..cache import cache_dir
 from ..data.prompts import ImagePrompts, scored_mask, token_ids
 from ..progress import progress
-from ..quant.qweight import QuantizedWeight
-from .runners import Runner, StreamedRunner, TorchRunner, logit_batches
+from .runners import Runner, StreamedRunner, TorchRunner, head_logits, logit_batches
 
 CACHE_VERSION = "4"
 
@@ -38,18 +37,6 @@ class ReferenceStats:
 
     def log_probs(self, sl: slice) -> torch.Tensor:
         return torch.log_softmax(head_logits(self.hidden[sl], self.head), dim=-1)
-
-
-def head_logits(hidden: torch.Tensor, head: "torch.Tensor | QuantizedWeight", chunk: int = 8192) -> torch.Tensor:
-    """hidden [..., H] @ head [V, H]ᵀ in float32, converting (or dequantizing) `head` a slice of the
-    vocabulary at a time (a 73k × 4096 head is 1.2 GB in float32)."""
-    hidden = hidden.float()
-    out = torch.empty(*hidden.shape[:-1], head.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, head.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        part = head.rows(rows).dequantize() if isinstance(head, QuantizedWeight) else head[rows]
-        out[..., rows] = hidden @ part.to(hidden.device, torch.float32).T
-    return out
 
 
 @dataclass(frozen=True)

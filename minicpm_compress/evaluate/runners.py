@@ -10,9 +10,23 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 
+from ..quant.qweight import QuantizedWeight
+
 if TYPE_CHECKING:
-    from ..quant.qweight import QuantizedWeight
     from ..state import ModelState
+
+
+
+def head_logits(hidden: torch.Tensor, head: "torch.Tensor | QuantizedWeight", chunk: int = 8192) -> torch.Tensor:
+    """hidden [..., H] @ head [V, H]ᵀ in float32, converting (or dequantizing) `head` a slice of the
+    vocabulary at a time (a 73k × 4096 head is 1.2 GB in float32)."""
+    hidden = hidden.float()
+    out = torch.empty(*hidden.shape[:-1], head.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, head.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = head.rows(rows).dequantize() if isinstance(head, QuantizedWeight) else head[rows]
+        out[..., rows] = hidden @ part.to(hidden.device, torch.float32).T
+    return out
 
 
 class Runner(Protocol):
@@ -52,7 +66,6 @@ class StreamedRunner:
 
     def batches(self, windows, batch_size: int) -> Iterator[torch.Tensor]:
         from ..layerwise import head_inputs
-        from .metrics import head_logits
 
         head = self.head()
         hidden = head_inputs(self.state, windows, batch_size, self.quantized)

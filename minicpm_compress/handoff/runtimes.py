@@ -44,7 +44,7 @@ def _gguf_requirement(d: "Deliverable", manifest: dict) -> str:
 
 def _onnx_requirement(d: "Deliverable", manifest: dict) -> str:
     env, details = manifest.get("environment", {}), d.stage["details"]
-    from ..export.onnx_decoder import FUSED_OPS
+    from ..export.onnx.decoder import FUSED_OPS
 
     ops = (["MatMulNBits"] if details.get("bits") != 32 and details.get("int8") != "dynamic" else [])
     ops += ["GatherBlockQuantized"] if details.get("embeddings", "float") != "float" else []

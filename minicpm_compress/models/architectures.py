@@ -16,6 +16,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 from .minicpm import MiniCPMConfig, MiniCPMForCausalLM
 
 
+def head_dim(config) -> int:
+    """Width of one attention head: the config's `head_dim` where it sets one (Qwen3, pruned heads), else
+    hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class ScalingGroup:
     """Linears that read the output of `prev` (a norm or a linear), named relative to the decoder layer."""

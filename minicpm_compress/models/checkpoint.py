@@ -113,17 +113,6 @@ def check_tensors(weights, skeleton: torch.nn.Module, source) -> None:
         raise CompressError(f"{source}: missing tensor '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-def load_checkpoint(folder: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """(whole float32 model in eval mode, tokenizer) from a checkpoint folder (small models; see ModelState)."""
-    from ..state import ModelState
-    from .source import ModelSource
-
-    folder = Path(folder)
-    state = ModelState.open(ModelSource(str(folder), folder, str(folder)), allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code)
-    return state.model, state.tokenizer
-
-
 def save_checkpoint(model: torch.nn.Module, tokenizer, folder: Path, tensors: dict[str, torch.Tensor] | None = None,
                     config_updates: dict | None = None, config: dict | None = None) -> None:
     """Write config.json, model.safetensors and the tokenizer files.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..layerwise import InputStatistics, run_layer, state_layer_inputs
+from ..models import architectures
 from ..progress import progress
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class LayerScores:
 
 def _head_layout(config) -> tuple[int, int, int]:
     heads, kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = architectures.head_dim(config)
     return heads, kv, head_dim
 
 

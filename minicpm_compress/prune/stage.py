@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from ..errors import CompressError
 from ..models.architectures import decoder_layers
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .scores import LayerScores, measure
 from .surgery import keep_ffn_channels, keep_head_groups, keep_layers
 

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..models import architectures
 from ..models.architectures import architecture_of
 
 
@@ -47,7 +48,7 @@ def keep_head_groups(model: torch.nn.Module, keep: list[torch.Tensor]) -> torch.
     """Keep, in layer i, the KV-head groups `keep[i]` with their query heads; head_dim is unchanged."""
     c = model.config
     heads, kv = c.num_attention_heads, c.num_key_value_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    head_dim = architectures.head_dim(c)
     per_group = heads // kv
     tensors = model.state_dict()
     for i, groups in enumerate(keep):

@@ -34,7 +34,7 @@ from ..errors import CompressError
 from ..layerwise import InputStatistics, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .budget import BudgetConfig, apply_budget, promotion_errors
 from .output_error import output_error, relative_error
 from .qweight import QuantScheme, QuantizedWeight, group_view, quantize

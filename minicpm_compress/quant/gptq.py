@@ -33,7 +33,7 @@ from ..errors import CompressError
 from ..layerwise import layer_grams, run_layer, state_layer_inputs
 from ..models.architectures import layer_prefix
 from ..progress import progress
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from . import awq  # used at call time: importing awq first (it registers its stage) comes back here
 from .budget import BudgetConfig, apply_budget, promotion_errors
 from .output_error import relative_error

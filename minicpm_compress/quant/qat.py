@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..models.architectures import quantizable_linears
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from ..train.distill import DistillSettings, ParamGroup, checkpoint_path, distill
 from .budget import int8_scheme
 from .qweight import MIN_SCALE, QuantizedWeight, QuantScheme, encode, fake_quantize, quantize

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..progress import progress
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .qweight import QuantScheme, quantize
 
 

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ..data.textsets import TextSource, evaluation_windows
 from ..evaluate.evaluator import Evaluator
-from . import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 
 
 class EvaluateConfig(StageConfig):

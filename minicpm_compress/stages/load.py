@@ -12,9 +12,9 @@ from ..errors import CompressError
 from ..evaluate.evaluator import Evaluator
 from ..evaluate.metrics import reference_metrics
 from ..footprint import check_memory, stage_memory
-from ..models.source import model_license, resolve_model
+from ..resolve import model_license, resolve_model
 from ..state import ModelState
-from . import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 
 
 class LoadConfig(StageConfig):

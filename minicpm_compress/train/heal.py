@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import CompressError
-from ..stages import RunContext, StageConfig, StageOutcome, register_stage
+from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .distill import DistillSettings, ParamGroup, checkpoint_path, distill
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from minicpm_compress.evaluate import metrics
+from minicpm_compress.evaluate import metrics, runners
 from minicpm_compress.evaluate.evaluator import Evaluator
 from minicpm_compress.evaluate.metrics import compare, reference_stats
 from minicpm_compress.quant.qweight import QuantScheme, quantize
@@ -68,6 +68,6 @@ def test_head_logits_of_a_packed_head_equal_its_dequantized_product(scheme):
     hidden = torch.randn(2, 7, 64)
     expected = hidden @ head.dequantize().T
     for chunk in (5, 8192):  # slices of the vocabulary that do not divide it, and the whole of it at once
-        torch.testing.assert_close(metrics.head_logits(hidden, head, chunk), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runners.head_logits(hidden, head, chunk), expected, atol=1e-5, rtol=1e-5)
     bf16 = head.dequantize().to(torch.bfloat16)
-    torch.testing.assert_close(metrics.head_logits(hidden, bf16, 5), hidden @ bf16.float().T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(runners.head_logits(hidden, bf16, 5), hidden @ bf16.float().T, atol=1e-5, rtol=1e-5)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from minicpm_compress.errors import CompressError
-from minicpm_compress.models.checkpoint import load_checkpoint, model_fingerprint, read_weights
+from minicpm_compress.models.checkpoint import model_fingerprint, read_weights
+from minicpm_compress.state import load_checkpoint
 
 from ..conftest import tiny_model
 

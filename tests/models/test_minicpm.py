@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from minicpm_compress.models.builtin import minicpm_from_llama
-from minicpm_compress.models.checkpoint import load_checkpoint
+from minicpm_compress.builtin.smollm2 import minicpm_from_llama
+from minicpm_compress.state import load_checkpoint
 from minicpm_compress.models.minicpm import MiniCPMForCausalLM
 
 from ..conftest import tiny_model
@@ -69,7 +69,7 @@ def test_builtin_minicpm_equals_smollm2_within_1e4(smollm2_path, minicpm_path, t
 @pytest.mark.parametrize("model_type", ["llama", "minicpm"])
 def test_widened_model_computes_the_same_logits(model_type):
     """minicpmv-smollm2's LLM is minicpm-smollm2 widened: zero channels, rescaled norms, repeated KV heads."""
-    from minicpm_compress.models.builtin_vlm import widen
+    from minicpm_compress.builtin.vlm import widen
 
     model = tiny_model(model_type)  # hidden 64, 4 heads of 16, 2 KV heads
     wide = widen(model, 128)

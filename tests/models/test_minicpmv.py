@@ -13,7 +13,7 @@ from minicpm_compress.errors import CompressError
 from minicpm_compress.evaluate.runners import StreamedRunner
 from minicpm_compress.models.minicpm import mup_scales
 from minicpm_compress.models.minicpmv import LLM_TYPES
-from minicpm_compress.models.source import resolve_model
+from minicpm_compress.resolve import resolve_model
 from minicpm_compress.state import ModelState
 
 from ..conftest import write_tiny_vlm

@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from minicpm_compress.models.checkpoint import load_checkpoint, save_checkpoint
+from minicpm_compress.models.checkpoint import save_checkpoint
+from minicpm_compress.state import load_checkpoint
 from minicpm_compress.prune.surgery import keep_ffn_channels, keep_head_groups, keep_layers
 
 from ..conftest import tiny_model
@@ -77,7 +78,8 @@ def test_a_pruned_checkpoint_reloads_with_its_shapes_in_transformers_and_our_loa
 
 def test_a_pruned_minicpm_computes_in_llama_cpp_like_in_torch(tmp_path, tokenizer):
     """Fewer layers (scale_depth adjusted), narrower FFN, and head_dim no longer hidden / heads."""
-    from minicpm_compress.export.gguf import LlamaCppRunner, write_gguf
+    from minicpm_compress.export.gguf.llama_cpp import LlamaCppRunner
+    from minicpm_compress.export.gguf.writer import write_gguf
     from minicpm_compress.models.source import ModelSource
     from minicpm_compress.state import ModelState
 

@@ -8,7 +8,7 @@ import torch
 from minicpm_compress.data.textsets import evaluation_windows
 from minicpm_compress.evaluate.evaluator import Evaluator
 from minicpm_compress.models.architectures import quantizable_linears
-from minicpm_compress.models.checkpoint import load_checkpoint
+from minicpm_compress.state import load_checkpoint
 from minicpm_compress.quant.qweight import QuantScheme, quantize
 
 
