@@ -9,6 +9,7 @@ team would, the layout onnxruntime-genai's own model builder produces:
               fused with the next norm) ─ MatMulNBits q|k|v (one node when the three share a layout)
               ─ GroupQueryAttention (rotary inside, from cos/sin tables of the model's own rotary
               embedding; past and present may share one buffer) ─ o_proj ─ [× residual scale]
+              (a linear's bias, as Qwen2's q/k/v have, is an Add after its MatMulNBits)
               ─ SkipSimplifiedLayerNormalization ─ gate, up ─ SiLU·up ─ down ─ [× residual scale]
   final:      SkipSimplifiedLayerNormalization ─ [÷ logit divisor] ─ head (MatMulNBits on the table's codes)
 
@@ -40,7 +41,7 @@ from .graph import (
     table_blocks,
 )
 
-FUSED_ARCHITECTURES = ("llama", "mistral", "minicpm")
+FUSED_ARCHITECTURES = ("llama", "mistral", "minicpm", "qwen2")
 # onnxruntime's own ops the fused graph uses (besides MatMulNBits / GatherBlockQuantized)
 FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
 OPSET = 21
@@ -63,11 +64,9 @@ def unfused_reason(state) -> str | None:
         return "MiniCPM-V decoders take inputs_embeds"
     if c.model_type not in FUSED_ARCHITECTURES:
         return f"model_type '{c.model_type}' (fused graphs: {', '.join(FUSED_ARCHITECTURES)})"
-    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
-        return "linear biases"
     if getattr(c, "hidden_act", "silu") != "silu":
         return f"activation '{c.hidden_act}'"
-    window = getattr(c, "sliding_window", None)
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
     if window is not None and window < rotary_length(c):
         return "sliding-window attention"
     return None
@@ -221,11 +220,21 @@ def write_fused_graph(state, folder: Path, weights, block_size: int, accuracy_le
             residual = out[3]
             return out[0]
 
+        def biased(y, names: list[str], rows: list[int], node: str):
+            """y + the linears' biases (concatenated, zeros for one without) when any of them has one."""
+            if not any(f"{n}.bias" in state.weights for n in names):
+                return y
+            bias = np.concatenate([state.tensor(f"{n}.bias").numpy() if f"{n}.bias" in state.weights
+                                   else np.zeros(r, np.float32) for n, r in zip(names, rows)])
+            return g.op("Add", [y, g.weight(f"{node}.bias", bias)], f"/{node}/Add")
+
         def lin(x, name: str):
             nonlocal replaced
             q = weights.get(name) if weights else None
             replaced += q is not None
-            return g.linear(x, name, q, None if q is not None else state.tensor(f"{name}.weight"))
+            weight = None if q is not None else state.tensor(f"{name}.weight")
+            y = g.linear(x, name, q, weight)
+            return biased(y, [name], [q.shape[0] if q is not None else weight.shape[0]], name)
 
         for i in range(layers):
             prefix = f"model.layers.{i}"
@@ -234,8 +243,9 @@ def write_fused_graph(state, folder: Path, weights, block_size: int, accuracy_le
             qs = [weights.get(n) if weights else None for n in names]
             if _packable(qs):
                 rows = sum(q.shape[0] for q in qs)
-                qkv = [g.nbits(x, f"{prefix}.self_attn.qkv_proj", _packed_qkv(qs, block_size), rows, c.hidden_size,
-                               qs[0].scheme.bits), None, None]
+                packed = g.nbits(x, f"{prefix}.self_attn.qkv_proj", _packed_qkv(qs, block_size), rows, c.hidden_size,
+                                 qs[0].scheme.bits)
+                qkv = [biased(packed, names, [q.shape[0] for q in qs], f"{prefix}.self_attn.qkv_proj"), None, None]
                 replaced += 3
             else:
                 qkv = [lin(x, n) for n in names]

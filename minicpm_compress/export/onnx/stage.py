@@ -42,7 +42,7 @@ class OnnxConfig(StageConfig):
     graph: Literal["auto", "fused", "traced"] = Field(
         "auto", description="fused: the decoder built from onnxruntime's fused ops (GroupQueryAttention with "
         "rotary, SkipSimplifiedLayerNormalization, packed q|k|v); traced: torch.onnx's graph of the model; "
-        "auto: fused where the architecture allows it (Llama, Mistral, MiniCPM text models)")
+        "auto: fused where the architecture allows it (Llama, Mistral, Qwen2, MiniCPM text models)")
 
     @model_validator(mode="after")
     def _check(self):
