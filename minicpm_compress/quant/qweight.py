@@ -284,12 +284,12 @@ def pack_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
         return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
     bits = scheme.bits
     values = codes.to(torch.int16) & (2**bits - 1)
-    planes = (values.unsqueeze(2) >> torch.arange(bits, dtype=torch.int16)) & 1  # [out, in, bits]
+    planes = (values.unsqueeze(2) >> torch.arange(bits, dtype=torch.int16, device=values.device)) & 1  # [out, in, bits]
     stream = planes.reshape(values.shape[0], -1).to(torch.uint8)
     pad = -stream.shape[1] % 8
     if pad:
-        stream = torch.cat([stream, torch.zeros(stream.shape[0], pad, dtype=torch.uint8)], dim=1)
-    weights = (1 << torch.arange(8, dtype=torch.int16)).to(torch.uint8)
+        stream = torch.cat([stream, stream.new_zeros(stream.shape[0], pad)], dim=1)
+    weights = (1 << torch.arange(8, dtype=torch.int16, device=stream.device)).to(torch.uint8)
     return (stream.reshape(stream.shape[0], -1, 8) * weights).sum(dim=2, dtype=torch.uint8).contiguous()
 
 
@@ -302,9 +302,9 @@ def unpack_codes(packed: torch.Tensor, cols: int, scheme: QuantScheme) -> torch.
             return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend the nibble
         return nib.contiguous()
     bits = scheme.bits
-    stream = (packed.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1  # [out, bytes, 8]
+    stream = (packed.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1  # [out, bytes, 8]
     planes = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
-    values = (planes.to(torch.int16) << torch.arange(bits, dtype=torch.int16)).sum(dim=2)
+    values = (planes.to(torch.int16) << torch.arange(bits, dtype=torch.int16, device=planes.device)).sum(dim=2)
     if scheme.symmetric:
         half = 2 ** (bits - 1)
         return ((values ^ half) - half).to(torch.int8)  # sign-extend

@@ -142,6 +142,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, groups: list[Par
         log.losses = list(saved["losses"])
         log.tokens = saved["tokens"]
 
+    device, teacher_device = next(student.parameters()).device, next(teacher.parameters()).device
     student.eval()  # no dropout: the loss is a deterministic function of the weights
     teacher.eval()
     began = time.perf_counter()
@@ -151,9 +152,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, groups: list[Par
     for step in bar:
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * _lr_factor(step, settings.steps)
-        ids = tokens[batch_indices(step, settings.batch_size, tokens.shape[0], seed)]
+        ids = tokens[batch_indices(step, settings.batch_size, tokens.shape[0], seed)].to(device)
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+            teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits.to(device)
         loss = distillation_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits, ids,
                                  settings.ce_weight)
         if not math.isfinite(loss.item()):

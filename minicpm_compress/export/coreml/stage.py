@@ -94,11 +94,12 @@ def write_coreml(state, folder: Path, config: CoreMLConfig, precision: Literal["
     return {name: q for name, (_, q) in weights.items()}, paths
 
 
-# Converting a whole model, coremltools holds the traced program and its MIL passes' copies of every
-# constant: measured peaks 8.9 × the float32 model on qwen2.5-0.5b (22.3 GB for 2.5 GB, killed on a 24 GB
-# machine) and ~7 × on minicpm-smollm2 (the former estimate, 3 ×, let qwen's run start). In chunks, one
-# package's weights × 3 held (8.22 GiB measured against 10.27 estimated on the 8B shape).
-WHOLE_CONVERSION = 9
+# Converting a whole model, coremltools holds the traced program and its MIL passes' copies of the
+# constants besides the float32 model: the minicpmv-qwen2.5 recipe, whose Core ML stage converts its 0.63B
+# LLM whole, peaked at 13.7 GB, 5.3 × that LLM's 2.6 GB in float32 (an upper bound: the process held earlier
+# stages' state too); the former estimate, 3 ×, was below it. In chunks, one package's weights × 3 are held
+# (8.22 GiB measured against 10.27 estimated on the 8B shape).
+WHOLE_CONVERSION = 5
 
 
 @register_stage("coreml", CoreMLConfig, "export a stateful Core ML mlpackage (iOS 18) with blockwise int4/int8 weights",

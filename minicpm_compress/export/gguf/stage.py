@@ -1,5 +1,5 @@
 """The `gguf` stage: writes the file (writer.py, or llama.cpp's quantizer for its mixtures), then measures it in
-llama.cpp itself (runner.py); for MiniCPM-V also the mmproj file, measured through mtmd (mmproj.py)."""
+llama.cpp itself (llama_cpp.py); for MiniCPM-V also the mmproj file, measured through mtmd (mmproj.py)."""
 
 from __future__ import annotations
 
