@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .pipeline import RunRecord
     from .state import ModelState
 
+
 def artifact_entry(root: Path, path: Path, fmt: str, bits: int | None) -> dict:
     """A manifest entry for a file written under the output folder `root`."""
     return {

