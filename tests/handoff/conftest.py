@@ -47,7 +47,8 @@ def make_manifest(big: int = 3000 * MIB, small: int = 900 * MIB, licence: str | 
     return {"tool": {"name": "minicpm-compress", "version": "0"}, "status": "passed", "model": "m", "reference": "ref",
             "recipe": {"name": "r", "data": {"evaluation": ["austen-heldout"], "eval_window": 512}},
             "stages": stages, "artifacts": artifacts, "memory_estimate": None,
-            "environment": {"llama-cpp-python": "0.3.36", "onnxruntime-genai": "0.18.0", "onnxruntime": "1.31.1"}}
+            "environment": {"python": "3.11.7", "torch": "2.13.0", "transformers": "5.23.0", "llama-cpp-python": "0.3.36",
+                            "onnxruntime-genai": "0.18.0", "onnxruntime": "1.31.1"}}
 
 
 @pytest.fixture
