@@ -94,10 +94,9 @@ def match_template(jinja_template: str | None) -> OllamaTemplate | None:
 
 def stored_template(gguf_path: Path) -> str | None:
     """The chat template a GGUF file carries (tokenizer.chat_template), if any."""
-    import gguf
+    from ..export.gguf.metadata import read_value
 
-    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
-    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    return read_value(gguf_path, "tokenizer.chat_template")
 
 
 def modelfile(gguf_name: str, mmproj_name: str | None, template: OllamaTemplate | None) -> str:
