@@ -1,112 +1,112 @@
-"""Structured pruning on the default model: held-out perplexity against parameter reduction.
+"""Structured pruning: held-out quality against the share of decoder-layer parameters removed, per method
+and per way of choosing, side by side; then healing of the largest FFN cut.
 
-    .venv/bin/python bench/prune.py [--levels 0.1,0.2,0.3] [--heal-steps 60] [--eval-tokens 8192] > prune.json
+    .venv/bin/python bench/prune.py [--model qwen2.5-0.5b] [--levels 0.1,0.2,0.3] [--methods ffn,heads,layers]
+        [--variants cut-random,cut-activation,refit-activation,reconstruction] [--heal-steps 40] > prune.json
 
-For each method (FFN channels, KV-head groups, layers) and each reduction level: prune with
-activation-aware scores and with the seeded random baseline at the same size, measure; then heal the
-activation-pruned model at the largest reachable level (and the random FFN twin) and measure again. Scores are
-computed once per importance and reused for every level. Finally, the recipe prune → heal → awq → gguf
-runs through the real pipeline at the largest FFN level: sizes and llama.cpp-measured metrics.
+A level is the fraction of the decoder layers' parameters to remove (embeddings and head are never
+pruned); each row also says what that is as a share of all parameters. Variants:
+  cut-random / cut-activation   the cut-only path (`refit: false`): seeded random or activation-energy scores
+  refit-activation              activation-energy scores, then the least-squares refit, layer by layer
+  reconstruction                the default: the units whose removal leaves the least error after the refit
+Layers have no refit: only their activation (block influence) and random rows are run. With
+--heal-steps > 0 the default variant's largest FFN cut is healed by the `heal` stage (end-to-end
+distillation) and measured again, with its tokens and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+VARIANTS = {"cut-random": {"importance": "random", "refit": False},
+            "cut-activation": {"importance": "activation", "refit": False},
+            "refit-activation": {"importance": "activation", "refit": True},
+            "reconstruction": {"importance": "reconstruction", "refit": True}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="minicpm-smollm2")
-    parser.add_argument("--levels", default="0.1,0.2,0.3", help="fractions of the parameters to remove")
+    parser.add_argument("--levels", default="0.1,0.2,0.3", help="fractions of the decoder-layer parameters to remove")
     parser.add_argument("--methods", default="ffn,heads,layers")
-    parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--score-samples", type=int, default=32)
-    parser.add_argument("--heal-steps", type=int, default=40)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--heal-steps", type=int, default=0)
     parser.add_argument("--heal-lr", type=float, default=5e-5)
-    parser.add_argument("--skip-pipeline", action="store_true")
     args = parser.parse_args()
 
     import torch
 
-    from minicpm_compress.data.textsets import calibration_samples, evaluation_windows
+    from minicpm_compress.data.textsets import evaluation_windows
     from minicpm_compress.errors import CompressError
     from minicpm_compress.evaluate.evaluator import Evaluator
-    from minicpm_compress.state import load_checkpoint
-    from minicpm_compress.resolve import resolve_model
-    from minicpm_compress.pipeline import run_recipe
-    from minicpm_compress.prune.scores import measure
-    from minicpm_compress.prune.stage import PruneConfig, prune_model
+    from minicpm_compress.models.architectures import decoder_layers
+    from minicpm_compress.prune.stage import PruneConfig, apply_prune, parameter_count
     from minicpm_compress.recipe import build_recipe
+    from minicpm_compress.resolve import resolve_model
+    from minicpm_compress.stages import RunContext
+    from minicpm_compress.state import ModelState, load_checkpoint
+
+    source = resolve_model(args.model)
+    model, tokenizer = load_checkpoint(source.checkpoint)
+    total = parameter_count(model)
+    decoder = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+    recipe = build_recipe(model=args.model, stages=[{"heal": {}}])
+    evaluator = Evaluator.against(model, evaluation_windows(tokenizer, ["austen-heldout"], args.eval_tokens, 512))
+    results = {"model": args.model, "parameters": total, "decoder_layer_parameters": decoder,
+               "eval_tokens": args.eval_tokens, "calibration_samples": args.calibration_samples,
+               "sequence_length": recipe.data.sequence_length, "torch_threads": torch.get_num_threads(),
+               "rows": []}
+
+    def prune(method, level, variant):
+        settings = VARIANTS[variant] if method != "layers" else {"importance": VARIANTS[variant]["importance"]}
+        config = PruneConfig(method=method, target_params=1 - level * decoder / total,
+                             calibration_samples=args.calibration_samples, **settings)
+        t = time.perf_counter()
+        outcome = apply_prune(config, ModelState.of(model, tokenizer, source), RunContext(recipe))
+        return outcome.state.model, outcome.details, time.perf_counter() - t
+
+    levels = [float(x) for x in args.levels.split(",")]
+    for method in args.methods.split(","):
+        variants = [v for v in args.variants.split(",")
+                    if method != "layers" or v in ("cut-random", "cut-activation")]
+        for level in levels:
+            for variant in variants:
+                row = {"method": method, "level": level, "variant": variant}
+                try:
+                    pruned, details, wall = prune(method, level, variant)
+                except CompressError as e:
+                    results["rows"].append({**row, "error": str(e)})
+                    continue
+                removed = details["parameters_before"] - details["parameters_after"]
+                row.update({"decoder_removed": round(removed / decoder, 4), "all_removed": round(removed / total, 4),
+                            "units_after": details["units_after"], "prune_wall_s": round(wall, 1),
+                            "pruned": evaluator.measure(pruned).as_dict()})
+                if args.heal_steps and method == "ffn" and level == max(levels) and variant == "reconstruction":
+                    row["healed"] = heal(pruned, model, tokenizer, source, recipe, args, evaluator)
+                print(f"{method} {level} {variant}: {row['pruned']['ppl_increase']:+.1%} ({wall:.0f} s)"
+                      + (f" healed {row['healed']['ppl_increase']:+.1%}" if "healed" in row else ""), file=sys.stderr)
+                results["rows"].append(row)
+    print(json.dumps(results, indent=2))
+
+
+def heal(pruned, reference, tokenizer, source, recipe, args, evaluator) -> dict:
+    """The end-to-end `heal` stage on a pruned model, measured again."""
     from minicpm_compress.stages import RunContext
     from minicpm_compress.state import ModelState
     from minicpm_compress.train.heal import HealConfig, apply_heal
 
-    source = resolve_model(args.model)
-    model, tokenizer = load_checkpoint(source.checkpoint)
-    recipe = build_recipe(model=args.model, stages=[{"heal": {}}])
-    data = recipe.data
-    samples = calibration_samples(tokenizer, data.calibration_sources(), args.score_samples,
-                                  data.sequence_length, recipe.seed)
-    evaluator = Evaluator.against(model, evaluation_windows(tokenizer, ["austen-heldout"], args.eval_tokens, 512))
-    levels = [float(x) for x in args.levels.split(",")]
-    results = {"model": args.model, "eval_tokens": args.eval_tokens, "score_samples": args.score_samples,
-               "heal": {"steps": args.heal_steps, "lr": args.heal_lr, "batch_size": 2, "sequence_length": 256},
-               "torch_threads": torch.get_num_threads(), "rows": []}
-    start = time.perf_counter()
-    scores = {imp: measure(model, samples, imp, 8, recipe.seed) for imp in ("activation", "random")}
-    results["scoring_wall_s"] = round(time.perf_counter() - start, 1)
-
-    def heal(pruned):
-        state = ModelState.of(copy.deepcopy(pruned), tokenizer, source)
-        config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=2, sequence_length=256, samples=128)
-        t = time.perf_counter()
-        out = apply_heal(config, state, RunContext(recipe, reference_model=model))
-        return out.state.model, out.details, time.perf_counter() - t
-
-    for method in args.methods.split(","):
-        for level in levels:
-            for importance in ("activation", "random"):
-                config = PruneConfig(method=method, target_params=1 - level, importance=importance)
-                try:
-                    pruned, details = prune_model(model, config, scores[importance])
-                except CompressError as e:
-                    results["rows"].append({"method": method, "level": level, "importance": importance,
-                                            "error": str(e)})
-                    continue
-                row = {"method": method, "level": level, "importance": importance,
-                       "parameters_kept": details["parameters_kept"], "units_after": details["units_after"],
-                       "pruned": evaluator.measure(pruned).as_dict()}
-                at_largest = level == max(levels) or method == "heads"  # heads: only 10% is reachable
-                if at_largest and (importance == "activation" or method == "ffn"):
-                    healed, log, wall = heal(pruned)
-                    row["healed"] = evaluator.measure(healed).as_dict()
-                    row["heal_wall_s"] = round(wall, 1)
-                    row["heal_tokens_per_s"] = log["tokens_per_s"]
-                print(f"{method} {level} {importance}: {row['pruned']['ppl_increase']:+.1%}"
-                      + (f" healed {row['healed']['ppl_increase']:+.1%}" if "healed" in row else ""), file=sys.stderr)
-                results["rows"].append(row)
-
-    if not args.skip_pipeline:
-        chain = build_recipe(
-            name="bench-prune-chain", model=args.model, data={"eval_tokens": args.eval_tokens},
-            stages=[{"prune": {"method": "ffn", "target_params": 1 - max(levels)}},
-                    {"heal": {"steps": args.heal_steps, "lr": args.heal_lr, "batch_size": 2}},
-                    {"awq": {"bits": 4, "group_size": 32, "symmetric": True}},
-                    {"gguf": {"type": "Q4_0"}}],
-        )
-        stages = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            run_recipe(chain, Path(tmp) / "out", on_stage=lambda r: stages.setdefault(
-                f"{r.index}-{r.name}", {**r.metrics.as_dict(), "wall_s": round(r.wall_s, 1),
-                                       "artifacts": r.artifacts, "details": r.details}))
-        results["prune_heal_awq_gguf"] = stages
-    print(json.dumps(results, indent=2))
+    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=2, sequence_length=256, samples=128)
+    t = time.perf_counter()
+    out = apply_heal(config, ModelState.of(pruned, tokenizer, source), RunContext(recipe, reference_model=reference))
+    wall = time.perf_counter() - t
+    return {**evaluator.measure(out.state.model).as_dict(), "steps": args.heal_steps,
+            "tokens": args.heal_steps * 2 * 256, "wall_s": round(wall, 1),
+            "tokens_per_s": out.details.get("tokens_per_s")}
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def _head_layout(config) -> tuple[int, int, int]:
     return heads, kv, head_dim
 
 
-def _group_columns(config) -> torch.Tensor:
+def group_columns(config) -> torch.Tensor:
     """[kv, columns]: o_proj input columns of each KV-head group (its query heads' outputs)."""
     heads, kv, head_dim = _head_layout(config)
     return torch.arange(heads * head_dim).reshape(kv, heads // kv * head_dim)
@@ -49,7 +49,7 @@ def weight_scores(layer: torch.nn.Module, config) -> tuple[torch.Tensor, torch.T
     """Magnitude-only scores: (FFN channel norms of gate, up and down; group norms of o_proj)."""
     mlp, attn = layer.mlp, layer.self_attn
     ffn = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
-    groups = torch.stack([attn.o_proj.weight[:, cols].norm() for cols in _group_columns(config)])
+    groups = torch.stack([attn.o_proj.weight[:, cols].norm() for cols in group_columns(config)])
     return ffn.detach(), groups.detach()
 
 
@@ -58,7 +58,7 @@ def activation_scores(layer: torch.nn.Module, config, stats: InputStatistics) ->
     ffn = stats.gram["mlp.down_proj"].diagonal() * (down**2).sum(0)
     o = layer.self_attn.o_proj.weight.detach().double()
     gram = stats.gram["self_attn.o_proj"]
-    groups = torch.stack([((o[:, cols] @ gram[cols][:, cols]) * o[:, cols]).sum() for cols in _group_columns(config)])
+    groups = torch.stack([((o[:, cols] @ gram[cols][:, cols]) * o[:, cols]).sum() for cols in group_columns(config)])
     return ffn.float(), groups.float()
 
 
@@ -93,7 +93,7 @@ def measure(state: "ModelState", samples: torch.Tensor, importance: str, batch_s
 
 def _layer_scores(layer, config, stats, importance, generator, inputs, outputs) -> LayerScores:
     """One layer's scores from its input statistics and the hidden states entering and leaving it."""
-    if importance == "activation":
+    if importance in ("activation", "reconstruction"):  # layers: reconstruction has no refit, block influence
         ffn, groups = activation_scores(layer, config, stats)
     elif importance == "magnitude":
         ffn, groups = weight_scores(layer, config)

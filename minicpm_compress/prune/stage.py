@@ -1,5 +1,10 @@
 """The `prune` stage: remove FFN channels, KV-head groups or whole decoder layers, driven by calibration text.
 
+FFN channels and KV-head groups are removed in one layer walk that refits what stays (reconstruct.py):
+by default the units whose removal leaves the least output error after the least-squares refit of
+down_proj / o_proj go. `refit: false` is the older cut-only path: units ranked by importance scores
+measured on the unpruned model, cut, nothing refit.
+
 How much goes is set by `target_params` (the fraction of the model's parameters to keep, embeddings
 included) or by `ratio` (the fraction of the method's structures to remove in every layer, or of the
 layers). The same number of channels / groups is removed from every layer, so the config stays a
@@ -17,6 +22,7 @@ from pydantic import Field, model_validator
 from ..errors import CompressError
 from ..models.architectures import decoder_layers
 from ..registry import RunContext, StageConfig, StageOutcome, register_stage
+from .reconstruct import LayerwisePruning, prune_layerwise
 from .scores import LayerScores, measure
 from .surgery import keep_ffn_channels, keep_head_groups, keep_layers
 
@@ -27,9 +33,13 @@ class PruneConfig(StageConfig):
     method: Literal["ffn", "heads", "layers"] = "ffn"
     target_params: float | None = Field(None, gt=0, lt=1, description="fraction of the parameters to keep")
     ratio: float | None = Field(None, ge=0, le=1, description="fraction of the method's structures to remove")
-    importance: Literal["activation", "magnitude", "random"] = Field(
-        "activation", description="activation-aware scores, weight magnitudes, or a seeded random baseline"
+    importance: Literal["reconstruction", "activation", "magnitude", "random"] = Field(
+        "reconstruction", description="the output error a removal leaves after the refit; or cut-only scores "
+        "(activation energy, weight magnitudes, a seeded random baseline). Layers: block influence for both "
+        "reconstruction and activation"
     )
+    refit: bool = Field(True, description="refit down_proj / o_proj's kept columns by least squares, layer by "
+                        "layer on the pruned model's own inputs (false: cut only)")
     multiple_of: int = Field(32, ge=1, description="FFN width kept a multiple of this (GGUF Q4_0/Q8_0 blocks are 32 wide)")
     calibration_samples: int = Field(32, ge=1, description="calibration sequences for the scores")
     batch_size: int = Field(8, ge=1)
@@ -38,6 +48,9 @@ class PruneConfig(StageConfig):
     def _one_amount(self):
         if (self.target_params is None) == (self.ratio is None):
             raise ValueError("give exactly one of target_params (fraction of parameters to keep) or ratio")
+        if self.importance == "reconstruction" and not self.refit and self.method != "layers":
+            raise ValueError("importance 'reconstruction' scores the error left after the refit: it needs "
+                             "refit: true (or choose activation, magnitude or random)")
         return self
 
 
@@ -91,22 +104,32 @@ def units_to_keep(config: PruneConfig, model: torch.nn.Module) -> int:
     return kept
 
 
-def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerScores] | None):
+def refits(config: PruneConfig) -> bool:
+    return config.refit and config.method != "layers"
+
+
+def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerScores] | LayerwisePruning | None):
     """The pruned model (a new one; `model` is left as it was) and what was removed.
 
-    `scores` (from prune.scores.measure) may be None when nothing is to be removed.
+    `scores`: from prune.scores.measure (cut only), or the layer walk's choices and refits
+    (reconstruct.prune_layerwise); None when nothing is to be removed.
     """
     units, _ = _units(model, config.method)
     kept = units_to_keep(config, model)
     before = parameter_count(model)
-    details = {"method": config.method, "importance": config.importance, "units": UNITS[config.method],
-               "units_before": units, "units_after": kept, "parameters_before": before}
+    details = {"method": config.method, "importance": config.importance, "refit": refits(config),
+               "units": UNITS[config.method], "units_before": units, "units_after": kept,
+               "parameters_before": before}
     pruned = model
     if kept < units and config.method == "layers":
         ranked = sorted(range(units), key=lambda i: scores[i].influence)
         pruned = keep_layers(model, sorted(ranked[units - kept:]))
         details["removed_layers"] = sorted(ranked[: units - kept])
         details["block_influence"] = [round(s.influence, 5) for s in scores]
+    elif kept < units and isinstance(scores, LayerwisePruning):
+        surgery = keep_ffn_channels if config.method == "ffn" else keep_head_groups
+        pruned = surgery(model, scores.keep, scores.weights)
+        details["relative_output_error"] = [round(e, 5) for e in scores.relative_errors]
     elif kept < units:
         per_layer = [s.ffn if config.method == "ffn" else s.groups for s in scores]
         keep = [torch.topk(s, kept).indices.sort().values.cpu() for s in per_layer]  # the model is held on the CPU
@@ -122,8 +145,13 @@ def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
     if state.qweights:
         raise CompressError("prune: the model already has quantized weights; prune before rtn/awq/qat")
     scores = None
-    if units_to_keep(config, state.model) < _units(state.model, config.method)[0]:
+    kept = units_to_keep(config, state.model)
+    if kept < _units(state.model, config.method)[0]:
         samples = ctx.calibration(state, config.calibration_samples)
-        scores = measure(state, samples, config.importance, config.batch_size, ctx.recipe.seed)
+        if refits(config):
+            scores = prune_layerwise(state, samples, config.method, kept, config.importance, config.batch_size,
+                                     ctx.recipe.seed)
+        else:
+            scores = measure(state, samples, config.importance, config.batch_size, ctx.recipe.seed)
     state.model, details = prune_model(state.model, config, scores)
     return StageOutcome(state, details=details)

@@ -31,8 +31,10 @@ def _rebuild(model: torch.nn.Module, updates: dict, tensors: dict[str, torch.Ten
     return smaller
 
 
-def keep_ffn_channels(model: torch.nn.Module, keep: list[torch.Tensor]) -> torch.nn.Module:
-    """Keep, in layer i, the intermediate channels `keep[i]` (equal counts in every layer)."""
+def keep_ffn_channels(model: torch.nn.Module, keep: list[torch.Tensor],
+                      down: list[torch.Tensor] | None = None) -> torch.nn.Module:
+    """Keep, in layer i, the intermediate channels `keep[i]` (equal counts in every layer); `down[i]`, when
+    given, replaces down_proj's kept columns (a refit)."""
     tensors = model.state_dict()
     for i, index in enumerate(keep):
         p = f"model.layers.{i}.mlp."
@@ -40,12 +42,14 @@ def keep_ffn_channels(model: torch.nn.Module, keep: list[torch.Tensor]) -> torch
             for kind in ("weight", "bias"):
                 if f"{p}{name}.{kind}" in tensors:
                     tensors[f"{p}{name}.{kind}"] = tensors[f"{p}{name}.{kind}"][index]
-        tensors[f"{p}down_proj.weight"] = tensors[f"{p}down_proj.weight"][:, index]
+        tensors[f"{p}down_proj.weight"] = tensors[f"{p}down_proj.weight"][:, index] if down is None else down[i]
     return _rebuild(model, {"intermediate_size": len(keep[0])}, tensors)
 
 
-def keep_head_groups(model: torch.nn.Module, keep: list[torch.Tensor]) -> torch.nn.Module:
-    """Keep, in layer i, the KV-head groups `keep[i]` with their query heads; head_dim is unchanged."""
+def keep_head_groups(model: torch.nn.Module, keep: list[torch.Tensor],
+                     o: list[torch.Tensor] | None = None) -> torch.nn.Module:
+    """Keep, in layer i, the KV-head groups `keep[i]` with their query heads; head_dim is unchanged. `o[i]`,
+    when given, replaces o_proj's kept columns (a refit)."""
     c = model.config
     heads, kv = c.num_attention_heads, c.num_key_value_heads
     head_dim = architectures.head_dim(c)
@@ -60,7 +64,7 @@ def keep_head_groups(model: torch.nn.Module, keep: list[torch.Tensor]) -> torch.
             for kind in ("weight", "bias"):
                 if f"{p}{name}.{kind}" in tensors:
                     tensors[f"{p}{name}.{kind}"] = tensors[f"{p}{name}.{kind}"][rows]
-        tensors[f"{p}o_proj.weight"] = tensors[f"{p}o_proj.weight"][:, q_rows]
+        tensors[f"{p}o_proj.weight"] = tensors[f"{p}o_proj.weight"][:, q_rows] if o is None else o[i]
     kept = len(keep[0])
     return _rebuild(model, {"num_attention_heads": kept * per_group, "num_key_value_heads": kept,
                             "head_dim": head_dim}, tensors)

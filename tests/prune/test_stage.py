@@ -33,18 +33,61 @@ def test_ratio_zero_is_the_identity(method, tokenizer):
 
 
 @pytest.mark.parametrize("importance", ["activation", "magnitude"])
-def test_channels_that_contribute_least_are_the_ones_removed(importance, tokenizer):
+def test_cut_only_removes_the_channels_that_contribute_least(importance, tokenizer):
     model = tiny_model("llama")
     quiet = torch.arange(0, 160, 5)[:32]  # 32 scattered channels whose output is nearly nothing
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.down_proj.weight[:, quiet] *= 1e-3
-    pruned, details = _prune(model, tokenizer, method="ffn", ratio=0.2, multiple_of=32, importance=importance)
+    pruned, details = _prune(model, tokenizer, method="ffn", ratio=0.2, multiple_of=32, importance=importance,
+                             refit=False)
     assert details["units_after"] == 128 and pruned.config.intermediate_size == 128
     kept_columns = {tuple(c.tolist()) for c in pruned.model.layers[0].mlp.down_proj.weight.T}
     loud = [i for i in range(160) if i not in quiet.tolist()]
     assert kept_columns == {tuple(model.model.layers[0].mlp.down_proj.weight[:, i].tolist()) for i in loud}
     assert details["parameters_before"] - details["parameters_after"] == 2 * 32 * 3 * 64
+
+
+def _with_copies(model, method: str):
+    """Each layer's second half of FFN channels (or of KV-head groups) a copy of its first half: what a
+    copy carried can be carried by its original with doubled output columns, so removing the copies and
+    refitting loses almost nothing, while cutting any unit loses its share outright."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if method == "ffn":
+                half = model.config.intermediate_size // 2
+                for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    linear.weight[half:] = linear.weight[:half]
+            else:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    weight = getattr(layer.self_attn, name).weight
+                    half = weight.shape[0] // 2  # q heads are ordered by group: the first half are groups 0-1
+                    weight[half:] = weight[:half]
+    return model
+
+
+@pytest.mark.parametrize("method", ["ffn", "heads"])
+def test_refit_pruning_keeps_the_model_closer_than_cutting(method, tokenizer):
+    """The layer walk's choice and refit against the cut-only path at the same size, on the model's logits."""
+    model = _with_copies(tiny_model("llama", num_attention_heads=8, num_key_value_heads=4, head_dim=16), method)
+    amount = {"ffn": dict(ratio=0.5, multiple_of=16), "heads": dict(ratio=0.5)}[method]
+    with torch.no_grad():
+        reference = model(IDS).logits
+        errors = {}
+        for settings in ({"importance": "activation", "refit": False}, {"importance": "activation"}, {}):
+            pruned, details = _prune(copy.deepcopy(model), tokenizer, method=method, **amount, **settings)
+            errors[tuple(settings.items())] = (pruned(IDS).logits - reference).pow(2).mean().item()
+            assert details["parameters_after"] < details["parameters_before"]
+    cut, activation_refit, reconstruction = errors.values()
+    # the energy score cannot see that a unit is a copy; the error left after the refit can
+    assert reconstruction < 0.05 * min(cut, activation_refit)
+    assert details["refit"] is True and details["importance"] == "reconstruction"
+    assert len(details["relative_output_error"]) == 2 and all(0 <= e < 0.01 for e in details["relative_output_error"])
+
+
+def test_reconstruction_scores_need_the_refit():
+    with pytest.raises(ValueError, match="needs refit: true"):
+        PruneConfig(ratio=0.1, refit=False)
 
 
 def test_the_layer_that_changes_the_hidden_state_least_is_removed(tokenizer):
