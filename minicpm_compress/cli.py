@@ -376,18 +376,21 @@ def qat(calibration, scale_lr, **options):
               help="FFN channels, KV-head groups (with their query heads), or whole decoder layers")
 @click.option("--target-params", type=float, default=None, help="fraction of the parameters to keep, e.g. 0.7")
 @click.option("--ratio", type=float, default=None, help="or: fraction of the method's structures to remove")
-@click.option("--importance", type=click.Choice(["activation", "magnitude", "random"]), default="activation",
-              show_default=True)
+@click.option("--importance", type=click.Choice(["reconstruction", "activation", "magnitude", "random"]),
+              default="reconstruction", show_default=True,
+              help="reconstruction: remove what leaves the least error after the refit; the others rank by scores")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="refit down_proj / o_proj's kept columns layer by layer (--no-refit: cut only)")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="distillation steps after pruning (0: no healing; a recipe's heal stage sets the whole schedule)")
 @click.option("--heal-lr", type=float, default=5e-5, show_default=True)
 @_calibration_option
 @_reports_errors
-def prune(method, target_params, ratio, importance, heal_steps, heal_lr, calibration, **options):
+def prune(method, target_params, ratio, importance, refit, heal_steps, heal_lr, calibration, **options):
     """Structured pruning to a smaller dense checkpoint, optionally healed by distillation."""
     from .recipe import build_recipe
 
-    settings = {"method": method, "importance": importance,
+    settings = {"method": method, "importance": importance, **({} if refit else {"refit": False}),
                 **({"target_params": target_params} if target_params is not None else {}),
                 **({"ratio": ratio} if ratio is not None else {})}
     fields = _calibrated(_recipe_fields("prune", "prune", settings, options), calibration)

@@ -14,7 +14,10 @@ os.environ.setdefault("MINICPM_COMPRESS_CACHE", str(Path(__file__).resolve().par
 os.environ.setdefault("MINICPM_COMPRESS_PROGRESS", "0")
 # Every test runs every stage; tests/test_stage_cache.py turns the stage cache on, in its own folder.
 os.environ.setdefault("MINICPM_COMPRESS_STAGE_CACHE", "0")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs two pytest-xdist workers on 2 cores, one torch thread each: most tests are chains of small
+# tensor operations that two threads barely speed up, so two tests at once finish sooner than one on both.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 from minicpm_compress.builtin import builtin_path  # noqa: E402
 from minicpm_compress.models.checkpoint import load_tokenizer, save_checkpoint  # noqa: E402
@@ -29,6 +32,17 @@ def pytest_runtest_makereport(item, call):
 
 
 _PASSED = pytest.StashKey[bool]()
+
+# Tests that read one session fixture's output run in the same xdist worker, so it is built once
+# (with --dist loadgroup; without xdist the mark does nothing).
+_SHARED_FIXTURES = ("ci_output",)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in _SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture
