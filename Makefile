@@ -41,7 +41,7 @@ test-tools:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium golang-go)
 
 test: install test-tools
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2
 
 bench: install
 	mkdir -p out

@@ -2,16 +2,18 @@
 and per way of choosing, side by side; then healing of the largest FFN cut.
 
     .venv/bin/python bench/prune.py [--model qwen2.5-0.5b] [--levels 0.1,0.2,0.3] [--methods ffn,heads,layers]
-        [--variants cut-random,cut-activation,refit-activation,reconstruction] [--heal-steps 40] > prune.json
+        [--variants cut-random,cut-activation,refit-activation,reconstruction] [--layer-heal-steps 8,32]
+        [--heal-steps 40] > prune.json
 
 A level is the fraction of the decoder layers' parameters to remove (embeddings and head are never
 pruned); each row also says what that is as a share of all parameters. Variants:
   cut-random / cut-activation   the cut-only path (`refit: false`): seeded random or activation-energy scores
   refit-activation              activation-energy scores, then the least-squares refit, layer by layer
   reconstruction                the default: the units whose removal leaves the least error after the refit
-Layers have no refit: only their activation (block influence) and random rows are run. With
---heal-steps > 0 the default variant's largest FFN cut is healed by the `heal` stage (end-to-end
-distillation) and measured again, with its tokens and wall time.
+Layers have no refit: only their activation (block influence) and random rows are run. The default
+variant's largest FFN cut is then healed and measured again, with the tokens and wall time each took:
+block-wise (`heal_layers`, streamed) at each of --layer-heal-steps steps per layer, and the last of those
+followed by --heal-steps of end-to-end distillation (`heal`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calibration-samples", type=int, default=32)
-    parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument("--layer-heal-steps", default="", help="steps per layer of block-wise healing, e.g. 8,32")
+    parser.add_argument("--heal-steps", type=int, default=0, help="end-to-end healing steps after the last of those")
     parser.add_argument("--heal-lr", type=float, default=5e-5)
     args = parser.parse_args()
 
@@ -86,27 +89,40 @@ def main() -> None:
                 row.update({"decoder_removed": round(removed / decoder, 4), "all_removed": round(removed / total, 4),
                             "units_after": details["units_after"], "prune_wall_s": round(wall, 1),
                             "pruned": evaluator.measure(pruned).as_dict()})
-                if args.heal_steps and method == "ffn" and level == max(levels) and variant == "reconstruction":
-                    row["healed"] = heal(pruned, model, tokenizer, source, recipe, args, evaluator)
-                print(f"{method} {level} {variant}: {row['pruned']['ppl_increase']:+.1%} ({wall:.0f} s)"
-                      + (f" healed {row['healed']['ppl_increase']:+.1%}" if "healed" in row else ""), file=sys.stderr)
+                print(f"{method} {level} {variant}: {row['pruned']['ppl_increase']:+.1%} ({wall:.0f} s)", file=sys.stderr)
+                if method == "ffn" and level == max(levels) and variant == "reconstruction":
+                    row["healing"] = heal(pruned, model, tokenizer, source, recipe, args, evaluator)
                 results["rows"].append(row)
     print(json.dumps(results, indent=2))
 
 
-def heal(pruned, reference, tokenizer, source, recipe, args, evaluator) -> dict:
-    """The end-to-end `heal` stage on a pruned model, measured again."""
+def heal(pruned, reference, tokenizer, source, recipe, args, evaluator) -> list[dict]:
+    """Block-wise healing at each step count, the last one then healed end to end; each measured."""
     from minicpm_compress.stages import RunContext
     from minicpm_compress.state import ModelState
     from minicpm_compress.train.heal import HealConfig, apply_heal
+    from minicpm_compress.train.layer_heal import LayerHealConfig, apply_layer_heal
 
-    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=2, sequence_length=256, samples=128)
-    t = time.perf_counter()
-    out = apply_heal(config, ModelState.of(pruned, tokenizer, source), RunContext(recipe, reference_model=reference))
-    wall = time.perf_counter() - t
-    return {**evaluator.measure(out.state.model).as_dict(), "steps": args.heal_steps,
-            "tokens": args.heal_steps * 2 * 256, "wall_s": round(wall, 1),
-            "tokens_per_s": out.details.get("tokens_per_s")}
+    rows, state = [], None
+    for steps in [int(x) for x in args.layer_heal_steps.split(",") if x]:
+        ctx = RunContext(recipe, reference=ModelState.of(reference, tokenizer, source))
+        out = apply_layer_heal(LayerHealConfig(steps=steps), ModelState.of(pruned, tokenizer, source), ctx)
+        state = out.state
+        rows.append({"healing": "block-wise", "steps_per_layer": steps, "tokens": out.details["tokens"],
+                     "wall_s": out.details["wall_s"], **evaluator.measure(state.model).as_dict()})
+        print(f"  block-wise {steps} steps/layer: {rows[-1]['ppl_increase']:+.1%} ({rows[-1]['wall_s']:.0f} s)",
+              file=sys.stderr)
+    if args.heal_steps:
+        config = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=2, sequence_length=256, samples=128)
+        start = state.model if state is not None else pruned
+        t = time.perf_counter()
+        out = apply_heal(config, ModelState.of(start, tokenizer, source), RunContext(recipe, reference_model=reference))
+        rows.append({"healing": "end-to-end" + (" after block-wise" if state is not None else ""),
+                     "steps": args.heal_steps, "tokens": args.heal_steps * 2 * 256,
+                     "wall_s": round(time.perf_counter() - t, 1), **evaluator.measure(out.state.model).as_dict()})
+        print(f"  end-to-end {args.heal_steps} steps: {rows[-1]['ppl_increase']:+.1%} ({rows[-1]['wall_s']:.0f} s)",
+              file=sys.stderr)
+    return rows
 
 
 if __name__ == "__main__":

@@ -384,9 +384,13 @@ def qat(calibration, scale_lr, **options):
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="distillation steps after pruning (0: no healing; a recipe's heal stage sets the whole schedule)")
 @click.option("--heal-lr", type=float, default=5e-5, show_default=True)
+@click.option("--heal-layer-steps", type=int, default=0, show_default=True,
+              help="block-wise distillation steps per decoder layer before any end-to-end healing (streams: one "
+                   "layer in memory at a time; 0: none)")
 @_calibration_option
 @_reports_errors
-def prune(method, target_params, ratio, importance, refit, heal_steps, heal_lr, calibration, **options):
+def prune(method, target_params, ratio, importance, refit, heal_steps, heal_lr, heal_layer_steps, calibration,
+          **options):
     """Structured pruning to a smaller dense checkpoint, optionally healed by distillation."""
     from .recipe import build_recipe
 
@@ -394,10 +398,14 @@ def prune(method, target_params, ratio, importance, refit, heal_steps, heal_lr, 
                 **({"target_params": target_params} if target_params is not None else {}),
                 **({"ratio": ratio} if ratio is not None else {})}
     fields = _calibrated(_recipe_fields("prune", "prune", settings, options), calibration)
-    if heal_steps:  # the gate given on the command line then applies to the healed model
-        stages = fields["stages"]
+    stages = fields["stages"]
+    healing = ([{"heal_layers": {"steps": heal_layer_steps}}] if heal_layer_steps else []) + \
+        ([{"heal": {"steps": heal_steps, "lr": heal_lr}}] if heal_steps else [])
+    if healing:  # the gate given on the command line then applies to the healed model
         gate = stages[1]["prune"].pop("gate", None)
-        stages.append({"heal": {"steps": heal_steps, "lr": heal_lr, **({"gate": gate} if gate else {})}})
+        stages.extend(healing)
+        if gate:
+            next(iter(stages[-1].values()))["gate"] = gate
     _run(build_recipe(**fields), options["out"], options["overwrite"])
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,16 +37,34 @@ def pytest_runtest_makereport(item, call):
 
 _PASSED = pytest.StashKey[bool]()
 
-# Tests that read one session fixture's output run in the same xdist worker, so it is built once
-# (with --dist loadgroup; without xdist the mark does nothing).
-_SHARED_FIXTURES = ("ci_output",)
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        for name in _SHARED_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
+def _shared_root(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run shares (each worker's basetemp is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on `path` (across processes: the xdist workers)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _large_models_one_at_a_time(request, tmp_path_factory):
+    """Tests marked `large` (and the CI recipe's run) never run at the same time in two workers: each holds
+    several GB, and two at once would leave the next stage's memory check too little."""
+    if request.node.get_closest_marker("large") is None:
+        yield
+        return
+    with _locked(_shared_root(tmp_path_factory) / "large.lock"):
+        yield
 
 
 @pytest.fixture
@@ -72,15 +94,23 @@ def qwen_path() -> Path:
 
 @pytest.fixture(scope="session")
 def ci_output(tmp_path_factory, minicpm_path):
-    """recipes/ci.yaml run once through the CLI on the real model: (output folder, click result). Its
+    """recipes/ci.yaml run once through the CLI on the real model: (output folder, the click result's exit
+    code and output). Its
     assertions are in tests/test_cli.py; the hand-off tests (snippets, browser) read the same folder."""
     from click.testing import CliRunner
 
     from minicpm_compress.cli import main
 
-    out = tmp_path_factory.mktemp("ci") / "ci"
-    result = CliRunner().invoke(main, ["run", "recipes/ci.yaml", "--out", str(out)], catch_exceptions=False)
-    return out, result
+    root = _shared_root(tmp_path_factory)
+    out, record = root / "ci-recipe" / "ci", root / "ci-recipe.json"
+    with _locked(root / "ci-recipe.lock"):  # one run for all workers: the first builds it, the others read it
+        if not record.is_file():
+            with _locked(root / "large.lock"):
+                result = CliRunner().invoke(main, ["run", "recipes/ci.yaml", "--out", str(out)],
+                                            catch_exceptions=False)
+            fields = ("exit_code", "output", "stdout", "stderr")
+            record.write_text(json.dumps({k: getattr(result, k) for k in fields}))
+    return out, SimpleNamespace(**json.loads(record.read_text()))
 
 
 @pytest.fixture(scope="session")

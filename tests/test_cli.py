@@ -211,6 +211,7 @@ def test_prune_and_qat_commands_compose(tmp_path, tiny_checkpoint):
     assert manifest["reference"] == str(source.resolve())  # still measured against the unpruned original
 
 
+@pytest.mark.large
 def test_minicpmv_recipe_end_to_end(tmp_path):
     """The CI recipe on the built-in VLM: AWQ (calibrated on image prompts) beats RTN on text after held-out
     images; GGUF + mmproj in llama.cpp, ONNX in onnxruntime and Core ML (read back) measure like the gated

@@ -13,6 +13,6 @@ from ..export.gguf import stage as gguf_stage  # noqa: F401
 from ..export.hf_awq import stage as hf_awq_stage  # noqa: F401
 from ..export.onnx import stage as onnx_stage  # noqa: F401
 from ..prune import stage as prune_stage  # noqa: F401
-from ..train import heal  # noqa: F401
+from ..train import heal, layer_heal  # noqa: F401
 
 __all__ = ["STAGES", "RunContext", "StageConfig", "StageOutcome", "StageType", "register_stage"]

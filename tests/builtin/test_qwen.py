@@ -15,7 +15,7 @@ from minicpm_compress.export.gguf import pretokenizers as gguf_pretokenizers
 from minicpm_compress.builtin import qwen
 from minicpm_compress.state import load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.large]
 
 
 def test_the_assembled_file_is_the_pinned_one_and_the_checkpoint_has_qwen2_shapes(qwen_path):
