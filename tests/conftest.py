@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import json
 import os
 import shutil
@@ -56,10 +57,28 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_REAL_MODELS = {"minicpm_path", "smollm2_path", "qwen_path"}
+
+
+def pytest_collection_modifyitems(items):
+    """Order for two xdist workers: the CI recipe's first reader (which builds it), then every test of a real
+    model (marked slow / large, or taking a built-in model's folder), then the quick tests, and the other
+    readers of the CI recipe's output last, when it is long built. xdist hands the first quarter out in
+    turn, so the long tests are shared between the workers, and no long one starts near the end."""
+    def takes(item, names) -> bool:  # the test's own arguments (not fixtures' fixtures: every tokenizer user)
+        return bool(names & set(inspect.signature(item.obj).parameters)) if hasattr(item, "obj") else False
+
+    ci = [i for i in items if takes(i, {"ci_output"})]
+    heavy = [i for i in items if i not in ci and (takes(i, _REAL_MODELS) or i.get_closest_marker("slow")
+                                                   or i.get_closest_marker("large"))]
+    rest = [i for i in items if i not in ci and i not in heavy]
+    items[:] = ci[:1] + heavy + rest + ci[1:]
+
+
 @pytest.fixture(autouse=True)
 def _large_models_one_at_a_time(request, tmp_path_factory):
-    """Tests marked `large` (and the CI recipe's run) never run at the same time in two workers: each holds
-    several GB, and two at once would leave the next stage's memory check too little."""
+    """Tests marked `large` never run at the same time in two workers: each holds up to ~10 GB, and two at
+    once would leave a stage's memory check too little."""
     if request.node.get_closest_marker("large") is None:
         yield
         return
@@ -105,9 +124,7 @@ def ci_output(tmp_path_factory, minicpm_path):
     out, record = root / "ci-recipe" / "ci", root / "ci-recipe.json"
     with _locked(root / "ci-recipe.lock"):  # one run for all workers: the first builds it, the others read it
         if not record.is_file():
-            with _locked(root / "large.lock"):
-                result = CliRunner().invoke(main, ["run", "recipes/ci.yaml", "--out", str(out)],
-                                            catch_exceptions=False)
+            result = CliRunner().invoke(main, ["run", "recipes/ci.yaml", "--out", str(out)], catch_exceptions=False)
             fields = ("exit_code", "output", "stdout", "stderr")
             record.write_text(json.dumps({k: getattr(result, k) for k in fields}))
     return out, SimpleNamespace(**json.loads(record.read_text()))

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from gguf import GGUFReader
 
@@ -45,6 +46,7 @@ def test_streamed_statistics_equal_a_direct_forward_and_the_file_reads_back(tmp_
     np.testing.assert_allclose(means["blk.1.ffn_down.weight"], sums / 120, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_llama_cpp_quantizes_better_with_our_importance_matrix(tmp_path):
     """Q3_K_M of the built-in MiniCPM, from the same float file, with and without the imatrix: llama.cpp's
     quantizer weights each column by it, and the file measures closer to the float model in llama.cpp."""
