@@ -37,7 +37,7 @@ from ..progress import progress
 from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .budget import BudgetConfig, apply_budget, promotion_errors
 from .output_error import output_error, relative_error
-from .qweight import QuantScheme, QuantizedWeight, group_view, quantize
+from .qweight import QuantScheme, QuantizedWeight, fake_quantize, group_params, group_view, quantize
 
 
 class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
@@ -152,7 +152,9 @@ def search_scales_by_block(linears: list[torch.nn.Linear], calls: BlockCalls, x_
 
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
                 max_shrink: float) -> torch.Tensor:
-    """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups]."""
+    """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups].
+    Each ratio's weights are the quantizer's own values (`group_params` then `fake_quantize`, equal to
+    quantize → dequantize bit for bit) without packing codes."""
     out, cols = weight.shape
     scheme = scheme.fitting(cols)
     group = scheme.group_size or cols
@@ -164,8 +166,10 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, g
     ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
     best_err = torch.full((out, n_groups), float("inf"), device=weight.device)
     best = torch.ones(out, n_groups, device=weight.device)
+    w = weight.detach().float()
     for r in ratios:
-        delta = weight - quantize(weight, scheme, clip=torch.full((out, n_groups), r, device=weight.device)).dequantize()
+        scales, zeros = group_params(w, scheme, torch.full((out, n_groups), r, device=weight.device))
+        delta = w - fake_quantize(w, scales, zeros, scheme)
         d = torch.nn.functional.pad(delta, (0, pad)).reshape(out, n_groups, group)
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
         better = err < best_err

@@ -93,6 +93,13 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         wb, errors, ub = w[:, b0:b1].clone(), torch.empty(out, b1 - b0, device=w.device), u[b0:b1, b0:b1]
+        # each column's scale and zero point, gathered once per block (per group as it starts when not static)
+        if static:
+            sb = scales[:, column_group[b0:b1]]
+            zb = None if zeros is None else zeros[:, column_group[b0:b1]].to(torch.float32)
+        else:
+            sb = torch.empty(out, b1 - b0, device=w.device)
+            zb = None if zeros is None else torch.empty(out, b1 - b0, device=w.device)
         for i in range(b1 - b0):
             j = b0 + i
             if not static and j % group == 0:  # a new group: parameters from the weights as updated so far
@@ -100,17 +107,18 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
                 gs, gz = _params(wb[:, i:end], h[j : b0 + end, j : b0 + end],
                                  scheme.model_copy(update={"group_size": None}), config)
                 scales[:, g] = gs[:, 0]
+                sb[:, i:end] = gs
                 if zeros is not None:
                     zeros[:, g] = gz[:, 0]
-            g = column_group[j]
-            s = scales[:, g]
-            z = None if zeros is None else zeros[:, g].to(torch.float32)
-            col = wb[:, i]
+                    zb[:, i:end] = gz.to(torch.float32)
+            col, s = wb[:, i], sb[:, i]
+            z = None if zb is None else zb[:, i]
             c = round_codes(col, s, z, scheme)
             codes[:, j] = c
-            err = (col - code_values(c, s, z, scheme)) / ub[i, i]
-            wb[:, i:] -= err.unsqueeze(1) * ub[i, i:].unsqueeze(0)
-            errors[:, i] = err
+            err = errors[:, i]
+            torch.sub(col, code_values(c, s, z, scheme), out=err)
+            err.div_(ub[i, i])
+            wb[:, i + 1 :].addr_(err, ub[i, i + 1 :], alpha=-1)  # spread the error onto the block's later columns
         w[:, b1:] -= errors @ u[b0:b1, b1:]
     codes = codes[:, torch.argsort(order)]
     dtype = torch.int8 if scheme.symmetric else torch.uint8
@@ -119,21 +127,30 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
 
 def gptq_layer(layer: torch.nn.Module, prefix: str, grams: dict[str, torch.Tensor], arch, scheme: QuantScheme,
                config: GPTQConfig) -> tuple[dict[str, QuantizedWeight], dict[str, float], dict[str, list[float]]]:
-    """GPTQ codes for every linear of one decoder layer (`grams`: each one's input Gram matrix), their relative
-    output errors, and (with a bit budget) those of round-to-nearest at each promotion (budget.promotions)."""
+    """GPTQ codes for every linear of one decoder layer (`grams`: each one's input Gram matrix; linears sharing
+    one are quantized in one sweep), their relative output errors, and (with a bit budget) those of round-to-nearest at each promotion (budget.promotions)."""
     qweights, errors, errors_up = {}, {}, {}
+    shared: dict[int, list[str]] = {}  # linears fed the same input (q/k/v; gate/up) share one Gram matrix
     for name in arch.linears:
-        weight = layer.get_submodule(name).weight.detach().float()
+        shared.setdefault(id(grams[name]), []).append(name)
+    for names in shared.values():
+        # one sweep over the linears' rows stacked: GPTQ treats rows independently, so this is each linear's GPTQ
+        weights = [layer.get_submodule(name).weight.detach().float() for name in names]
         try:
-            q = gptq_quantize(weight, grams[name], scheme, config)
+            stacked = gptq_quantize(torch.cat(weights), grams[names[0]], scheme, config)
         except CompressError as e:
-            raise CompressError(f"gptq: '{prefix}.{name}': {e}") from None
-        gram = grams[name].float()
-        errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
-        if config.budgeted:
-            errors_up[f"{prefix}.{name}"] = promotion_errors(weight, gram, scheme)
-        qweights[f"{prefix}.{name}"] = q.to("cpu")
-    return qweights, errors, errors_up
+            raise CompressError(f"gptq: '{prefix}.{names[0]}': {e}") from None
+        gram = grams[names[0]].float()
+        start = 0
+        for name, weight in zip(names, weights):
+            rows = torch.arange(start, start + weight.shape[0], device=weight.device)
+            start += weight.shape[0]
+            q = stacked.rows(rows).to("cpu")  # indexed, so a copy of its own
+            errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize().to(weight.device), gram)
+            if config.budgeted:
+                errors_up[f"{prefix}.{name}"] = promotion_errors(weight, gram, scheme)
+            qweights[f"{prefix}.{name}"] = q
+    return {f"{prefix}.{name}": qweights[f"{prefix}.{name}"] for name in arch.linears}, errors, errors_up
 
 
 @register_stage("gptq", GPTQConfig, "GPTQ: error-feedback weight quantization from calibration statistics",

@@ -10,16 +10,18 @@ import time
 
 import pytest
 
-from minicpm_compress.cache import cache_dir
 
 from .conftest import leftovers, write_recipe
 
 QAT = "  - qat: {bits: 4, group_size: 32, symmetric: true, steps: 60, checkpoint_every: 2, samples: 4, sequence_length: 64}\n"
 
 
-def _start(recipe, out, log):
+def _start(recipe, out, log, cache=None):
     command = [sys.executable, "-c", "from minicpm_compress.cli import main; main()", "run", str(recipe), "--out", str(out)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=os.environ.copy())
+    env = os.environ.copy()
+    if cache is not None:  # a cache of the test's own: another worker's training writes no resume file into it
+        env["MINICPM_COMPRESS_CACHE"] = str(cache)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
 
 
 def _wait(predicate, process, timeout=120.0):
@@ -38,10 +40,10 @@ def _wait(predicate, process, timeout=120.0):
 def test_signal_during_training_leaves_nothing_and_the_rerun_resumes(tmp_path, checkpoint, sig, code, name):
     recipe = write_recipe(tmp_path, checkpoint, QAT, name=f"qat-{name}")
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
-    train = cache_dir("train")
-    before = set(train.iterdir())
-    process = _start(recipe, out, log)
-    _wait(lambda: set(train.iterdir()) - before, process)  # a resume checkpoint exists: training is under way
+    cache = tmp_path / "cache"
+    train = cache / "train"
+    process = _start(recipe, out, log, cache)
+    _wait(lambda: train.is_dir() and set(train.iterdir()), process)  # a resume checkpoint exists: training is under way
     os.kill(process.pid, sig)
     assert process.wait(timeout=60) == code
     text = log.read_text()
@@ -49,9 +51,9 @@ def test_signal_during_training_leaves_nothing_and_the_rerun_resumes(tmp_path, c
     assert errors == [f"error: interrupted ({name}); no output was written (staging folders removed)"], text
     assert "Traceback" not in text
     assert not out.exists() and leftovers(out) == []
-    (checkpoint_file,) = set(train.iterdir()) - before  # kept for the rerun
+    (checkpoint_file,) = set(train.iterdir())  # kept for the rerun
 
-    rerun = _start(recipe, out, log)
+    rerun = _start(recipe, out, log, cache)
     assert rerun.wait(timeout=300) == 0, log.read_text()
     qat = json.loads((out / "manifest.json").read_text())["stages"][-1]
     assert qat["name"] == "qat" and qat["details"]["resumed_at_step"] >= 2 and qat["details"]["steps"] == 60
