@@ -128,7 +128,8 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
 def gptq_layer(layer: torch.nn.Module, prefix: str, grams: dict[str, torch.Tensor], arch, scheme: QuantScheme,
                config: GPTQConfig) -> tuple[dict[str, QuantizedWeight], dict[str, float], dict[str, list[float]]]:
     """GPTQ codes for every linear of one decoder layer (`grams`: each one's input Gram matrix; linears sharing
-    one are quantized in one sweep), their relative output errors, and (with a bit budget) those of round-to-nearest at each promotion (budget.promotions)."""
+    one are quantized in one sweep), their relative output errors, and (with a bit budget) those of round-to-nearest
+    at each promotion (budget.promotions)."""
     qweights, errors, errors_up = {}, {}, {}
     shared: dict[int, list[str]] = {}  # linears fed the same input (q/k/v; gate/up) share one Gram matrix
     for name in arch.linears:
@@ -139,7 +140,8 @@ def gptq_layer(layer: torch.nn.Module, prefix: str, grams: dict[str, torch.Tenso
         try:
             stacked = gptq_quantize(torch.cat(weights), grams[names[0]], scheme, config)
         except CompressError as e:
-            raise CompressError(f"gptq: '{prefix}.{names[0]}': {e}") from None
+            linears = ", ".join(f"'{prefix}.{name}'" for name in names)
+            raise CompressError(f"gptq: {linears} (one shared input): {e}") from None
         gram = grams[names[0]].float()
         start = 0
         for name, weight in zip(names, weights):
