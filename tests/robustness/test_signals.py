@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-
 from .conftest import leftovers, write_recipe
 
 QAT = "  - qat: {bits: 4, group_size: 32, symmetric: true, steps: 60, checkpoint_every: 2, samples: 4, sequence_length: 64}\n"
