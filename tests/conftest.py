@@ -68,7 +68,8 @@ def pytest_collection_modifyitems(items):
     def takes(item, names) -> bool:  # the test's own arguments (not fixtures' fixtures: every tokenizer user)
         return bool(names & set(inspect.signature(item.obj).parameters)) if hasattr(item, "obj") else False
 
-    ci = [i for i in items if takes(i, {"ci_output"})]
+    # a reader of the CI recipe's output through any fixture (tests/handoff/ take it as their module's `ci`)
+    ci = [i for i in items if "ci_output" in getattr(i, "fixturenames", ())]
     heavy = [i for i in items if i not in ci and (takes(i, _REAL_MODELS) or i.get_closest_marker("slow")
                                                    or i.get_closest_marker("large"))]
     rest = [i for i in items if i not in ci and i not in heavy]

@@ -74,7 +74,7 @@ def test_streamed_text_is_the_answer_and_a_conversation_continues(ci_output):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--artifact", "coreml-int8", "--prompt", "hi"], "Core ML runs on macOS only"),
+    (["--artifact", "coreml-int4", "--prompt", "hi"], "Core ML runs on macOS only"),
     (["--artifact", "nothing.gguf", "--prompt", "hi"], "no artifact 'nothing.gguf' in this output folder"),
     (["--json"], "--json: needs --prompt"),
 ])

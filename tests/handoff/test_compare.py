@@ -57,7 +57,7 @@ def test_compare_two_real_recipe_outputs(ci_output, tmp_path, minicpm_path):
     result = _compare(folder, second)
     assert result.exit_code == 0, result.stderr
     lines = result.output.splitlines()
-    assert sum(line.startswith("ci ") for line in lines) == 8  # every artifact of the CI recipe
+    assert sum(line.startswith("ci ") for line in lines) == 7  # every artifact of the CI recipe
     q8 = [line for line in lines if line.startswith("q8 ")]
     assert len(q8) == 1 and "model-Q8_0.gguf" in q8[0]
 

@@ -75,18 +75,16 @@ def test_swift_snippet_names_the_packages_features_with_their_types(ci):
     import coremltools as ct
 
     folder, manifest, card = ci
-    blocks = re.findall(r"```swift\n(.*?)```", card, re.S)
-    packages = [folder / f"coreml-int{b}" / "model.mlpackage" for b in (8, 4)]
-    assert len(blocks) == 2
-    for code, package in zip(blocks, packages):
-        features = coreml_features(ct.utils.load_spec(str(package)))
-        named = set(re.findall(r'"(\w+)": \w+', code)) | set(re.findall(r'featureValue\(for: "(\w+)"\)', code))
-        assert named == set(features["inputs"]) | set(features["outputs"])
-        for name, (dtype, rank, bounds) in features["inputs"].items():
-            var = {"input_ids": "inputIds", "causal_mask": "mask"}[name]
-            shape = re.search(rf"let {var} = try MLMultiArray\(shape: \[(.*?)\], dataType: (\.\w+)\)", code)
-            assert shape and shape.group(2) == SWIFT_TYPES[dtype], name
-            assert len(shape.group(1).split(", ")) == rank, name  # one dimension per spec dimension
-        for name, (dtype, rank, bounds) in features["states"].items():
-            assert f"{name} [{', '.join(map(str, bounds))}] {dtype.lower()}" in code
-        assert f"up to {features['inputs']['input_ids'][2][-1]} in all" in code
+    [code] = re.findall(r"```swift\n(.*?)```", card, re.S)  # the one Core ML package: coreml-int4
+    package = folder / "coreml-int4" / "model.mlpackage"
+    features = coreml_features(ct.utils.load_spec(str(package)))
+    named = set(re.findall(r'"(\w+)": \w+', code)) | set(re.findall(r'featureValue\(for: "(\w+)"\)', code))
+    assert named == set(features["inputs"]) | set(features["outputs"])
+    for name, (dtype, rank, bounds) in features["inputs"].items():
+        var = {"input_ids": "inputIds", "causal_mask": "mask"}[name]
+        shape = re.search(rf"let {var} = try MLMultiArray\(shape: \[(.*?)\], dataType: (\.\w+)\)", code)
+        assert shape and shape.group(2) == SWIFT_TYPES[dtype], name
+        assert len(shape.group(1).split(", ")) == rank, name  # one dimension per spec dimension
+    for name, (dtype, rank, bounds) in features["states"].items():
+        assert f"{name} [{', '.join(map(str, bounds))}] {dtype.lower()}" in code
+    assert f"up to {features['inputs']['input_ids'][2][-1]} in all" in code

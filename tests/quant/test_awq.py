@@ -1,5 +1,4 @@
 import copy
-import json
 
 import pytest
 import torch
@@ -113,21 +112,6 @@ def test_bad_calibration_input_is_refused(tmp_path, tokenizer):
                               "calibration_samples": 4, "sequence_length": 512}, stages=[{"awq": {}}])
         with pytest.raises(CompressError, match=message):
             apply_awq(AWQConfig(), state, RunContext(recipe))
-
-
-def test_awq_beats_rtn_on_the_real_model_where_rtn_loses(tmp_path, minicpm_path):
-    """int4 g128 symmetric is not the weights' native grid: RTN loses a lot there, AWQ much less."""
-    data = {"calibration_samples": 16, "eval_tokens": 2048}
-    recipe = build_recipe(model="minicpm-smollm2", data=data, stages=[
-        {"rtn": {"bits": 4, "group_size": 128, "symmetric": True}},
-        {"awq": {"bits": 4, "group_size": 128, "symmetric": True, "gate": {"max_ppl_increase": 0.4}}},
-    ])
-    run_recipe(recipe, tmp_path / "o")
-    stages = json.loads((tmp_path / "o/manifest.json").read_text())["stages"]
-    rtn, awq = stages[1]["metrics"], stages[2]["metrics"]
-    assert rtn["ppl_increase"] > 0.2
-    assert awq["ppl_increase"] < 0.6 * rtn["ppl_increase"]  # measured: removes ~60% of RTN's increase
-    assert awq["kld"] < 0.7 * rtn["kld"] and awq["top1"] > rtn["top1"]
 
 
 def test_block_objective_scores_scales_by_the_blocks_output(tokenizer):
