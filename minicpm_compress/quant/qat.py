@@ -59,7 +59,9 @@ class FakeQuantLinear(torch.nn.Module):
         self.gain = torch.nn.Parameter(torch.zeros_like(self.initial_scales))
 
     def scales(self) -> torch.Tensor:
-        return _Float16STE.apply((self.initial_scales * torch.exp(self.gain)).clamp(min=MIN_SCALE))
+        # a symmetric scheme's scales may be negative (the full grid): the gain scales their magnitude
+        sign = torch.where(self.initial_scales < 0, -1.0, 1.0)
+        return _Float16STE.apply(sign * (self.initial_scales.abs() * torch.exp(self.gain)).clamp(min=MIN_SCALE))
 
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize(self.linear.weight, self.scales(), self.zeros, self.scheme)

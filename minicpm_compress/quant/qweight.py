@@ -4,6 +4,7 @@ A `QuantizedWeight` holds integer codes for one linear's weight [out, in] plus, 
 group of `group_size` input columns, a scale and (asymmetric schemes) a zero point:
 
   symmetric              w = scale * code                     code in [-2^(b-1), 2^(b-1) - 1]  (int8)
+                         (4 and 5 bits: the scale is signed, the group's largest |w| takes code -2^(b-1))
   asymmetric, int zero   w = scale * (code - zero)            code, zero in [0, 2^b - 1]        (uint8)
   asymmetric, float zero w = scale * code + zero              code in [0, 2^b - 1]; zero = the group's offset
 
@@ -368,7 +369,14 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     scheme = scheme.fitting(w.shape[1])
     g = group_view(w, scheme.group_size or w.shape[1])
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
-    if scheme.symmetric:
+    if scheme.symmetric and full_grid(scheme):
+        # the group's largest-magnitude weight, with its sign, takes the code −2^(b−1): all 2^b codes in use
+        top = 2 ** (scheme.bits - 1)
+        peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True)) * shrink
+        raw = peak / -top
+        scales = _f16(torch.where(raw.abs() < MIN_SCALE, torch.where(raw < 0, -MIN_SCALE, MIN_SCALE), raw))
+        zeros = None
+    elif scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
         scales = _f16((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax)
         zeros = None
@@ -386,6 +394,14 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     if scheme.super_block:
         return k_grid(scales, zeros, scheme)
     return scales, zeros
+
+
+def full_grid(scheme: QuantScheme) -> bool:
+    """Whether a symmetric scheme uses every code −2^(b−1) … 2^(b−1) − 1: its scale is the group's
+    largest-magnitude weight, sign included, over −2^(b−1) (llama.cpp's Q4_0 / Q5_0 and onnxruntime-genai's
+    int4 do the same), so a scale may be negative. int8 keeps max|w| / 127 (llama.cpp's Q8_0: its files'
+    codes are reproduced exactly) and K-quant grids keep non-negative scales on their integer grid."""
+    return scheme.symmetric and scheme.super_block is None and scheme.bits < 8
 
 
 def k_grid(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: QuantScheme, rounding=torch.round
@@ -454,7 +470,7 @@ def round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme
                 rounding=torch.round) -> torch.Tensor:
     """Codes (as float32) of weights `w` under scales `s` and zero points `z` of the same shape."""
     lo, hi = code_range(scheme)
-    s = torch.where(s > 0, s, 1.0)  # a K-quant grid's all-zero super-block: every code stands for 0 (or the offset)
+    s = torch.where(s != 0, s, 1.0)  # a K-quant grid's all-zero super-block: every code stands for 0 (or the offset)
     if scheme.symmetric:
         return torch.clamp(rounding(w / s), lo, hi)
     if scheme.zero_point == "float":

@@ -100,13 +100,19 @@ def test_gptq_codes_reach_every_exporter_unchanged(tmp_path, tiny_checkpoint):
         assert abs(export["metrics"]["kld"] - gptq["metrics"]["kld"]) < 0.1 * gptq["metrics"]["kld"] + 1e-3
 
 
-def test_gptq_and_awq_then_gptq_beat_rtn_on_the_real_model(tmp_path, smollm2_path):
+def test_awq_gptq_and_awq_then_gptq_beat_rtn_on_the_real_model(tmp_path, minicpm_path):
+    """int4 g128 symmetric is not the weights' native grid: RTN loses a lot there; AWQ, GPTQ (act-order) and
+    GPTQ after AWQ each much less (one recipe: the calibrated methods share its RTN row and reference)."""
     data = {"calibration_samples": 16, "eval_tokens": 2048}
     scheme = {"bits": 4, "group_size": 128, "symmetric": True}
-    recipe = build_recipe(model="smollm2-135m", data=data, stages=[
+    recipe = build_recipe(model="minicpm-smollm2", data=data, stages=[
         {"rtn": scheme}, {"gptq": {**scheme, "act_order": True}}, {"awq": scheme}, {"gptq": scheme}])
     run_recipe(recipe, tmp_path / "o")
     rtn, gptq, awq, awq_gptq = (s["metrics"] for s in json.loads((tmp_path / "o/manifest.json").read_text())["stages"][1:])
-    assert rtn["ppl_increase"] > 0.3  # measured +51% at 4k tokens
+    # measured on the full symmetric grid at 2,048 tokens: RTN +32.6% (KLD 0.423), AWQ +23.8% (0.253),
+    # GPTQ act-order +10.8% (0.145), AWQ → GPTQ +14.7% (0.166)
+    assert rtn["ppl_increase"] > 0.2
+    assert awq["ppl_increase"] < 0.85 * rtn["ppl_increase"]
+    assert awq["kld"] < 0.7 * rtn["kld"] and awq["top1"] > rtn["top1"]
     assert gptq["ppl_increase"] < 0.4 * rtn["ppl_increase"] and gptq["kld"] < 0.4 * rtn["kld"]
     assert awq_gptq["ppl_increase"] < awq["ppl_increase"] and awq_gptq["kld"] < awq["kld"]

@@ -5,8 +5,8 @@ import torch
 from pydantic import ValidationError
 
 from minicpm_compress.quant.qweight import (
-    GGUF_GRIDS, KFactors, QuantizedWeight, QuantScheme, encode, fake_quantize, k_grid, load_qweights, per_column,
-    quantize, save_qweights,
+    GGUF_GRIDS, KFactors, QuantizedWeight, QuantScheme, encode, fake_quantize, full_grid, k_grid, load_qweights,
+    per_column, quantize, save_qweights,
 )
 
 from ..conftest import WIDE
@@ -84,8 +84,13 @@ def test_fake_quantize_and_encode_reproduce_the_quantizer_exactly(weight, grid):
     assert torch.equal(encode(weight, q.scales, q.zeros, scheme).codes, q.codes)
     assert torch.equal(fake_quantize(weight, q.scales, q.zeros, scheme), q.dequantize())
     step = per_column(q.scales, q.group_size, weight.shape[1])
-    assert ((q.dequantize() - weight.clamp(-weight.abs().max() * 0.9, weight.abs().max() * 0.9)).abs()
-            <= step * 0.5 + 0.1 * weight.abs().max()).all()
+    if full_grid(scheme):  # codes −8…7 (−16…15) times a signed scale: within half a step of the grid's range
+        ends = step * -(2 ** (scheme.bits - 1)), step * (2 ** (scheme.bits - 1) - 1)
+        held = weight.clamp(torch.minimum(*ends), torch.maximum(*ends))
+        assert ((q.dequantize() - held).abs() <= step.abs() * 0.5 * (1 + 1e-6)).all()
+    else:
+        assert ((q.dequantize() - weight.clamp(-weight.abs().max() * 0.9, weight.abs().max() * 0.9)).abs()
+                <= step * 0.5 + 0.1 * weight.abs().max()).all()
 
 
 @pytest.mark.parametrize("grid", K_GRIDS)
