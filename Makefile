@@ -41,7 +41,7 @@ test-tools:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium golang-go)
 
 test: install test-tools
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --maxschedchunk 1
 
 bench: install
 	mkdir -p out

@@ -63,8 +63,10 @@ _REAL_MODELS = {"minicpm_path", "smollm2_path", "qwen_path"}
 def pytest_collection_modifyitems(items):
     """Order for two xdist workers: the CI recipe's first reader (which builds it), then every test of a real
     model (marked slow / large, or taking a built-in model's folder), then the quick tests, and the other
-    readers of the CI recipe's output last, when it is long built. xdist hands the first quarter out in
-    turn, so the long tests are shared between the workers, and no long one starts near the end."""
+    readers of the CI recipe's output last, when it is long built. `make test` passes `--maxschedchunk 1`:
+    xdist then keeps two tests queued per worker instead of handing each worker a quarter of the list in one
+    consecutive chunk (which gave the CI recipe's builder every real-model test as well), so the long tests
+    are shared between the workers, and no long one starts near the end."""
     def takes(item, names) -> bool:  # the test's own arguments (not fixtures' fixtures: every tokenizer user)
         return bool(names & set(inspect.signature(item.obj).parameters)) if hasattr(item, "obj") else False
 
