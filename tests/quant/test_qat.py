@@ -71,7 +71,9 @@ def test_training_lowers_the_distillation_loss_and_improves_the_quantized_model(
     assert d["initialised_from"] == {"given": 0, "rtn": 14}
     assert d["steps"] == 48 and d["tokens"] == 48 * 4 * 32
     assert d["loss_end_mean"] < 0.7 * d["loss_start_mean"]
-    assert kl_to_teacher(state) < 0.85 * kl_to_teacher(rtn)  # measured 0.211 vs 0.270
+    # measured 0.183-0.184 vs 0.203 on the full symmetric grid (0.211 vs 0.270 on the old max/7 grid, whose
+    # RTN start was worse); longer training or other rates did not widen the gap on this 2-layer model
+    assert kl_to_teacher(state) < 0.93 * kl_to_teacher(rtn)
 
 
 def test_exported_codes_are_exactly_what_the_trained_model_computed_with(tokenizer):
