@@ -66,8 +66,8 @@ def test_each_file_records_how_far_it_continues_like_the_gated_torch_model(ci):
         assert smoke["tokens"][:shared] == smoke["torch_tokens"][:shared]
         assert shared == len(smoke["tokens"]) or smoke["tokens"][shared] != smoke["torch_tokens"][shared]
     # Q4_0 holds the AWQ codes themselves, so llama.cpp differs from the gated torch model only through its
-    # 8-bit activations: all 8 tokens agree on this machine, 3 on CI's (another instruction set, and a near-tie
-    # at the fourth token since the full symmetric grid); tests/test_cli.py compares the two models' metrics
+    # 8-bit activations: all 8 tokens agree on this machine, 3 on CI's machine (a near-tie at the fourth token
+    # since the full symmetric grid); tests/test_cli.py compares the two models' metrics
     assert by_file["model-Q4_0.gguf"]["torch_agrees"] >= 3
     assert "the gated model in torch gives the same tokens" in card
 
