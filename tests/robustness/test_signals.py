@@ -42,7 +42,8 @@ def test_signal_during_training_leaves_nothing_and_the_rerun_resumes(tmp_path, c
     cache = tmp_path / "cache"
     train = cache / "train"
     process = _start(recipe, out, log, cache)
-    _wait(lambda: train.is_dir() and set(train.iterdir()), process)  # a resume checkpoint exists: training is under way
+    # a resume checkpoint exists (its final name, not the temporary file the signal would remove): training is under way
+    _wait(lambda: train.is_dir() and list(train.glob("*.pt")), process)
     os.kill(process.pid, sig)
     assert process.wait(timeout=60) == code
     text = log.read_text()
@@ -50,7 +51,7 @@ def test_signal_during_training_leaves_nothing_and_the_rerun_resumes(tmp_path, c
     assert errors == [f"error: interrupted ({name}); no output was written (staging folders removed)"], text
     assert "Traceback" not in text
     assert not out.exists() and leftovers(out) == []
-    (checkpoint_file,) = set(train.iterdir())  # kept for the rerun
+    (checkpoint_file,) = set(train.iterdir())  # kept for the rerun; no temporary file left beside it
 
     rerun = _start(recipe, out, log, cache)
     assert rerun.wait(timeout=300) == 0, log.read_text()
