@@ -31,6 +31,11 @@ ROWS = {
     "ours AWQ→GPTQ Q4_K": [{"awq": {"layout": "Q4_K"}}, {"gptq": {"layout": "Q4_K", "act_order": True}},
                            {"gguf": {"type": "Q4_K"}}],
     "ours GPTQ act-order Q5_K": [{"gptq": {"layout": "Q5_K", "act_order": True}}, {"gguf": {"type": "Q5_K"}}],
+    # 4.5 bits on two grids: Q4_0's evenly spaced levels and IQ4_NL's non-linear ones (the type llama.cpp's
+    # Q3_K mixtures take for rows that do not split into 256-wide super-blocks)
+    "ours RTN Q4_0": [{"rtn": {"layout": "Q4_0"}}, {"gguf": {"type": "Q4_0"}}],
+    "ours RTN IQ4_NL": [{"rtn": {"layout": "IQ4_NL"}}, {"gguf": {"type": "IQ4_NL"}}],
+    "ours GPTQ IQ4_NL": [{"gptq": {"layout": "IQ4_NL"}}, {"gguf": {"type": "IQ4_NL"}}],
     # type auto at 0.9x the size of llama.cpp's file (measured in this run, or read from --sizes-from)
     "ours auto at 0.9× Q3_K_M": [{"gguf": {"type": "auto", "target_size": "0.9 Q3_K_M"}}],
     "ours auto at 0.9× Q4_K_M": [{"gguf": {"type": "auto", "target_size": "0.9 Q4_K_M"}}],

@@ -230,8 +230,8 @@ def _scheme_options(command):
                      help="asymmetric with zero points, or symmetric"),
         click.option("--float-zero", is_flag=True, help="store zero points as float offsets (GGUF Q4_1 style)"),
         click.option("--layout", default=None, metavar="TYPE",
-                     help="the exact layout of a GGUF type instead (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, "
-                          "Q5_K, Q6_K): sets bits, group size, symmetry and the K-quant scale grid"),
+                     help="the exact layout of a GGUF type instead (Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, "
+                          "Q4_K, Q5_K, Q6_K): sets bits, group size, symmetry, the K-quant scale grid or IQ4_NL's levels"),
     ]
     for option in reversed(options):
         command = option(command)

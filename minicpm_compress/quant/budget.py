@@ -40,8 +40,8 @@ class BudgetConfig(BaseModel):
 
 
 def int8_scheme(scheme: QuantScheme) -> QuantScheme:
-    """The 8-bit scheme a budget promotes a linear to: the same grouping, or Q8_0 for a K-quant grid."""
-    if scheme.super_block:
+    """The 8-bit scheme a budget promotes a linear to: the same grouping, or Q8_0 for a K-quant grid or IQ4_NL."""
+    if scheme.super_block or scheme.codebook:
         return QuantScheme(layout="Q8_0")
     return scheme.scheme().model_copy(update={"bits": 8})
 

@@ -21,6 +21,10 @@ integers (`KFactors`), not the float32 products. A weight whose width is
 not a multiple of 256 takes a fallback type instead (K_FALLBACK: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, as
 llama.cpp does; Q2_K / Q3_K → Q4_0).
 Schemes can be named by the GGUF type whose layout they are: `layout: Q4_K` (see GGUF_GRIDS).
+
+A codebook scheme (`codebook: iq4_nl`, GGUF IQ4_NL) keeps symmetric 4-bit codes −8 … 7 and one float16 scale
+per group, but code c stands for scale · IQ4_NL_VALUES[c + 8], a non-linear grid denser near zero (llama.cpp's
+table); its scale is searched per group, as llama.cpp's quantizer does, for the least squared error.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ OLDER_FORMAT = "minicpm-compress-qweights/2"  # still read when it holds no K-gr
 GGUF_GRIDS: dict[str, dict] = {
     "Q8_0": dict(bits=8, group_size=32, symmetric=True),
     "Q4_0": dict(bits=4, group_size=32, symmetric=True),
+    "IQ4_NL": dict(bits=4, group_size=32, symmetric=True, codebook="iq4_nl"),
     "Q4_1": dict(bits=4, group_size=32, symmetric=False, zero_point="float"),
     "Q5_0": dict(bits=5, group_size=32, symmetric=True),
     "Q5_1": dict(bits=5, group_size=32, symmetric=False, zero_point="float"),
@@ -57,8 +62,10 @@ GGUF_GRIDS: dict[str, dict] = {
     "Q2_K": dict(bits=2, group_size=16, symmetric=False, zero_point="float", super_block=256, scale_bits=4),
 }
 # the type a weight takes when its rows do not split into 256-wide super-blocks: llama.cpp's own fallback
-# (for Q2_K / Q3_K llama.cpp takes IQ4_NL, a non-linear grid no quantizer here fills: Q4_0 instead)
-K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "IQ4_NL", "Q2_K": "IQ4_NL"}
+
+# IQ4_NL's 16 levels (ggml's kvalues_iq4nl), in units of the group's scale: code c stands for scale · value[c + 8]
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 class QuantScheme(BaseModel):
@@ -75,6 +82,8 @@ class QuantScheme(BaseModel):
     super_block: Literal[256] | None = Field(
         None, description="K-quant grid: group scales (and offsets) quantized per super-block of 256 columns")
     scale_bits: Literal[4, 6, 8] | None = Field(None, description="K-quant grid: bits of each group's scale integer")
+    codebook: Literal["iq4_nl"] | None = Field(
+        None, description="symmetric int4 codes standing for a non-linear table of levels (GGUF IQ4_NL)")
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +112,8 @@ class QuantScheme(BaseModel):
             raise ValueError(f"a K-quant grid must be one of {', '.join(K_FALLBACK)} (use layout: NAME)")
         if self.bits < 4 and self.super_block is None:
             raise SettingError("bits", f"{self.bits}-bit codes exist on a K-quant grid only (layout: Q{self.bits}_K)")
+        if self.codebook is not None and (self.bits != 4 or not self.symmetric or self.super_block is not None):
+            raise ValueError("codebook iq4_nl takes symmetric 4-bit codes without super-blocks (e.g. layout: IQ4_NL)")
         return self
 
     @property
@@ -128,6 +139,9 @@ class QuantScheme(BaseModel):
         return scheme
 
     def describe(self) -> str:
+        if self.codebook:
+            group = f"g{self.group_size}" if self.group_size else "per-channel"
+            return f"{self.layout or 'iq4_nl codebook'} (int4 {group}, non-linear levels)"
         if self.super_block:
             return f"{self.layout} (int{self.bits} g{self.group_size}, {self.scale_bits}-bit scales per 256)"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
@@ -369,7 +383,11 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     scheme = scheme.fitting(w.shape[1])
     g = group_view(w, scheme.group_size or w.shape[1])
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
-    if scheme.symmetric and full_grid(scheme):
+    if scheme.codebook:
+        raw = codebook_scales(g) * shrink
+        scales = _f16(torch.where(raw.abs() < MIN_SCALE, torch.where(raw < 0, -MIN_SCALE, MIN_SCALE), raw))
+        zeros = None
+    elif scheme.symmetric and full_grid(scheme):
         # the group's largest-magnitude weight, with its sign, takes the code −2^(b−1): all 2^b codes in use
         top = 2 ** (scheme.bits - 1)
         peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True)) * shrink
@@ -396,12 +414,59 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     return scales, zeros
 
 
+def codebook_levels(device=None) -> torch.Tensor:
+    """IQ4_NL's levels as float32 [16]."""
+    return torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=device)
+
+
+_BINS_FROM, _BINS_TO = -130.0, 116.0  # half-unit bins covering the levels; beyond them, the end levels
+
+
+def _level_bins(device) -> torch.Tensor:
+    """The nearest level's index for every half-unit bin [from + k/2, from + (k + 1)/2): the midpoints between
+    levels are multiples of 1/2, so no bin straddles one (a value on a midpoint goes to the upper level, as
+    ggml's best_index_int8 does)."""
+    levels = codebook_levels(device)
+    edges = torch.arange(_BINS_FROM, _BINS_TO, 0.5, device=device)
+    return torch.bucketize(edges, (levels[:-1] + levels[1:]) / 2, right=True)
+
+
+def _nearest_level(x: torch.Tensor) -> torch.Tensor:
+    """Index 0…15 of the level nearest to each x (in units of the scale; values beyond the ends go to the ends)."""
+    bins = ((x.clamp(_BINS_FROM, _BINS_TO - 0.5) - _BINS_FROM) * 2).floor_().long()
+    return torch.take(_level_bins(x.device), bins)
+
+
+def codebook_scales(g: torch.Tensor, tries: int = 7) -> torch.Tensor:
+    """Per group of `g` [out, n_groups, group]: the scale of a codebook grid with the least squared error
+    weighted by x² (llama.cpp's IQ4_NL search without an importance matrix): the group's signed peak is
+    placed near each end of the table (2·tries + 2 placements), each placement's codes are fixed and the
+    least-squares scale for them is computed; the placement whose least-squares fit explains the most wins.
+    → [out, n_groups, 1]; 0 for an all-zero group."""
+    levels = codebook_levels(g.device)
+    importance = g * g
+    weighted = importance * g
+    peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True))
+    peak = torch.where(peak == 0, 1.0, peak)
+    best_d = torch.zeros_like(peak)
+    best_fit = torch.full_like(peak, -1.0)
+    top = float(-IQ4_NL_VALUES[0])
+    for inverse in [top / peak] + [(t - top) / peak for t in range(-tries, tries + 1)]:
+        q = torch.take(levels, _nearest_level(g * inverse))
+        qx, q2 = (weighted * q).sum(2, keepdim=True), (importance * q * q).sum(2, keepdim=True)
+        d = qx / torch.where(q2 > 0, q2, 1.0)
+        fit = qx * d  # the squared error removed: Σwx² − Σw(x − dq)² = (Σwqx)² / Σwq²
+        better = (q2 > 0) & (fit > best_fit)
+        best_d, best_fit = torch.where(better, d, best_d), torch.where(better, fit, best_fit)
+    return best_d
+
+
 def full_grid(scheme: QuantScheme) -> bool:
     """Whether a symmetric scheme uses every code −2^(b−1) … 2^(b−1) − 1: its scale is the group's
     largest-magnitude weight, sign included, over −2^(b−1) (llama.cpp's Q4_0 / Q5_0 and onnxruntime-genai's
     int4 do the same), so a scale may be negative. int8 keeps max|w| / 127 (llama.cpp's Q8_0: its files'
     codes are reproduced exactly) and K-quant grids keep non-negative scales on their integer grid."""
-    return scheme.symmetric and scheme.super_block is None and scheme.bits < 8
+    return scheme.symmetric and scheme.super_block is None and scheme.bits < 8 and scheme.codebook is None
 
 
 def k_grid(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: QuantScheme, rounding=torch.round
@@ -463,6 +528,8 @@ def fake_quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     group, cols = scheme.group_size or weight.shape[1], weight.shape[1]
     s = per_column(scales, group, cols)
     z = None if scheme.symmetric else per_column(zeros, group, cols)
+    if scheme.codebook:  # the level times the scale (its gradient to the scale), the weight's passed straight through
+        return code_values(round_codes(weight.detach(), s.detach(), z, scheme), s, z, scheme) + (weight - weight.detach())
     return code_values(round_codes(weight, s, z, scheme, _RoundSTE.apply), s, z, scheme)
 
 
@@ -471,6 +538,8 @@ def round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme
     """Codes (as float32) of weights `w` under scales `s` and zero points `z` of the same shape."""
     lo, hi = code_range(scheme)
     s = torch.where(s != 0, s, 1.0)  # a K-quant grid's all-zero super-block: every code stands for 0 (or the offset)
+    if scheme.codebook:
+        return (_nearest_level(w / s) - 8).to(torch.float32)
     if scheme.symmetric:
         return torch.clamp(rounding(w / s), lo, hi)
     if scheme.zero_point == "float":
@@ -480,6 +549,8 @@ def round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme
 
 def code_values(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
     """The weights that float32 `codes` stand for under scales `s` and zero points `z` of the same shape."""
+    if scheme.codebook:
+        return torch.take(codebook_levels(codes.device), codes.to(torch.long) + 8) * s
     if scheme.symmetric:
         return codes * s
     if scheme.zero_point == "float":

@@ -182,7 +182,8 @@ def decoder_program(model: torch.nn.Module, context: int, precision: str = "floa
 def fits_coreml(q: QuantizedWeight, bits: int) -> bool:
     """Whether q is carried as it is in a `bits`-bit package (int8 linears a bit budget kept stay int8)."""
     s = q.scheme
-    return s.bits in (4, 8) and s.bits >= bits and s.super_block is None and (s.symmetric or s.zero_point == "int")
+    return (s.bits in (4, 8) and s.bits >= bits and s.super_block is None and s.codebook is None
+            and (s.symmetric or s.zero_point == "int"))
 
 
 def blockwise_constants(q: QuantizedWeight, scale_dtype=np.float16) -> dict[str, np.ndarray]:

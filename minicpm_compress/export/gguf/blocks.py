@@ -2,6 +2,7 @@
 
 Each type here is a scheme of the one quantizer (`GGUF_GRIDS` in quant/qweight.py), so packing is lossless:
 codes and scales are only rearranged. Legacy types have blocks of 32 with a float16 scale (and offset);
+IQ4_NL's block is Q4_0's (a float16 scale, then code + 8 in nibbles), its codes indices into a table of levels;
 K-quants have super-blocks of 256 whose group scales are integers times a float16 factor, held so by our
 quantized weights (`KFactors` in qweight.py). Layouts follow ggml's block_q5_0, block_q4_K, block_q6_K, …
 """
@@ -12,7 +13,7 @@ import numpy as np
 
 from ...quant.qweight import GGUF_GRIDS, QuantizedWeight, QuantScheme
 
-BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256,
+BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "IQ4_NL": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256,
                "Q5_K": 256, "Q6_K": 256}
 
 
@@ -44,8 +45,8 @@ def _pack_legacy(type_name: str, codes: np.ndarray, scales: np.ndarray, zeros: n
     d = _f16_bytes(scales)
     if type_name == "Q8_0":
         return np.concatenate([d, codes.astype(np.int8).view(np.uint8)], axis=1)
-    bits = 4 if type_name in ("Q4_0", "Q4_1") else 5
-    u = codes.astype(np.int16) + (2 ** (bits - 1) if type_name in ("Q4_0", "Q5_0") else 0)  # unsigned
+    bits = 4 if type_name in ("Q4_0", "IQ4_NL", "Q4_1") else 5
+    u = codes.astype(np.int16) + (2 ** (bits - 1) if type_name in ("Q4_0", "IQ4_NL", "Q5_0") else 0)  # unsigned
     parts = [d] + ([_f16_bytes(zeros)] if type_name in ("Q4_1", "Q5_1") else [])
     if bits == 5:
         parts.append(_high_bits((u >> 4) & 1))

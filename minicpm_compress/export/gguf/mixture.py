@@ -35,7 +35,7 @@ from .blocks import BLOCK_WIDTH, is_lossless
 from .writer import aligned, gguf_bytes
 
 # the types `auto` chooses from by default: every type whose blocks hold our codes exactly
-AUTO_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+AUTO_TYPES = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 def tensor_bytes(shape: tuple[int, int], type_name: str) -> int:
     """Bytes of a [rows, cols] tensor's data in `type_name` blocks, padded to the file's alignment."""
     return aligned(gguf_bytes(shape, type_name))

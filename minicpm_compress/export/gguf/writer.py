@@ -8,14 +8,14 @@ tokenizer.model as MiniCPM's own tokenizers use) and the chat template go into t
 
 How each decoder linear gets into the file, recorded in the manifest:
   * lossless: our quantized weights already have the type's layout (the scheme `layout: TYPE` of
-    quant/qweight.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K with
-    their super-block scale grids); codes and scales are packed into the blocks as they are (blocks.py),
-    so the file holds exactly what the gate measured. In a K-quant file, rows that do not split into
-    256-wide super-blocks take a fallback type (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0 as llama.cpp does;
-    Q3_K → Q4_0);
+    quant/qweight.py: Q8_0, Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1, and the K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+    with their super-block scale grids); codes and scales are packed into the blocks as they are
+    (blocks.py), so the file holds exactly what the gate measured. In a K-quant file, rows that do not split
+    into 256-wide super-blocks take llama.cpp's fallback type (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0,
+    Q2_K / Q3_K → IQ4_NL);
   * requantized: other layouts; the float weights (AWQ-scaled when AWQ ran) are quantized by gguf-py
-    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), by our quantizer on the grid (Q3_K … Q6_K), or, for llama.cpp's
-    mixtures (Q4_K_M, …) and IQ4_NL, by llama.cpp's own quantizer.
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), by our quantizer on the grid (IQ4_NL, Q3_K … Q6_K), or, for llama.cpp's
+    mixtures (Q4_K_M, …), by llama.cpp's own quantizer.
 Token embeddings are stored as Q8_0 in quantized files, norms in F32. `type: auto` (mixture.py) chooses
 every linear's and the embedding's type itself, to a target size."""
 
@@ -40,13 +40,14 @@ from ...quant.qweight import (
 from . import pretokenizers
 from .blocks import is_lossless, pack_blocks
 
-# types this module writes itself: legacy types quantized by gguf-py when not already ours, K-quants by our
-# quantizer on their grid (gguf_blocks.py packs both)
-NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# types this module writes itself: legacy types quantized by gguf-py when not already ours, IQ4_NL and K-quants
+# by our quantizer on their grid (blocks.py packs them all)
+NUMPY_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+OUR_GRID_TYPES = ("IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # gguf-py has no quantizer for these
 
 
 # types made by llama.cpp's quantizer (llama_model_quantize), by their llama_ftype constant's suffix
-LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "IQ4_NL")
+LLAMA_CPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 
 
 K_TYPES = tuple(K_FALLBACK)
@@ -359,7 +360,7 @@ def _start(state, path: Path, file_type: str, tokenizer_pre: str | None, chosen:
             return np.ascontiguousarray(array, dtype=np.float32)
         if target == "F16":
             return array.astype(np.float16)
-        if target in K_TYPES:  # gguf-py has no K-quant quantizer: ours, on the type's grid (RTN)
+        if target in OUR_GRID_TYPES:  # ours, on the type's grid (RTN)
             return pack_blocks(quantize(torch.from_numpy(array), QuantScheme(layout=target)), target)
         return gguf.quants.quantize(array, _ggml_type(target))
 

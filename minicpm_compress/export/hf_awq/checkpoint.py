@@ -46,6 +46,9 @@ def to_awq(name: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
     out, cols = q.shape
     if q.scheme.bits != 4:
         raise CompressError(f"hf_awq: '{name}' is {q.scheme.bits}-bit; AWQ checkpoints hold 4-bit weights only")
+    if q.scheme.codebook:
+        raise CompressError(f"hf_awq: '{name}' is on the {q.scheme.layout or 'iq4_nl'} codebook; AWQ checkpoints hold "
+                            "evenly spaced int4 codes (quantize with layout Q4_0 or an int4 group size instead)")
     if not q.scheme.symmetric and q.scheme.zero_point != "int":
         raise CompressError(f"hf_awq: '{name}' has float zero points; AWQ stores integer zero points")
     if cols % q.group_size or out % 8:

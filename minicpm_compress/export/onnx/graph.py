@@ -144,7 +144,8 @@ def _pack_nibbles(values: np.ndarray) -> np.ndarray:
 
 def fits_matmul_nbits(q: QuantizedWeight, block_size: int) -> bool:
     s = q.scheme
-    return (s.bits in (4, 8) and s.super_block is None and (s.symmetric or s.zero_point == "int")
+    return (s.bits in (4, 8) and s.super_block is None and s.codebook is None
+            and (s.symmetric or s.zero_point == "int")
             and (s.group_size is None or s.group_size % block_size == 0))
 
 

@@ -49,6 +49,7 @@ def test_layouts_without_a_blockwise_form_are_not_taken_for_lossless():
     w = torch.randn(8, 96)
     assert fits_coreml(quantize(w, QuantScheme(bits=4, group_size=64)), 4)  # 96 columns: blocks of 32
     assert not fits_coreml(quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float")), 4)
+    assert not fits_coreml(quantize(w, QuantScheme(layout="IQ4_NL")), 4)  # non-linear levels: requantized
     assert fits_coreml(quantize(w, QuantScheme(bits=8, group_size=32)), 4)  # kept at int8 by a bit budget
     assert not fits_coreml(quantize(w, QuantScheme(bits=4, group_size=32)), 8)  # an int8 package is asked for
     assert fits_coreml(quantize(w, QuantScheme(bits=4, group_size=None)), 4)

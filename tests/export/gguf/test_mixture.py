@@ -39,8 +39,9 @@ def test_sizes_and_settings_are_read_and_checked():
         GGUFConfig(type="auto")
     with pytest.raises(ValueError, match="apply to type auto only"):
         GGUFConfig(type="Q4_K", target_bits=5)
-    with pytest.raises(ValueError, match="IQ4_NL not among"):
-        GGUFConfig(type="auto", target_bits=5, candidates=["Q4_0", "IQ4_NL"])
+    with pytest.raises(ValueError, match="IQ4_XS not among"):  # a type none of our quantizers fills
+        GGUFConfig(type="auto", target_bits=5, candidates=["Q4_0", "IQ4_XS"])
+    assert GGUFConfig(type="auto", target_bits=5, candidates=["IQ4_NL", "Q4_0"]).candidates == ["Q4_0", "IQ4_NL"]
     # 576-wide rows (the built-in models) split into 32-wide blocks only
     assert fitting_types(576, ("Q4_0", "Q4_K", "Q8_0", "Q6_K")) == ["Q4_0", "Q8_0"]
     assert fitting_types(1536, ("Q4_0", "Q4_K")) == ["Q4_0", "Q4_K"]

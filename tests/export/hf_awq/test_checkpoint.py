@@ -48,6 +48,8 @@ def test_layouts_awq_cannot_hold_are_refused_by_name():
         to_awq("x", quantize(w, QuantScheme(bits=8, group_size=32)))
     with pytest.raises(CompressError, match="float zero points"):
         to_awq("x", quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float")))
+    with pytest.raises(CompressError, match="'x' is on the IQ4_NL codebook"):
+        to_awq("x", quantize(w, QuantScheme(layout="IQ4_NL")))
 
 
 def test_awq_then_hf_awq_export_in_a_recipe(tmp_path, tiny_checkpoint):

@@ -51,6 +51,8 @@ def test_layouts_that_do_not_fit_blocks_are_not_taken_for_lossless():
     assert not fits_matmul_nbits(quantize(w, QuantScheme(bits=4, group_size=16)), 32)
     assert not fits_matmul_nbits(quantize(w, QuantScheme(bits=4, group_size=32, zero_point="float")), 32)
     assert fits_matmul_nbits(quantize(w, QuantScheme(bits=4, group_size=64)), 32)
+    assert not fits_matmul_nbits(quantize(w, QuantScheme(layout="IQ4_NL")), 32)  # non-linear levels: requantized
+    assert fits_matmul_nbits(quantize(w, QuantScheme(layout="Q4_0")), 32)
 
 
 @pytest.fixture(scope="module")
