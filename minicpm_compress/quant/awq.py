@@ -24,7 +24,6 @@ inputs, which step 1 captures from the model's own forward, and not the search.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -37,7 +36,8 @@ from ..progress import progress
 from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .budget import BudgetConfig, apply_budget, promotion_errors
 from .output_error import output_error, relative_error
-from .qweight import QuantScheme, QuantizedWeight, fake_quantize, group_params, group_view, quantize
+from .qweight import QuantScheme, QuantizedWeight, encode, group_view, quantize
+from .scale_search import SEARCHES, search_params
 
 
 class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
@@ -45,6 +45,8 @@ class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
     clip: bool = Field(True, description="search a clipping ratio per output channel and group")
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1, description="clip search goes down to (1 - max_shrink) of the range")
+    search: Literal[SEARCHES] = Field("clip", description="with clip: the scale search per group (quant/scale_search.py): "
+                                      "clip ratios, importance-weighted least squares, or both (the better per group)")
     objective: Literal["linears", "block"] = Field(
         "linears", description="score a norm-fed group's scales by its linears' outputs (exact, over every calibration "
                                "token) or by the output of the block they feed (AutoAWQ's; over block_tokens tokens)")
@@ -150,34 +152,6 @@ def search_scales_by_block(linears: list[torch.nn.Linear], calls: BlockCalls, x_
     return _best(candidates, alphas, torch.tensor(errors))
 
 
-def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
-                max_shrink: float) -> torch.Tensor:
-    """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups].
-    Each ratio's weights are the quantizer's own values (`group_params` then `fake_quantize`, equal to
-    quantize → dequantize bit for bit) without packing codes."""
-    out, cols = weight.shape
-    scheme = scheme.fitting(cols)
-    group = scheme.group_size or cols
-    n_groups = math.ceil(cols / group)
-    pad = n_groups * group - cols
-    # diagonal blocks of G, zero-padded so the padded columns add nothing
-    gram = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad)) if pad else gram.float()
-    blocks = torch.stack([gram[i * group : (i + 1) * group, i * group : (i + 1) * group] for i in range(n_groups)])
-    ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
-    best_err = torch.full((out, n_groups), float("inf"), device=weight.device)
-    best = torch.ones(out, n_groups, device=weight.device)
-    w = weight.detach().float()
-    for r in ratios:
-        scales, zeros = group_params(w, scheme, torch.full((out, n_groups), r, device=weight.device))
-        delta = w - fake_quantize(w, scales, zeros, scheme)
-        d = torch.nn.functional.pad(delta, (0, pad)).reshape(out, n_groups, group)
-        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
-    return best
-
-
 def _fold(prev: torch.nn.Module, linears: list[torch.nn.Linear], scales: torch.Tensor) -> None:
     """prev's output ÷ s, the linears' input columns × s: the float function is unchanged."""
     with torch.no_grad():
@@ -246,11 +220,12 @@ def awq_layer(layer: torch.nn.Module, prefix: str, stats: InputStatistics, arch,
     for name in arch.linears:
         linear = layer.get_submodule(name)
         weight = linear.weight.detach()
-        clip = None
         gram = grams[name].float()
         if config.clip and not name.endswith(("q_proj", "k_proj")):
-            clip = search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
-        q = quantize(weight, scheme, clip)
+            q = encode(weight, *search_params(weight, scheme, gram, config.search, config.clip_grid, config.max_shrink),
+                       scheme)
+        else:
+            q = quantize(weight, scheme)
         qweights[f"{prefix}.{name}"] = q.to("cpu")
         errors[f"{prefix}.{name}"] = relative_error(weight, q.dequantize(), gram)
         if config.budgeted:

@@ -25,6 +25,7 @@ stay folded, GPTQ's error feedback replaces its round-to-nearest codes.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -38,6 +39,7 @@ from . import awq  # used at call time: importing awq first (it registers its st
 from .budget import BudgetConfig, apply_budget, promotion_errors
 from .output_error import relative_error
 from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, round_codes
+from .scale_search import SEARCHES, search_params
 
 
 class GPTQConfig(QuantScheme, BudgetConfig, StageConfig):
@@ -47,15 +49,16 @@ class GPTQConfig(QuantScheme, BudgetConfig, StageConfig):
     clip: bool = Field(True, description="search a clipping ratio per group on H's diagonal block (AWQ's clip search)")
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1)
+    search: Literal[SEARCHES] = Field("clip", description="with clip: the scale search per group (quant/scale_search.py): "
+                                      "clip ratios, importance-weighted least squares, or both (the better per group)")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward")
 
 
 def _params(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, config: GPTQConfig | None):
-    """Scales and zero points for `weight`'s groups, clipped by a search on `gram` when asked."""
-    clip = None
+    """Scales and zero points for `weight`'s groups, searched on `gram` when asked."""
     if config is not None and config.clip:
-        clip = awq.search_clip(weight, gram, scheme, config.clip_grid, config.max_shrink)
-    return group_params(weight, scheme, clip)
+        return search_params(weight, scheme, gram, config.search, config.clip_grid, config.max_shrink)
+    return group_params(weight, scheme)
 
 
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,

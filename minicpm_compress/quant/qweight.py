@@ -18,8 +18,8 @@ super-block of 256 columns, every group's scale is d · sc with one float16 d an
 not float16 values. The largest sc (and m) of a super-block is always the top of its range, which makes
 d = max(scale) / top exactly. A weight holds (and its file stores) them as the GGUF block does: d and the
 integers (`KFactors`), not the float32 products. A weight whose width is
-not a multiple of 256 takes a fallback type instead (K_FALLBACK: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, as
-llama.cpp does; Q2_K / Q3_K → Q4_0).
+not a multiple of 256 takes a fallback type instead, as llama.cpp does (K_FALLBACK: Q4_K → Q5_0, Q5_K → Q5_1,
+Q6_K → Q8_0, Q2_K / Q3_K → IQ4_NL).
 Schemes can be named by the GGUF type whose layout they are: `layout: Q4_K` (see GGUF_GRIDS).
 
 A codebook scheme (`codebook: iq4_nl`, GGUF IQ4_NL) keeps symmetric 4-bit codes −8 … 7 and one float16 scale
@@ -384,9 +384,7 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     g = group_view(w, scheme.group_size or w.shape[1])
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
     if scheme.codebook:
-        raw = codebook_scales(g) * shrink
-        scales = _f16(torch.where(raw.abs() < MIN_SCALE, torch.where(raw < 0, -MIN_SCALE, MIN_SCALE), raw))
-        zeros = None
+        scales, zeros = codebook_group_scales(g, shrink), None
     elif scheme.symmetric and full_grid(scheme):
         # the group's largest-magnitude weight, with its sign, takes the code −2^(b−1): all 2^b codes in use
         top = 2 ** (scheme.bits - 1)
@@ -437,14 +435,15 @@ def _nearest_level(x: torch.Tensor) -> torch.Tensor:
     return torch.take(_level_bins(x.device), bins)
 
 
-def codebook_scales(g: torch.Tensor, tries: int = 7) -> torch.Tensor:
+def codebook_scales(g: torch.Tensor, tries: int = 7, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per group of `g` [out, n_groups, group]: the scale of a codebook grid with the least squared error
-    weighted by x² (llama.cpp's IQ4_NL search without an importance matrix): the group's signed peak is
+    weighted by x² (llama.cpp's IQ4_NL search without an importance matrix), or by `importance` (broadcast
+    to g: each input channel's weight in the output error) when given: the group's signed peak is
     placed near each end of the table (2·tries + 2 placements), each placement's codes are fixed and the
     least-squares scale for them is computed; the placement whose least-squares fit explains the most wins.
     → [out, n_groups, 1]; 0 for an all-zero group."""
     levels = codebook_levels(g.device)
-    importance = g * g
+    importance = g * g if importance is None else importance.expand_as(g)
     weighted = importance * g
     peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True))
     peak = torch.where(peak == 0, 1.0, peak)
@@ -459,6 +458,14 @@ def codebook_scales(g: torch.Tensor, tries: int = 7) -> torch.Tensor:
         better = (q2 > 0) & (fit > best_fit)
         best_d, best_fit = torch.where(better, d, best_d), torch.where(better, fit, best_fit)
     return best_d
+
+
+def codebook_group_scales(g: torch.Tensor, shrink: torch.Tensor | float = 1.0,
+                          importance: torch.Tensor | None = None) -> torch.Tensor:
+    """A codebook grid's float16 scales [out, n_groups, 1] for the groups `g`: the searched scale (see
+    `codebook_scales`) times `shrink`, never smaller in magnitude than MIN_SCALE."""
+    raw = codebook_scales(g, importance=importance) * shrink
+    return _f16(torch.where(raw.abs() < MIN_SCALE, torch.where(raw < 0, -MIN_SCALE, MIN_SCALE), raw))
 
 
 def full_grid(scheme: QuantScheme) -> bool:

@@ -112,7 +112,7 @@ def table_blocks(table: torch.Tensor, bits: int, block_size: int, rows_per_chunk
     built-in tables, for 4 more bits per block). Each block's range is clipped where that lowers its squared
     rounding error (the project's clip search with an identity Gram: a table's rows are looked up, not
     multiplied by known activations). Quantized `rows_per_chunk` rows at a time."""
-    from ...quant.awq import search_clip
+    from ...quant.scale_search import search_clip
     from ...quant.qweight import quantize_rows
 
     scheme = QuantScheme(bits=bits, group_size=block_size, symmetric=bits == 8)
