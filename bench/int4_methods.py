@@ -38,6 +38,11 @@ METHODS = {
     "gptq-act-order": [("gptq", {"act_order": True})],
     "awq+gptq": [("awq", {}), ("gptq", {})],
     "awq+gptq-act-order": [("awq", {}), ("gptq", {"act_order": True})],  # not run by default
+    # the scale searches (quant/scale_search.py), not run by default
+    "awq-no-clip": [("awq", {"clip": False})],
+    "awq-search-weighted": [("awq", {"search": "weighted"})],
+    "awq-search-both": [("awq", {"search": "both"})],
+    "gptq-search-both": [("gptq", {"search": "both"})],
 }
 DEFAULT_METHODS = ("rtn", "awq", "gptq", "gptq-act-order", "awq+gptq")
 MODELS = ("smollm2-135m", "minicpm-smollm2")

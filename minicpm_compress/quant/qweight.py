@@ -340,8 +340,14 @@ def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(out, -1, group)
 
 
-def _f16(t: torch.Tensor) -> torch.Tensor:
+def float16_exact(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to the nearest float16 values, held as float32."""
     return t.to(torch.float16).to(torch.float32)
+
+
+def signed_floor(scales: torch.Tensor) -> torch.Tensor:
+    """Signed scales (the full symmetric grid, a codebook) with their magnitude raised to at least MIN_SCALE."""
+    return torch.where(scales.abs() < MIN_SCALE, torch.where(scales < 0, -MIN_SCALE, MIN_SCALE), scales)
 
 
 def quantize(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None) -> QuantizedWeight:
@@ -390,22 +396,22 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
         top = 2 ** (scheme.bits - 1)
         peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True)) * shrink
         raw = peak / -top
-        scales = _f16(torch.where(raw.abs() < MIN_SCALE, torch.where(raw < 0, -MIN_SCALE, MIN_SCALE), raw))
+        scales = float16_exact(signed_floor(raw))
         zeros = None
     elif scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
-        scales = _f16((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax)
+        scales = float16_exact((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax)
         zeros = None
     else:
         qmax = 2**scheme.bits - 1
         hi, lo = g.amax(dim=2, keepdim=True) * shrink, g.amin(dim=2, keepdim=True) * shrink
         if scheme.super_block:
             lo = lo.clamp(max=0)  # K-quant offsets are −dmin · m with m ≥ 0
-        scales = _f16(((hi - lo) / qmax).clamp(min=MIN_SCALE))
+        scales = float16_exact(((hi - lo) / qmax).clamp(min=MIN_SCALE))
         if scheme.zero_point == "int":
             zeros = torch.clamp(torch.round(-lo / scales), 0, qmax).squeeze(2).to(torch.uint8)
         else:
-            zeros = _f16(lo).squeeze(2)
+            zeros = float16_exact(lo).squeeze(2)
     scales = scales.squeeze(2).contiguous()
     if scheme.super_block:
         return k_grid(scales, zeros, scheme)
@@ -465,7 +471,7 @@ def codebook_group_scales(g: torch.Tensor, shrink: torch.Tensor | float = 1.0,
     """A codebook grid's float16 scales [out, n_groups, 1] for the groups `g`: the searched scale (see
     `codebook_scales`) times `shrink`, never smaller in magnitude than MIN_SCALE."""
     raw = codebook_scales(g, importance=importance) * shrink
-    return _f16(torch.where(raw.abs() < MIN_SCALE, torch.where(raw < 0, -MIN_SCALE, MIN_SCALE), raw))
+    return float16_exact(signed_floor(raw))
 
 
 def full_grid(scheme: QuantScheme) -> bool:
@@ -488,7 +494,7 @@ def k_grid(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: QuantScheme
         rows = v.shape[0]
         v = v.reshape(rows, -1, per_super)
         peak = v.amax(dim=2, keepdim=True)
-        d = _f16(peak / top)
+        d = float16_exact(peak / top)
         ints = torch.clamp(rounding(v / torch.where(d > 0, d, 1.0)), 0, top)
         ints = torch.where(v == peak, float(top), ints)
         return (d * torch.where(d > 0, ints, 0.0)).reshape(rows, -1)

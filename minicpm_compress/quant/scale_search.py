@@ -42,11 +42,13 @@ from .qweight import (
     codebook_group_scales,
     encode,
     fake_quantize,
+    float16_exact,
     full_grid,
     group_params,
     group_view,
     k_grid,
     round_codes,
+    signed_floor,
 )
 
 
@@ -73,10 +75,6 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, g
     return best
 
 
-def _f16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float16).to(torch.float32)
-
-
 def group_importance(importance: torch.Tensor, cols: int, group: int) -> torch.Tensor:
     """Per-column importance [cols] → [1, n_groups, group] beside `group_view`'s groups (padding weighs 0)."""
     imp = importance.detach().to(torch.float32).reshape(1, cols).clamp(min=0)
@@ -90,16 +88,16 @@ def _stored(scale: torch.Tensor, offset: torch.Tensor | None, scheme: QuantSchem
     """A candidate's scale and offset as the weight would hold them: float16, a nonzero scale (signed where the
     full grid allows it), an integer zero point in the code range or a float16 offset."""
     if full_grid(scheme) or scheme.codebook:  # signed scales
-        scale = torch.where(scale.abs() < MIN_SCALE, torch.where(scale < 0, -MIN_SCALE, MIN_SCALE), scale)
+        scale = signed_floor(scale)
     else:
         scale = scale.clamp(min=MIN_SCALE)
-    scale = _f16(scale)
+    scale = float16_exact(scale)
     if offset is None:
         return scale, None
     if scheme.zero_point == "int":
         lo, hi = code_range(scheme)
         return scale, torch.clamp(torch.round(-offset / scale), lo, hi)
-    return scale, _f16(offset)
+    return scale, float16_exact(offset)
 
 
 def _error(g: torch.Tensor, imp: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

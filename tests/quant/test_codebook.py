@@ -47,11 +47,9 @@ def test_codes_stand_for_the_levels_and_each_weight_takes_its_nearest(weight):
 def test_the_scale_search_beats_its_own_first_guess_and_q4_0(weight):
     """The searched scale against the plain one (the group's peak on the outermost level) and against Q4_0's
     linear grid at the same 4.5 bits: lower squared error, and lower output error through a Gram matrix."""
-    from minicpm_compress.quant.qweight import _f16
-
     g = group_view(weight, 32)
     peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True))
-    plain = _f16(peak / IQ4_NL_VALUES[0]).squeeze(2)
+    plain = (peak / IQ4_NL_VALUES[0]).half().float().squeeze(2)
     plain = torch.where(plain == 0, 1e-5, plain)
     searched = quantize(weight, IQ4_NL)
     first = encode(weight, plain, None, IQ4_NL)
