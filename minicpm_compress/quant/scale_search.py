@@ -1,6 +1,6 @@
 """Scale searches: each group's scale (and offset) chosen for the output error, not only from its range.
 
-Three searches, one module (the awq and gptq stages, the GGUF mixture and the ONNX token table use them):
+Three searches, one module (the awq and gptq stages and the ONNX token table's clip use them):
   * `search_clip`: a shrink ratio of the group's range per (output row, group), the one minimising the
     group's output error through the diagonal block of the inputs' Gram matrix G (AWQ's clip search);
   * `weighted_params`: the importance-weighted search below;
