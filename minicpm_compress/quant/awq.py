@@ -45,8 +45,9 @@ class AWQConfig(QuantScheme, BudgetConfig, StageConfig):
     clip: bool = Field(True, description="search a clipping ratio per output channel and group")
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1, description="clip search goes down to (1 - max_shrink) of the range")
-    search: Literal[SEARCHES] = Field("clip", description="with clip: the scale search per group (quant/scale_search.py): "
-                                      "clip ratios, importance-weighted least squares, or both (the better per group)")
+    search: Literal[SEARCHES] = Field(
+        "clip", description="with clip: the scale search per group (quant/scale_search.py): clip ratios, "
+        "importance-weighted least squares, or both (the better per group)")
     objective: Literal["linears", "block"] = Field(
         "linears", description="score a norm-fed group's scales by its linears' outputs (exact, over every calibration "
                                "token) or by the output of the block they feed (AutoAWQ's; over block_tokens tokens)")

@@ -49,8 +49,9 @@ class GPTQConfig(QuantScheme, BudgetConfig, StageConfig):
     clip: bool = Field(True, description="search a clipping ratio per group on H's diagonal block (AWQ's clip search)")
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1)
-    search: Literal[SEARCHES] = Field("clip", description="with clip: the scale search per group (quant/scale_search.py): "
-                                      "clip ratios, importance-weighted least squares, or both (the better per group)")
+    search: Literal[SEARCHES] = Field(
+        "clip", description="with clip: the scale search per group (quant/scale_search.py): clip ratios, "
+        "importance-weighted least squares, or both (the better per group)")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward")
 
 

@@ -33,5 +33,6 @@ def group_errors(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Output error of each (row, group) of the weight errors `delta` [out, in] through the Gram matrix's
     diagonal `blocks` (`diagonal_blocks`) → [out, n_groups]: the error each group's inputs alone cause."""
     n_groups, group = blocks.shape[0], blocks.shape[1]
-    d = torch.nn.functional.pad(delta.float(), (0, n_groups * group - delta.shape[1])).reshape(delta.shape[0], n_groups, group)
+    d = torch.nn.functional.pad(delta.float(), (0, n_groups * group - delta.shape[1]))
+    d = d.reshape(delta.shape[0], n_groups, group)
     return torch.einsum("ogi,gij,ogj->og", d, blocks, d)

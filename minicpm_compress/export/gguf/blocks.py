@@ -13,8 +13,8 @@ import numpy as np
 
 from ...quant.qweight import GGUF_GRIDS, QuantizedWeight, QuantScheme
 
-BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "IQ4_NL": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256,
-               "Q5_K": 256, "Q6_K": 256}
+BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "IQ4_NL": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32,
+               "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 
 
 def is_lossless(q: QuantizedWeight, type_name: str) -> bool:
