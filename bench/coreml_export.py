@@ -43,7 +43,7 @@ def main() -> None:
     from minicpm_compress.evaluate.evaluator import Evaluator
     from minicpm_compress.export.coreml.program import PACKAGE_NAME, read_back_model, read_back_weights
     from minicpm_compress.export.coreml.stage import CoreMLConfig, write_coreml
-    from minicpm_compress.export.coreml.float16_fit import activation_peaks, fit_float16, float16_overflow
+    from minicpm_compress.export.coreml.float16_fit import activation_maxima, fit_float16, float16_overflow, peaks_of
     from minicpm_compress.export.coreml.float16_fit import simulate_float16
     from minicpm_compress.models.architectures import quantizable_linears
     from minicpm_compress.models.checkpoint import untied_state_dict
@@ -68,11 +68,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             # the stage's precision choice: the range check, then the float16 rewrite where it fails
-            peaks = activation_peaks(state.evaluated_model(), samples)
+            maxima = activation_maxima(state.evaluated_model(), samples)
+            peaks = peaks_of(maxima)
             problem = original = float16_overflow(peaks)
             fit = fitted = None
             if problem:
-                fit, fitted, problem = fit_float16(state, samples, problem)
+                fit, fitted, problem = fit_float16(state, samples, problem, maxima)
             precision = "float32" if problem else "float16"
             factors = fit.weight_factors(model.config.num_hidden_layers) if fitted is not None else None
             weights, paths = write_coreml(state, Path(tmp) / name, CoreMLConfig(**settings), precision, None,

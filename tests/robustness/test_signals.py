@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import leftovers, write_recipe
 
-QAT = "  - qat: {bits: 4, group_size: 32, symmetric: true, steps: 60, checkpoint_every: 2, samples: 4, sequence_length: 64}\n"
+QAT = "  - qat: {bits: 4, group_size: 32, symmetric: true, steps: 20, checkpoint_every: 2, samples: 4, sequence_length: 64}\n"
 
 
 def _start(recipe, out, log, cache=None):
@@ -56,7 +56,7 @@ def test_signal_during_training_leaves_nothing_and_the_rerun_resumes(tmp_path, c
     rerun = _start(recipe, out, log, cache)
     assert rerun.wait(timeout=300) == 0, log.read_text()
     qat = json.loads((out / "manifest.json").read_text())["stages"][-1]
-    assert qat["name"] == "qat" and qat["details"]["resumed_at_step"] >= 2 and qat["details"]["steps"] == 60
+    assert qat["name"] == "qat" and qat["details"]["resumed_at_step"] >= 2 and qat["details"]["steps"] == 20
     assert not checkpoint_file.exists()  # removed once the stage completed
 
 

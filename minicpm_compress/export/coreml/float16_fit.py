@@ -195,17 +195,25 @@ def simulate_float16(model: torch.nn.Module, ids: torch.Tensor) -> dict:
             "top1": round(metrics.top1, 4), "finite": finite}
 
 
+def activation_maxima(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, dict[str, float]]:
+    """`module_maxima` of `model` fed `ids` (`batch_size` sequences at a time)."""
+    return module_maxima(model, lambda: [model(chunk) for chunk in ids.split(batch_size)])
+
+
 def activation_peaks(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> dict[str, dict]:
     """The largest |value| entering any RMSNorm, leaving any linear, and leaving k_proj/v_proj (what the
     float16 KV-cache states hold) over `ids`, each with its module's name."""
-    return module_peaks(model, lambda: [model(chunk) for chunk in ids.split(batch_size)])
+    return peaks_of(activation_maxima(model, ids, batch_size))
 
 
 def module_peaks(model: torch.nn.Module, run) -> dict[str, dict]:
     """While `run()` feeds `model`: the largest |output| of any linear or convolution, of k_proj/v_proj, and
     the largest value a norm squares (|input| for RMSNorm, |input − mean| for LayerNorm), with module names."""
-    maxima = module_maxima(model, run)
+    return peaks_of(module_maxima(model, run))
 
+
+def peaks_of(maxima: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """`module_maxima`'s values reduced to the three peaks `module_peaks` describes."""
     def largest(values) -> dict:
         peak, name = max(values, default=(0.0, None))
         return {"module": name, "peak": round(peak, 3)}
@@ -231,17 +239,16 @@ def float16_overflow(peaks: dict[str, dict]) -> str | None:
 SIMULATED_WINDOWS = 2  # held-out windows run in float16 (torch) against the float32 read-back model
 
 
-def fit_float16(state, samples: torch.Tensor, problem: str):
+def fit_float16(state, samples: torch.Tensor, problem: str, maxima: dict[str, dict[str, float]]):
     """(fit, the refitted float model, what still overflows) for a model whose activations overflow float16:
-    the rewrite above. The fit is kept only if the rewritten model's values, measured again on the same
-    calibration text, all fit (None, None, problem otherwise)."""
-    model = state.evaluated_model()
-    fit = plan_fit(module_maxima(model, lambda: [model(chunk) for chunk in samples.split(4)]),
-                   state.config.num_hidden_layers)
+    the rewrite above, planned from `maxima` (`activation_maxima` of the state's model on `samples`). The fit
+    is kept only if the rewritten model's values, measured again on the same calibration text, all fit
+    (None, None, problem otherwise)."""
+    fit = plan_fit(maxima, state.config.num_hidden_layers)
     if fit.blocking:
         return fit, None, f"{problem}; no power-of-two rewrite fits it: {fit.blocking}"
-    fitted = apply_fit(model, fit)
-    after = module_maxima(fitted, lambda: [fitted(chunk) for chunk in samples.split(4)])
+    fitted = apply_fit(state.evaluated_model(), fit)
+    after = activation_maxima(fitted, samples)
     fit.largest_after = max((max(v.values()), name) for name, v in after.items())
     left = overflow(after, squares=False)
     if left:

@@ -20,9 +20,10 @@ from ..weights import export_weights
 from .float16_fit import (
     FLOAT16_MAX,
     SIMULATED_WINDOWS,
-    activation_peaks,
+    activation_maxima,
     fit_float16,
     float16_overflow,
+    peaks_of,
     simulate_float16,
 )
 from .program import (
@@ -113,12 +114,12 @@ def export_coreml(config: CoreMLConfig, state, ctx: RunContext) -> StageOutcome:
     if folder.exists():
         shutil.rmtree(folder)
     samples = ctx.calibration(state, n_samples=8, images=False)
-    peaks = (activation_peaks(state.evaluated_model(), samples) if config.chunks == 1
-             else chunked.streamed_peaks(state, samples))
+    maxima = activation_maxima(state.evaluated_model(), samples) if config.chunks == 1 else None
+    peaks = peaks_of(maxima) if maxima is not None else chunked.streamed_peaks(state, samples)
     problem = original = float16_overflow(peaks)
     fit = fitted = None
     if problem and config.precision != "float32" and config.chunks == 1 and state.vision is None:
-        fit, fitted, problem = fit_float16(state, samples, problem)  # problem: None once the rewrite fits
+        fit, fitted, problem = fit_float16(state, samples, problem, maxima)  # problem: None once the rewrite fits
     precision = config.precision
     if precision == "auto":
         precision = "float32" if problem else "float16"
