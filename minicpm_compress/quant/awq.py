@@ -36,7 +36,7 @@ from ..progress import progress
 from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from .budget import BudgetConfig, apply_budget, promotion_errors
 from .output_error import output_error, relative_error
-from .qweight import QuantScheme, QuantizedWeight, encode, group_view, quantize
+from .qweight import QuantScheme, QuantizedWeight, encode, group_view, quantize, rounded
 from .scale_search import SEARCHES, search_params
 
 
@@ -59,7 +59,7 @@ def _effective(weight: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) 
     """Q(W·s)/s for a batch of candidate scales [k, in] → [k, out, in]."""
     k, (out, cols) = scales.shape[0], weight.shape
     scaled = (weight.unsqueeze(0) * scales.unsqueeze(1)).reshape(k * out, cols)
-    return quantize(scaled, scheme).dequantize().reshape(k, out, cols) / scales.unsqueeze(1)
+    return rounded(scaled, scheme).reshape(k, out, cols) / scales.unsqueeze(1)
 
 
 def scale_candidates(weight: torch.Tensor, x_mean: torch.Tensor, scheme: QuantScheme, grid: int

@@ -280,10 +280,7 @@ class QuantizedWeight:
         return self._with(pick, pick, self.packed[index])
 
     def dequantize(self) -> torch.Tensor:
-        codes = self.codes.to(torch.float32)
-        scales = per_column(self.scales, self.group_size, codes.shape[1])
-        zeros = None if self.scheme.symmetric else per_column(self.zeros, self.group_size, codes.shape[1])
-        return code_values(codes, scales, zeros, self.scheme)
+        return grouped_values(self.codes.to(torch.float32), self.scales, self.zeros, self.scheme)
 
 
 def pack_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -312,10 +309,11 @@ def unpack_codes(packed: torch.Tensor, cols: int, scheme: QuantScheme) -> torch.
     if scheme.bits == 8:
         return packed
     if scheme.bits == 4:
-        nib = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)[:, :cols]
-        if scheme.symmetric:
-            return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend the nibble
-        return nib.contiguous()
+        if scheme.symmetric:  # sign-extended by arithmetic shifts of the bytes read as int8
+            low, high = (packed << 4).view(torch.int8) >> 4, packed.view(torch.int8) >> 4
+        else:
+            low, high = packed & 0x0F, packed >> 4
+        return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :cols].contiguous()
     bits = scheme.bits
     stream = (packed.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1  # [out, bytes, 8]
     planes = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
@@ -569,6 +567,40 @@ def code_values(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, sc
     if scheme.zero_point == "float":
         return codes * s + z
     return (codes - z) * s
+
+
+def grouped_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   scheme: QuantScheme) -> torch.Tensor:
+    """The weights [out, in] that float32 `codes` [out, in] stand for under per-group `scales` and `zeros`
+    [out, n_groups]: `code_values` with each group's parameters broadcast over its columns (not repeated per
+    column; the same float32 values, about twice as fast)."""
+    out, cols = codes.shape
+    group = scheme.group_size or cols
+    pad = -cols % group
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    values = code_values(codes.reshape(out, -1, group), *_per_group(scales, zeros), scheme).reshape(out, -1)
+    return values[:, :cols] if pad else values
+
+
+def _per_group(scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[out, n_groups] scales and zero points as float32 [out, n_groups, 1], to broadcast over `group_view`s."""
+    return scales.to(torch.float32).unsqueeze(2), None if zeros is None else zeros.to(torch.float32).unsqueeze(2)
+
+
+def rounded(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None,
+            params: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """`quantize(weight, scheme, clip).dequantize()` (or `encode(weight, *params, scheme).dequantize()`) bit for
+    bit, without packing codes or a QuantizedWeight: what the searches score their many candidates by."""
+    w = weight.detach().to(torch.float32)
+    scheme = scheme.fitting(w.shape[1])
+    scales, zeros = params if params is not None else group_params(w, scheme, clip)
+    if scheme.super_block:
+        return fake_quantize(w, scales, zeros, scheme)
+    out, cols = w.shape
+    s, z = _per_group(scales, zeros)
+    return code_values(round_codes(group_view(w, scheme.group_size or cols), s, z, scheme), s, z, scheme
+                       ).reshape(out, -1)[:, :cols]
 
 
 def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

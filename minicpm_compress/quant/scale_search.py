@@ -40,14 +40,13 @@ from .qweight import (
     code_range,
     code_values,
     codebook_group_scales,
-    encode,
-    fake_quantize,
     float16_exact,
     full_grid,
     group_params,
     group_view,
     k_grid,
     round_codes,
+    rounded,
     signed_floor,
 )
 
@@ -55,8 +54,8 @@ from .qweight import (
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
                 max_shrink: float) -> torch.Tensor:
     """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups].
-    Each ratio's weights are the quantizer's own values (`group_params` then `fake_quantize`, equal to
-    quantize → dequantize bit for bit) without packing codes."""
+    Each ratio's weights are the quantizer's own values (`rounded`: quantize → dequantize bit for bit, without
+    packing codes)."""
     out, cols = weight.shape
     scheme = scheme.fitting(cols)
     group = scheme.group_size or cols
@@ -67,8 +66,7 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, g
     best = torch.ones(out, n_groups, device=weight.device)
     w = weight.detach().float()
     for r in ratios:
-        scales, zeros = group_params(w, scheme, torch.full((out, n_groups), r, device=weight.device))
-        err = group_errors(w - fake_quantize(w, scales, zeros, scheme), blocks)
+        err = group_errors(w - rounded(w, scheme, torch.full((out, n_groups), r, device=weight.device)), blocks)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)
@@ -211,7 +209,7 @@ def search_params(weight: torch.Tensor, scheme: QuantScheme, gram: torch.Tensor,
     group = scheme.group_size or w.shape[1]
     weighted = weighted_params(w, scheme, torch.diagonal(gram))
     blocks = diagonal_blocks(gram, group)
-    errors = [group_errors(w - encode(w, *p, scheme).dequantize(), blocks) for p in (clipped, weighted)]
+    errors = [group_errors(w - rounded(w, scheme, params=p), blocks) for p in (clipped, weighted)]
     if scheme.super_block:
         per = scheme.super_block // group
         errors = [e.reshape(e.shape[0], -1, per).sum(2).repeat_interleave(per, dim=1) for e in errors]

@@ -110,7 +110,8 @@ def test_awq_gptq_and_awq_then_gptq_beat_rtn_on_the_real_model(tmp_path, minicpm
     run_recipe(recipe, tmp_path / "o")
     rtn, gptq, awq, awq_gptq = (s["metrics"] for s in json.loads((tmp_path / "o/manifest.json").read_text())["stages"][1:])
     # measured on the full symmetric grid at 2,048 tokens: RTN +32.6% (KLD 0.423), AWQ +23.8% (0.253),
-    # GPTQ act-order +10.8% (0.145), AWQ → GPTQ +14.7% (0.166)
+    # GPTQ act-order +10.8% (0.145), AWQ → GPTQ +14.7% (0.166). With 8 samples GPTQ's KLD is 0.173 (0.41× RTN's):
+    # act-order GPTQ needs the 16.
     assert rtn["ppl_increase"] > 0.2
     assert awq["ppl_increase"] < 0.85 * rtn["ppl_increase"]
     assert awq["kld"] < 0.7 * rtn["kld"] and awq["top1"] > rtn["top1"]

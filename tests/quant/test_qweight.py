@@ -3,7 +3,8 @@ import torch
 
 from minicpm_compress.errors import CompressError
 from minicpm_compress.quant.qweight import (
-    QuantScheme, encode, fake_quantize, full_grid, load_qweights, per_column, quantize, quantize_rows, save_qweights,
+    QuantScheme, encode, fake_quantize, full_grid, load_qweights, per_column, quantize, quantize_rows, rounded,
+    save_qweights,
 )
 
 SCHEMES = [
@@ -62,6 +63,19 @@ def test_fake_quantize_and_encode_reproduce_the_quantizer_exactly(weight, scheme
     again = encode(weight, q.scales, q.zeros, scheme)
     assert torch.equal(again.codes, q.codes)
     assert torch.equal(fake_quantize(weight, q.scales, q.zeros, scheme), q.dequantize())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES + [QuantScheme(layout=name) for name in ("Q4_K", "Q6_K", "Q3_K", "IQ4_NL")],
+                         ids=lambda s: s.describe())
+@pytest.mark.parametrize("cols", [200, 512])
+def test_rounded_is_quantize_then_dequantize_bit_for_bit(scheme, cols):
+    """What the scale searches score candidates by, computed per group without packing codes."""
+    w = torch.randn(24, cols, generator=torch.Generator().manual_seed(cols)) * 0.05
+    clip = torch.full((24, 1), 0.9)
+    q = quantize(w, scheme, clip=clip)
+    assert torch.equal(rounded(w, scheme, clip), q.dequantize())
+    assert torch.equal(rounded(w, scheme, params=(q.scales, q.zeros)), q.dequantize())
+    assert not torch.equal(rounded(w, scheme), q.dequantize())  # the clip was applied
 
 
 @pytest.mark.parametrize("scheme", SCHEMES[:3], ids=lambda s: s.describe())

@@ -53,7 +53,7 @@ def test_llama_cpp_quantizes_better_with_our_importance_matrix(tmp_path):
     from minicpm_compress.pipeline import run_recipe
     from minicpm_compress.recipe import build_recipe
 
-    data = {"calibration_samples": 16, "eval_tokens": 4096}
+    data = {"calibration_samples": 8, "eval_tokens": 4096}
     kinds = {}
     for imatrix in (False, True):
         recipe = build_recipe(model="minicpm-smollm2", data=data, stages=[{"gguf": {"type": "Q3_K_M", "imatrix": imatrix}}])
