@@ -536,12 +536,14 @@ def fake_quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     scheme = scheme.fitting(weight.shape[1])
     if scheme.super_block:
         scales, zeros = k_grid(scales, zeros, scheme, _RoundSTE.apply)
-    group, cols = scheme.group_size or weight.shape[1], weight.shape[1]
-    s = per_column(scales, group, cols)
-    z = None if scheme.symmetric else per_column(zeros, group, cols)
+    out, cols = weight.shape
+    g = group_view(weight, scheme.group_size or cols)  # each group's parameters broadcast over its columns
+    s, z = _per_group(scales, zeros)
     if scheme.codebook:  # the level times the scale (its gradient to the scale), the weight's passed straight through
-        return code_values(round_codes(weight.detach(), s.detach(), z, scheme), s, z, scheme) + (weight - weight.detach())
-    return code_values(round_codes(weight, s, z, scheme, _RoundSTE.apply), s, z, scheme)
+        values = code_values(round_codes(g.detach(), s.detach(), z, scheme), s, z, scheme) + (g - g.detach())
+    else:
+        values = code_values(round_codes(g, s, z, scheme, _RoundSTE.apply), s, z, scheme)
+    return values.reshape(out, -1)[:, :cols]
 
 
 def round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, scheme: QuantScheme,
@@ -594,13 +596,8 @@ def rounded(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None
     bit, without packing codes or a QuantizedWeight: what the searches score their many candidates by."""
     w = weight.detach().to(torch.float32)
     scheme = scheme.fitting(w.shape[1])
-    scales, zeros = params if params is not None else group_params(w, scheme, clip)
-    if scheme.super_block:
-        return fake_quantize(w, scales, zeros, scheme)
-    out, cols = w.shape
-    s, z = _per_group(scales, zeros)
-    return code_values(round_codes(group_view(w, scheme.group_size or cols), s, z, scheme), s, z, scheme
-                       ).reshape(out, -1)[:, :cols]
+    with torch.no_grad():
+        return fake_quantize(w, *(params if params is not None else group_params(w, scheme, clip)), scheme)
 
 
 def encode(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
