@@ -13,8 +13,13 @@ from .errors import CompressError, GateFailure, Interrupted
 
 
 def _quiet_libraries() -> None:
+    import logging
     import warnings
 
+    # torchao (ExecuTorch's quantization library, which transformers imports when present) warns about its
+    # GPU kernels on a CPU machine and about pytree registrations on every start
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -229,6 +234,8 @@ def _scheme_options(command):
         click.option("--zero-point/--symmetric", default=True, show_default=True,
                      help="asymmetric with zero points, or symmetric"),
         click.option("--float-zero", is_flag=True, help="store zero points as float offsets (GGUF Q4_1 style)"),
+        click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
+                     help="bfloat16: positive bfloat16-exact scales, which ExecuTorch's XNNPACK int4 kernels hold exactly"),
         click.option("--layout", default=None, metavar="TYPE",
                      help="the exact layout of a GGUF type instead (Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, "
                           "Q4_K, Q5_K, Q6_K): sets bits, group size, symmetry, the K-quant scale grid or IQ4_NL's levels"),
@@ -241,12 +248,15 @@ def _scheme_options(command):
 def _scheme_settings(options: dict) -> dict:
     group = options.pop("group_size")
     layout = options.pop("layout")
+    scale_dtype = options.pop("scale_dtype")
     if layout is not None:
-        chosen = (options.pop("bits"), group, options.pop("zero_point"), options.pop("float_zero"))
-        if chosen != ("4", "128", True, False):
-            raise CompressError("--layout sets the whole scheme; leave out --bits, --group-size, --symmetric and --float-zero")
+        chosen = (options.pop("bits"), group, options.pop("zero_point"), options.pop("float_zero"), scale_dtype)
+        if chosen != ("4", "128", True, False, "float16"):
+            raise CompressError("--layout sets the whole scheme; leave out --bits, --group-size, --symmetric, "
+                                "--float-zero and --scale-dtype")
         return {"layout": layout}
     return {
+        **({"scale_dtype": scale_dtype} if scale_dtype != "float16" else {}),
         "bits": int(options.pop("bits")),
         "symmetric": not options.pop("zero_point"),
         "zero_point": "float" if options.pop("float_zero") else "int",
@@ -495,6 +505,28 @@ def export_coreml(bits, block_size, context, embeddings, precision, chunks, **op
     settings = {"bits": int(bits), "block_size": block_size, "embeddings": embeddings, "precision": precision,
                 "chunks": chunks, **({"context": context} if context else {})}
     recipe = build_recipe(**_recipe_fields(f"coreml-int{bits}", "coreml", settings, options))
+    _run(recipe, options["out"], options["overwrite"])
+
+
+@export.command("executorch")
+@_model_options
+@click.option("--bits", type=click.Choice(["4", "8", "32"]), default="4", show_default=True,
+              help="int4 groups or int8 per channel with int8 activations (XNNPACK's 8da4w / 8da8w), or 32 for float")
+@click.option("--group-size", type=int, default=32, show_default=True, help="int4 group for linears quantized here")
+@click.option("--zero-points", type=click.Choice(["refuse", "requantize"]), default="refuse", show_default=True,
+              help="linears with zero points (XNNPACK drops them silently): stop, or requantize them symmetric")
+@click.option("--embeddings", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
+              help="token table and output head storage")
+@click.option("--context", type=int, default=None, help="static KV-cache length, longest prompt + output (default 2048)")
+@_reports_errors
+def export_executorch(bits, group_size, zero_points, embeddings, context, **options):
+    """An ExecuTorch program (OUT/executorch-int4/model.pte, XNNPACK) with a static KV cache, measured in
+    ExecuTorch's runtime."""
+    from .recipe import build_recipe
+
+    settings = {"bits": int(bits), "group_size": group_size, "zero_points": zero_points, "embeddings": embeddings,
+                **({"context": context} if context else {})}
+    recipe = build_recipe(**_recipe_fields(f"executorch-int{bits}", "executorch", settings, options))
     _run(recipe, options["out"], options["overwrite"])
 
 

@@ -29,21 +29,23 @@ from ..models.architectures import quantizable_linears
 from ..registry import RunContext, StageConfig, StageOutcome, register_stage
 from ..train.distill import DistillSettings, ParamGroup, checkpoint_path, distill
 from .budget import int8_scheme
-from .qweight import MIN_SCALE, QuantizedWeight, QuantScheme, encode, fake_quantize, quantize
+from .qweight import MIN_SCALE, QuantizedWeight, QuantScheme, encode, exact_scales, fake_quantize, quantize
 
 
 class QATConfig(QuantScheme, DistillSettings, StageConfig):
     scale_lr: float = Field(1e-3, ge=0, description="peak learning rate of the log-scale gains (0: fixed scales)")
 
 
-class _Float16STE(torch.autograd.Function):
+class _ExactScalesSTE(torch.autograd.Function):
+    """Scales rounded to the scheme's scale dtype going forward, the gradient passed straight through."""
+
     @staticmethod
-    def forward(ctx, x):
-        return x.to(torch.float16).to(torch.float32)
+    def forward(ctx, x, scheme):
+        return exact_scales(x, scheme)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 class FakeQuantLinear(torch.nn.Module):
@@ -61,7 +63,8 @@ class FakeQuantLinear(torch.nn.Module):
     def scales(self) -> torch.Tensor:
         # a symmetric scheme's scales may be negative (the full grid): the gain scales their magnitude
         sign = torch.where(self.initial_scales < 0, -1.0, 1.0)
-        return _Float16STE.apply(sign * (self.initial_scales.abs() * torch.exp(self.gain)).clamp(min=MIN_SCALE))
+        return _ExactScalesSTE.apply(sign * (self.initial_scales.abs() * torch.exp(self.gain)).clamp(min=MIN_SCALE),
+                                     self.scheme)
 
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize(self.linear.weight, self.scales(), self.zeros, self.scheme)

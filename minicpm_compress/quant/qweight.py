@@ -9,8 +9,9 @@ group of `group_size` input columns, a scale and (asymmetric schemes) a zero poi
   asymmetric, float zero w = scale * code + zero              code in [0, 2^b - 1]; zero = the group's offset
 
 Scales (and float zeros) are exactly representable in float16, so formats that store them in float16
-(GGUF, AWQ, ONNX MatMulNBits, Core ML) carry them without rounding. If `in` is not a multiple of the
-group size the last group is narrower.
+(GGUF, AWQ, ONNX MatMulNBits, Core ML) carry them without rounding; with `scale_dtype: bfloat16` they are
+exact in bfloat16 (hence in float16 too) and never negative, as ExecuTorch's XNNPACK int4 kernels need.
+If `in` is not a multiple of the group size the last group is narrower.
 
 K-quant grids (`super_block: 256`, GGUF Q2_K / Q3_K / Q4_K / Q5_K / Q6_K) quantize the scales themselves: within each
 super-block of 256 columns, every group's scale is d · sc with one float16 d and an integer sc of
@@ -84,6 +85,9 @@ class QuantScheme(BaseModel):
     scale_bits: Literal[4, 6, 8] | None = Field(None, description="K-quant grid: bits of each group's scale integer")
     codebook: Literal["iq4_nl"] | None = Field(
         None, description="symmetric int4 codes standing for a non-linear table of levels (GGUF IQ4_NL)")
+    scale_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="scales exact in float16 (GGUF, ONNX, Core ML, AWQ), or in bfloat16 and never "
+        "negative (ExecuTorch's XNNPACK int4 kernels; such scales are float16-exact too, so every format carries them)")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,12 +118,14 @@ class QuantScheme(BaseModel):
             raise SettingError("bits", f"{self.bits}-bit codes exist on a K-quant grid only (layout: Q{self.bits}_K)")
         if self.codebook is not None and (self.bits != 4 or not self.symmetric or self.super_block is not None):
             raise ValueError("codebook iq4_nl takes symmetric 4-bit codes without super-blocks (e.g. layout: IQ4_NL)")
+        if self.scale_dtype == "bfloat16" and (self.super_block is not None or self.codebook is not None):
+            raise ValueError("scale_dtype bfloat16 is for plain integer grids (not K-quant grids or codebooks)")
         return self
 
     @property
     def layout(self) -> str | None:
-        """The GGUF type whose blocks hold this scheme exactly, if any."""
-        fields = {k: getattr(self, k) for k in QuantScheme.model_fields}
+        """The GGUF type whose blocks hold this scheme exactly, if any (bfloat16 scales are float16-exact)."""
+        fields = {k: getattr(self, k) for k in QuantScheme.model_fields if k != "scale_dtype"}
         for name, spec in GGUF_GRIDS.items():
             full = QuantScheme.model_construct(**spec)
             if all(getattr(full, k) == v for k, v in fields.items()):
@@ -146,7 +152,8 @@ class QuantScheme(BaseModel):
             return f"{self.layout} (int{self.bits} g{self.group_size}, {self.scale_bits}-bit scales per 256)"
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-float-zero")
-        return f"int{self.bits} {group} {kind}"
+        scales = ", bfloat16 scales" if self.scale_dtype == "bfloat16" else ""
+        return f"int{self.bits} {group} {kind}{scales}"
 
     def bits_per_weight(self, cols: int) -> float:
         """Stored bits per weight of a row of `cols` columns: codes, scales and zero points (float16 scales
@@ -343,6 +350,11 @@ def float16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(torch.float32)
 
 
+def exact_scales(t: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Scales rounded to the nearest values of the scheme's scale dtype (float16 or bfloat16), held as float32."""
+    return t.to(getattr(torch, scheme.scale_dtype)).to(torch.float32)
+
+
 def signed_floor(scales: torch.Tensor) -> torch.Tensor:
     """Signed scales (the full symmetric grid, a codebook) with their magnitude raised to at least MIN_SCALE."""
     return torch.where(scales.abs() < MIN_SCALE, torch.where(scales < 0, -MIN_SCALE, MIN_SCALE), scales)
@@ -389,6 +401,12 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
     if scheme.codebook:
         scales, zeros = codebook_group_scales(g, shrink), None
+    elif scheme.symmetric and full_grid(scheme) and scheme.scale_dtype == "bfloat16":
+        # non-negative scales: code −2^(b−1) reaches a negative peak, 2^(b−1) − 1 a positive one
+        top = 2 ** (scheme.bits - 1)
+        reach = torch.maximum(-g.amin(dim=2, keepdim=True) / top, g.amax(dim=2, keepdim=True) / (top - 1))
+        scales = exact_scales((reach * shrink).clamp(min=MIN_SCALE), scheme)
+        zeros = None
     elif scheme.symmetric and full_grid(scheme):
         # the group's largest-magnitude weight, with its sign, takes the code −2^(b−1): all 2^b codes in use
         top = 2 ** (scheme.bits - 1)
@@ -398,14 +416,14 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
         zeros = None
     elif scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
-        scales = float16_exact((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax)
+        scales = exact_scales((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax, scheme)
         zeros = None
     else:
         qmax = 2**scheme.bits - 1
         hi, lo = g.amax(dim=2, keepdim=True) * shrink, g.amin(dim=2, keepdim=True) * shrink
         if scheme.super_block:
             lo = lo.clamp(max=0)  # K-quant offsets are −dmin · m with m ≥ 0
-        scales = float16_exact(((hi - lo) / qmax).clamp(min=MIN_SCALE))
+        scales = exact_scales(((hi - lo) / qmax).clamp(min=MIN_SCALE), scheme)
         if scheme.zero_point == "int":
             zeros = torch.clamp(torch.round(-lo / scales), 0, qmax).squeeze(2).to(torch.uint8)
         else:

@@ -40,6 +40,7 @@ from .qweight import (
     code_range,
     code_values,
     codebook_group_scales,
+    exact_scales,
     float16_exact,
     full_grid,
     group_params,
@@ -85,11 +86,11 @@ def group_importance(importance: torch.Tensor, cols: int, group: int) -> torch.T
 def _stored(scale: torch.Tensor, offset: torch.Tensor | None, scheme: QuantScheme):
     """A candidate's scale and offset as the weight would hold them: float16, a nonzero scale (signed where the
     full grid allows it), an integer zero point in the code range or a float16 offset."""
-    if full_grid(scheme) or scheme.codebook:  # signed scales
+    if (full_grid(scheme) or scheme.codebook) and scheme.scale_dtype == "float16":  # signed scales
         scale = signed_floor(scale)
     else:
-        scale = scale.clamp(min=MIN_SCALE)
-    scale = float16_exact(scale)
+        scale = scale.abs().clamp(min=MIN_SCALE)
+    scale = exact_scales(scale, scheme)
     if offset is None:
         return scale, None
     if scheme.zero_point == "int":

@@ -9,6 +9,7 @@ from ..registry import STAGES, RunContext, StageConfig, StageOutcome, StageType,
 from . import evaluate, load  # noqa: F401
 from ..quant import awq, gptq, qat, rtn  # noqa: F401
 from ..export.coreml import stage as coreml_stage  # noqa: F401
+from ..export.executorch import stage as executorch_stage  # noqa: F401
 from ..export.gguf import stage as gguf_stage  # noqa: F401
 from ..export.hf_awq import stage as hf_awq_stage  # noqa: F401
 from ..export.onnx import stage as onnx_stage  # noqa: F401

@@ -226,3 +226,22 @@ def test_saving_hands_the_writer_the_held_tensors_not_copies(tmp_path, monkeypat
     back = load_qweights(tmp_path / "q.safetensors")
     assert torch.equal(back["b"].dequantize(), offsets.dequantize())
     assert torch.equal(back["a"].dequantize(), sym.dequantize())
+
+
+def test_bfloat16_scales_are_positive_exact_and_still_reach_a_negative_peak_with_code_minus_8():
+    from minicpm_compress.export.gguf.blocks import is_lossless
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 256) * 0.03
+    q = quantize(w, QuantScheme(bits=4, group_size=32, symmetric=True, scale_dtype="bfloat16"))
+    s = q.scales
+    assert (s > 0).all() and torch.equal(s.to(torch.bfloat16).float(), s) and torch.equal(s.half().float(), s)
+    g = w.reshape(32, 8, 32)
+    negative_peak = (-g.amin(2)) / 8 >= g.amax(2) / 7  # groups whose reach is set by their most negative weight
+    codes = q.codes.reshape(32, 8, 32)
+    assert negative_peak.any() and (~negative_peak).any()
+    assert (codes.amin(2)[negative_peak] == -8).all() and (codes.amax(2)[~negative_peak] == 7).all()
+    assert (q.dequantize() - w).abs().max() <= s.max() * 0.51  # rounding only: nothing clipped beyond half a step
+    assert is_lossless(q, "Q4_0")  # bfloat16-exact scales are float16-exact: GGUF carries them as they are
+    with pytest.raises(ValueError, match="scale_dtype bfloat16"):
+        QuantScheme(layout="Q4_K", scale_dtype="bfloat16")

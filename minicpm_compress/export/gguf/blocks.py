@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...quant.qweight import GGUF_GRIDS, QuantizedWeight, QuantScheme
+from ...quant.qweight import QuantizedWeight
 
 BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "IQ4_NL": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32,
                "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
@@ -19,9 +19,7 @@ BLOCK_WIDTH = {"Q8_0": 32, "Q4_0": 32, "IQ4_NL": 32, "Q4_1": 32, "Q5_0": 32, "Q5
 
 def is_lossless(q: QuantizedWeight, type_name: str) -> bool:
     """Whether `q` is exactly a `type_name` tensor (its scheme is that type's grid and its rows split into blocks)."""
-    spec = GGUF_GRIDS.get(type_name)
-    return (spec is not None and type_name in BLOCK_WIDTH and q.scheme == QuantScheme(**spec)
-            and q.shape[1] % BLOCK_WIDTH[type_name] == 0)
+    return type_name in BLOCK_WIDTH and q.scheme.layout == type_name and q.shape[1] % BLOCK_WIDTH[type_name] == 0
 
 
 def _f16_bytes(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,54 @@
+"""ExecuTorch's runtime as a runner: a .pte evaluated like a torch model, and its decode speed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .program import load_kernels
+
+
+class ExecuTorchRunner:
+    """Next-token logits from ExecuTorch's runtime (XNNPACK on CPU): each window one prefill from position 0
+    (the program's cache is overwritten from there and attention stops at the window's last token)."""
+
+    name = "ExecuTorch"
+
+    def __init__(self, path: Path, context: int):
+        from executorch.runtime import Runtime
+
+        load_kernels()
+        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+        self.context = context
+
+    def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [1, S, vocab] for `tokens` [1, S] placed at `start` in the cache."""
+        return self.method.execute([tokens.to(torch.long), torch.tensor([start], dtype=torch.long)])[0]
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.context:
+            raise ValueError(f"window of {input_ids.shape[1]} tokens exceeds the program's context of {self.context}")
+        return torch.cat([self.run(row[None], 0) for row in input_ids]).float()
+
+    def greedy(self, prompt_ids: list[int], steps: int) -> list[int]:
+        """As an app decodes: the prompt in one pass, then one token per pass at the next position."""
+        logits = self.run(torch.tensor([prompt_ids]), 0)
+        out = []
+        for i in range(steps):
+            out.append(int(logits[0, -1].argmax()))
+            if i + 1 < steps:
+                logits = self.run(torch.tensor([out[-1:]]), len(prompt_ids) + i)
+        return out
+
+
+def decode_tokens_per_s(runner: ExecuTorchRunner, prompt: torch.Tensor, steps: int) -> float:
+    """Greedy decoding speed after a prefill of `prompt` [1, n], one token at a time with the cache."""
+    logits = runner.run(prompt, 0)
+    token = torch.tensor([[int(logits[0, -1].argmax())]])
+    start = time.perf_counter()
+    for i in range(steps):
+        logits = runner.run(token, prompt.shape[1] + i)
+        token = torch.tensor([[int(logits[0, -1].argmax())]])
+    return steps / (time.perf_counter() - start)
