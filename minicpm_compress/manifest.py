@@ -73,7 +73,7 @@ def write_model(state: "ModelState", root: Path) -> list[dict]:
     return artifacts
 
 
-RUNTIME_PACKAGES = ("llama-cpp-python", "onnxruntime", "onnxruntime-genai", "coremltools")
+RUNTIME_PACKAGES = ("llama-cpp-python", "onnxruntime", "onnxruntime-genai", "coremltools", "executorch")
 
 
 def runtime_versions() -> dict:

@@ -72,7 +72,7 @@ def _section(d: Deliverable, manifest: dict, root: Path) -> list[str]:
            "", md_table(["file", "bytes", "sha256"],
                         [[f"`{f['path']}`", f"{f['bytes']:,}", f"`{f['sha256']}`"] for f in d.files]), ""]
     for s in d.runtime.snippets(d, root):
-        tested = " (run by the test suite on the CI recipe's output)" if s.runs else ""
+        tested = " (run by the test suite)" if s.runs else ""
         out += [f"{s.title}{tested}:", "", *markdown.fence(s.code, s.language), ""]
     smoke = details.get("smoke_test")
     if smoke:

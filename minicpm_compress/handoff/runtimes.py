@@ -68,6 +68,14 @@ def _coreml_requirement(d: "Deliverable", manifest: dict) -> str:
             f"{RUNTIMES['coreml'].tested_with(manifest)}")
 
 
+def _executorch_requirement(d: "Deliverable", manifest: dict) -> str:
+    details = d.stage["details"]
+    kernels = "the llama:: custom-ops kernels" + (" and the quantized kernels" if details.get("bits") != 32 else "")
+    return (f"ExecuTorch {manifest.get('environment', {}).get('executorch', '?')} or newer with the XNNPACK backend "
+            f"and {kernels} (int8 activations computed at run time); a static KV cache of "
+            f"{details.get('context', '?')} tokens; measured in ExecuTorch's Python runtime on Linux, never on a phone")
+
+
 def _hf_requirement(d: "Deliverable", manifest: dict) -> str:
     return ("a server runtime with AWQ GEMM kernels (e.g. vLLM or transformers with an AWQ backend); "
             "not a phone artifact")
@@ -80,6 +88,8 @@ RUNTIMES: dict[str, Runtime] = {
                     _onnx_requirement, snippets.onnxruntime_genai),
     "coreml": Runtime("coreml", "Core ML", "coremltools", True, lambda d: f"{d.top_folder()}/",
                       _coreml_requirement, snippets.coreml),
+    "executorch": Runtime("executorch", "ExecuTorch", "executorch", True, lambda d: f"{d.top_folder()}/",
+                          _executorch_requirement, snippets.executorch),
     "hf_awq": Runtime("hf_awq", "AWQ checkpoint (servers)", "transformers", False,
                       lambda d: f"{d.top_folder()}/", _hf_requirement, lambda d, root: []),
 }

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Snippet:
     title: str
-    language: str  # the Markdown fence: python, sh, swift, csharp, java
+    language: str  # the Markdown fence: python, sh, swift, csharp, java, kotlin
     code: str
     runs: bool  # executed by the test suite against the built artifacts
 
@@ -106,6 +106,50 @@ Generator generator = new Generator(model, params);
 generator.appendTokenSequences(sequences);
 while (!generator.isDone()) generator.generateNextToken();
 String text = tokenizer.decode(generator.getSequence(0));
+''', runs=False),
+    ]
+
+
+def executorch(d: "Deliverable", root: Path) -> list[Snippet]:
+    prompt, n = _smoke(d)
+    folder = d.top_folder()
+    pte = f"{folder}/model.pte"
+    return [
+        Snippet("ExecuTorch runtime (Python)", "python", f'''import torch
+from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401 - the llama:: cache and attention kernels
+from executorch.kernels import quantized  # noqa: F401 - the int8 token table's kernel
+from executorch.runtime import Runtime
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({json.dumps(folder)})
+forward = Runtime.get().load_program({json.dumps(pte)}).load_method("forward")
+prompt = tokenizer({json.dumps(prompt)})["input_ids"]
+logits = forward.execute([torch.tensor([prompt]), torch.tensor([0])])[0]  # (tokens, start position)
+out = []
+for i in range({n}):
+    out.append(int(logits[0, -1].argmax()))
+    logits = forward.execute([torch.tensor([out[-1:]]), torch.tensor([len(prompt) + i])])[0]
+print(tokenizer.decode(out))
+''', runs=True),
+        Snippet("ExecuTorch LLM runner (Android, Kotlin; untested here)", "kotlin", f'''import org.pytorch.executorch.extension.llm.LlmCallback
+import org.pytorch.executorch.extension.llm.LlmModule
+
+// model.pte and tokenizer.json from {folder}/, copied to app storage; the program tells the runner its
+// context length, BOS/EOS ids and that it takes (tokens, input_pos) with a KV cache
+val module = LlmModule(modelPath, tokenizerPath, 0.0f)
+module.generate({json.dumps(prompt)}, 2048, object : LlmCallback {{
+    override fun onResult(result: String) {{ print(result) }}
+    override fun onStats(stats: String) {{}}
+}})
+''', runs=False),
+        Snippet("ExecuTorch LLM runner (iOS, Swift; untested here)", "swift", f'''import ExecuTorchLLM
+
+// {folder}/model.pte and {folder}/tokenizer.json in the app bundle; link the XNNPACK backend and the
+// custom-ops and quantized kernels
+let runner = TextLLMRunner(modelPath: modelPath, tokenizerPath: tokenizerPath)
+try runner.generate({json.dumps(prompt)}, Config {{ $0.sequenceLength = 2048 }}) {{ token in
+    print(token, terminator: "")
+}}
 ''', runs=False),
     ]
 

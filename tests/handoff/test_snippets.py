@@ -12,7 +12,7 @@ from minicpm_compress.handoff import HANDOFF_NAME
 from minicpm_compress.handoff.snippets import SWIFT_TYPES, coreml_features
 
 TESTED = re.compile(r"^### `([^`]+)` — [^\n]*$"
-                    r"|^([^\n]+) \(run by the test suite on the CI recipe's output\):\n\n```python\n(.*?)```", re.S | re.M)
+                    r"|^([^\n]+) \(run by the test suite\):\n\n```python\n(.*?)```", re.S | re.M)
 
 
 def run_by_tests(card: str) -> list[tuple[str, str]]:

@@ -133,8 +133,16 @@ class ByteEmbedding(torch.nn.Module):
         return torch.ops.quantized_decomposed.embedding_byte(self.codes, self.scales, None, -128, 127, ids)
 
 
-def lower(decoder: StaticCacheDecoder) -> bytes:
-    """torch.export → edge → XNNPACK → ExecuTorch program bytes."""
+def runner_metadata(config, context: int, bos: int | None, eos: list[int]) -> dict:
+    """The constant methods ExecuTorch's LLM runner (Android LlmModule, iOS TextRunner, the C++ runner) reads
+    from a program to drive it: a KV-cache decoder taking (tokens, input_pos) with a dynamic token count."""
+    return {"get_max_seq_len": context, "get_max_context_len": context, "get_n_layers": config.num_hidden_layers,
+            "get_vocab_size": config.vocab_size, "use_kv_cache": True, "use_sdpa_with_kv_cache": False,
+            "enable_dynamic_shape": True, **({"get_bos_id": bos} if bos is not None else {}), "get_eos_ids": eos}
+
+
+def lower(decoder: StaticCacheDecoder, metadata: dict | None = None) -> bytes:
+    """torch.export → edge → XNNPACK → ExecuTorch program bytes (with `metadata` as constant methods)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from torch.export import Dim
@@ -144,7 +152,7 @@ def lower(decoder: StaticCacheDecoder) -> bytes:
     seq = Dim("seq", min=1, max=decoder.context)
     with torch.no_grad():
         program = torch.export.export(decoder.eval(), example, dynamic_shapes=({1: seq}, None), strict=False)
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     buffer = io.BytesIO()
     edge.to_executorch().write_to_file(buffer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -17,7 +18,7 @@ from ...manifest import artifact_entry
 from ...quant.qweight import QuantizedWeight, QuantScheme, quantize_rows
 from ...registry import RunContext, StageConfig, StageOutcome, register_stage
 from ..weights import export_weights
-from .program import ByteEmbedding, StaticCacheDecoder, carried_weight, lower
+from .program import ByteEmbedding, StaticCacheDecoder, carried_weight, lower, runner_metadata
 
 PROGRAM_NAME = "model.pte"
 
@@ -118,7 +119,9 @@ def export_executorch(config: ExecuTorchConfig, state, ctx: RunContext) -> Stage
     context = max(config.context, int(windows.shape[1]))
     model, paths = program_model(state, config)
     decoder = StaticCacheDecoder(model, context)
-    program = lower(decoder)
+    tok = state.tokenizer
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else list(np.atleast_1d(state.config.eos_token_id or []))
+    program = lower(decoder, runner_metadata(state.config, context, tok.bos_token_id, [int(e) for e in eos]))
     path = folder / PROGRAM_NAME
     atomic.write_bytes(path, program)
     state.tokenizer.save_pretrained(folder)  # tokenizer.json: what ExecuTorch's LLM runner reads

@@ -1,12 +1,17 @@
 """The `executorch` stage end to end on a tiny checkpoint: our codes in the .pte, measured in ExecuTorch."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from minicpm_compress.errors import CompressError
+from minicpm_compress.handoff import HANDOFF_NAME
 from minicpm_compress.pipeline import run_recipe
 from minicpm_compress.recipe import build_recipe
+
+from ...handoff.test_snippets import run_by_tests
 
 DATA = {"eval_tokens": 512, "eval_window": 128}
 
@@ -31,6 +36,13 @@ def test_symmetric_bfloat16_codes_go_in_exactly_and_are_measured_in_the_runtime(
     assert {"executorch-int4/model.pte", "executorch-int4/tokenizer.json"} <= files
     pte = tmp_path / "o/executorch-int4/model.pte"
     assert pte.read_bytes()[4:8] == b"ET12"  # an ExecuTorch flatbuffer program
+    # the hand-off card's Python snippet runs as printed and continues like the stage's smoke test
+    card = (tmp_path / "o" / HANDOFF_NAME).read_text()
+    [(name, code)] = [(n, c) for n, c in run_by_tests(card) if n == "executorch-int4/"]
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "o", capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == d["smoke_test"]["text"] + "\n"
+    assert "ExecuTorch LLM runner (Android, Kotlin; untested here)" in card
 
 
 def test_zero_point_codes_are_refused_by_name_or_requantized_when_asked(tmp_path, tiny_checkpoint):
