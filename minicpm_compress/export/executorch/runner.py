@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .program import load_kernels
+
+
+@contextlib.contextmanager
+def _runtime_log():
+    """ExecuTorch's C++ runtime logs to the process's stderr on every call ("No temp allocator provided"): keep
+    that out of the user's terminal, and put its last lines into the error if a call fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except Exception as e:
+            os.dup2(saved, 2)
+            log.seek(0)
+            lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+            raise RuntimeError(f"ExecuTorch: {e}" + (f" ({lines[-1].strip()})" if lines else "")) from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class ExecuTorchRunner:
@@ -20,12 +44,14 @@ class ExecuTorchRunner:
         from executorch.runtime import Runtime
 
         load_kernels()
-        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+        with _runtime_log():
+            self.method = Runtime.get().load_program(Path(path)).load_method("forward")
         self.context = context
 
     def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [1, S, vocab] for `tokens` [1, S] placed at `start` in the cache."""
-        return self.method.execute([tokens.to(torch.long), torch.tensor([start], dtype=torch.long)])[0]
+        with _runtime_log():
+            return self.method.execute([tokens.to(torch.long), torch.tensor([start], dtype=torch.long)])[0]
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] > self.context:

@@ -40,7 +40,7 @@ def fits_xnnpack(q: QuantizedWeight, bits: int) -> bool:
     `bits` bits (per channel for int8, groups dividing the row for int4) with positive bfloat16-exact scales
     (its int4 kernels store scales as bfloat16 and reject negative ones)."""
     s = q.scheme
-    if s.bits != bits or not s.symmetric or s.super_block is not None or s.codebook is not None:
+    if s.bits != bits or bits not in (4, 8) or not s.symmetric or s.super_block is not None or s.codebook is not None:
         return False
     if bits == 8 and s.group_size is not None and s.group_size < q.shape[1]:
         return False
@@ -57,7 +57,7 @@ def export_scheme(config: ExecuTorchConfig) -> QuantScheme:
     return QuantScheme(bits=4, group_size=config.group_size, symmetric=True, scale_dtype="bfloat16")
 
 
-def _refuse_zero_points(state, config: ExecuTorchConfig) -> None:
+def refuse_zero_points(state, config: ExecuTorchConfig) -> None:
     if config.zero_points == "refuse" and config.bits != 32:
         for name, q in state.qweights.items():
             if not q.scheme.symmetric:
@@ -74,7 +74,9 @@ def program_model(state, config: ExecuTorchConfig) -> tuple[torch.nn.Module, dic
         p.requires_grad_(False)
     if config.bits == 32:
         return model, {"float": len(state.linear_names())}
-    weights, paths = export_weights(state, export_scheme(config), lambda q: fits_xnnpack(q, config.bits))
+    # a linear a bit budget kept at int8 in an int4 file stays int8 (8da8w), as in the other formats
+    weights, paths = export_weights(state, export_scheme(config),
+                                    lambda q: q.scheme.bits >= config.bits and fits_xnnpack(q, q.scheme.bits))
     for name in weights:
         linear = model.get_submodule(name)
         linear.weight = torch.nn.Parameter(carried_weight(weights[name]), requires_grad=False)
@@ -109,7 +111,7 @@ def export_executorch(config: ExecuTorchConfig, state, ctx: RunContext) -> Stage
     if state.vision is not None:
         raise CompressError("executorch: MiniCPM-V models are not exported to ExecuTorch yet "
                             "(use gguf, onnx or coreml)")
-    _refuse_zero_points(state, config)
+    refuse_zero_points(state, config)
     kind = {4: "int4", 8: "int8", 32: "fp32"}[config.bits]
     folder = ctx.out_dir / (config.folder or f"executorch-{kind}")
     if folder.exists():
@@ -119,9 +121,9 @@ def export_executorch(config: ExecuTorchConfig, state, ctx: RunContext) -> Stage
     context = max(config.context, int(windows.shape[1]))
     model, paths = program_model(state, config)
     decoder = StaticCacheDecoder(model, context)
-    tok = state.tokenizer
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else list(np.atleast_1d(state.config.eos_token_id or []))
-    program = lower(decoder, runner_metadata(state.config, context, tok.bos_token_id, [int(e) for e in eos]))
+    eos = state.tokenizer.eos_token_id
+    eos = [int(e) for e in np.atleast_1d(state.config.eos_token_id if eos is None else eos) if e is not None]
+    program = lower(decoder, runner_metadata(state.config, context, state.tokenizer.bos_token_id, eos))
     path = folder / PROGRAM_NAME
     atomic.write_bytes(path, program)
     state.tokenizer.save_pretrained(folder)  # tokenizer.json: what ExecuTorch's LLM runner reads
@@ -131,7 +133,7 @@ def export_executorch(config: ExecuTorchConfig, state, ctx: RunContext) -> Stage
     smoke = smoke_test(state.tokenizer, runner, f"{folder.name}/{PROGRAM_NAME} in ExecuTorch, greedy")
     size = path.stat().st_size
     params = state.parameter_count()
-    kv = kv_cache_bytes(state.config, context)
+    kv = 2 * kv_cache_bytes(state.config, context)  # float32, allocated whole: the cache is static
     path_text = ", ".join(f"{v} {k}" for k, v in paths.items() if v)
     table = config.embeddings if config.bits != 32 else "float"
     details = {
@@ -143,6 +145,7 @@ def export_executorch(config: ExecuTorchConfig, state, ctx: RunContext) -> Stage
         "linears": paths,
         "embeddings": table,
         "context": context,
+        "max_context": context,
         "bits_per_weight": round(size * 8 / params, 3),
         "against_torch": carried,
         "ram_estimate": {"weights_bytes": size, "kv_cache_bytes": kv, "context_tokens": context,

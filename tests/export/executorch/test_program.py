@@ -91,12 +91,15 @@ def test_linears_that_do_not_fit_are_requantized_and_counted(tokenizer):
     state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
     names = state.linear_names()
     bf16 = QuantScheme(bits=4, group_size=32, symmetric=True, scale_dtype="bfloat16")
+    int8 = QuantScheme(bits=8, group_size=None, symmetric=True, scale_dtype="bfloat16")  # e.g. kept by a bit budget
     for i, name in enumerate(names):
-        scheme = bf16 if i % 2 else QuantScheme(bits=4, group_size=32, symmetric=True)
+        scheme = int8 if i == 2 else bf16 if i % 2 else QuantScheme(bits=4, group_size=32, symmetric=True)
         state.qweights[name] = quantize(state.tensor(f"{name}.weight"), scheme)
     program, paths = program_model(state, ExecuTorchConfig(bits=4))
-    assert paths == {"lossless": len(names) // 2, "requantized": len(names) - len(names) // 2}
-    kept = program.get_submodule(names[1]).weight
-    assert torch.equal(kept.dequantize(), state.qweights[names[1]].dequantize())  # carried as it is
+    assert paths == {"lossless": len(names) // 2 + 1, "requantized": len(names) - len(names) // 2 - 1}
+    for kept in (names[1], names[2]):  # carried as they are, the int8 one at 8 bits
+        weight = program.get_submodule(kept).weight
+        assert torch.equal(weight.dequantize(), state.qweights[kept].dequantize())
+    assert program.get_submodule(names[2]).weight.target_dtype == torch.int8
     requantized = program.get_submodule(names[0]).weight
     assert torch.equal(requantized.dequantize(), quantize(state.tensor(f"{names[0]}.weight"), bf16).dequantize())
