@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/prune.py > out/bench-prune.json
 	$(BIN)/python bench/onnx_export.py > out/bench-onnx.json
 	$(BIN)/python bench/coreml_export.py > out/bench-coreml.json
+	$(BIN)/python bench/executorch_export.py > out/bench-executorch.json
 	$(BIN)/python bench/minicpmv.py > out/bench-minicpmv.json
 
 # MiniCPM4-8B-shaped checkpoint (16 GB) and every command on it: ~1 hour, ~70 GB of disk under out/scale.

@@ -235,7 +235,8 @@ def _scheme_options(command):
                      help="asymmetric with zero points, or symmetric"),
         click.option("--float-zero", is_flag=True, help="store zero points as float offsets (GGUF Q4_1 style)"),
         click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True,
-                     help="bfloat16: positive bfloat16-exact scales, which ExecuTorch's XNNPACK int4 kernels hold exactly"),
+                     help="bfloat16: positive bfloat16-exact scales, which ExecuTorch's XNNPACK int4 kernels "
+                          "hold exactly"),
         click.option("--layout", default=None, metavar="TYPE",
                      help="the exact layout of a GGUF type instead (Q4_0, IQ4_NL, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, "
                           "Q4_K, Q5_K, Q6_K): sets bits, group size, symmetry, the K-quant scale grid or IQ4_NL's levels"),
@@ -517,7 +518,8 @@ def export_coreml(bits, block_size, context, embeddings, precision, chunks, **op
               help="linears with zero points (XNNPACK drops them silently): stop, or requantize them symmetric")
 @click.option("--embeddings", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
               help="token table and output head storage")
-@click.option("--context", type=int, default=None, help="static KV-cache length, longest prompt + output (default 2048)")
+@click.option("--context", type=int, default=None,
+              help="static KV-cache length, longest prompt + output (default 2048)")
 @_reports_errors
 def export_executorch(bits, group_size, zero_points, embeddings, context, **options):
     """An ExecuTorch program (OUT/executorch-int4/model.pte, XNNPACK) with a static KV cache, measured in

@@ -108,7 +108,7 @@ def test_manifest_records_settings_metrics_gates_and_artifacts(tmp_path, tiny_ch
     assert m["tool"]["name"] == "minicpm-compress" and m["status"] == "passed"
     rtn = m["stages"][1]
     assert rtn["settings"] == {"bits": 8, "group_size": None, "symmetric": True, "zero_point": "int",
-                               "super_block": None, "scale_bits": None, "codebook": None}
+                               "super_block": None, "scale_bits": None, "codebook": None, "scale_dtype": "float16"}
     assert rtn["gate"]["max_ppl_increase"] == 0.5 and rtn["gate_passed"] is True
     assert set(rtn["metrics"]) >= {"ppl", "kld", "top1", "ppl_increase", "ref_ppl", "tokens"}
     for artifact in m["artifacts"]:

@@ -34,7 +34,7 @@ def test_wrong_type_names_file_line_key_and_expectation(tmp_path):
 def test_unknown_key_and_unknown_stage(tmp_path):
     msg = _error(tmp_path, "model: minicpm-smollm2\nstages:\n  - rtn:\n      bitz: 4\n  - awqq: {}\n")
     assert f"{tmp_path}/r.yaml:4: stages[0].rtn.bitz: unknown key 'bitz'" in msg
-    assert f"{tmp_path}/r.yaml:5: stages[1].awqq: unknown stage 'awqq' (known: awq, coreml, evaluate, gguf, gptq, heal, heal_layers, hf_awq, load, onnx, prune, qat, rtn)" in msg
+    assert f"{tmp_path}/r.yaml:5: stages[1].awqq: unknown stage 'awqq' (known: awq, coreml, evaluate, executorch, gguf, gptq, heal, heal_layers, hf_awq, load, onnx, prune, qat, rtn)" in msg
     msg = _error(tmp_path, "model: minicpm-smollm2\ncolour: blue\nstages: [rtn]\n")
     assert msg == f"{tmp_path}/r.yaml:2: colour: unknown key 'colour'"
 

@@ -63,7 +63,7 @@ def _section(d: Deliverable, manifest: dict, root: Path) -> list[str]:
            f"- Runtime: {d.runtime.requirement(d, manifest)}.",
            f"- Size {_mib(d.bytes)}" + (f", {d.bits_per_weight:.2f} bits per weight" if d.bits_per_weight else "")
            + "; RAM " + ", ".join(f"{_ram(d, c)} at {c} tokens" for c in CONTEXTS)
-           + " (the files plus a float16 KV cache)"
+           + " (the files plus the runtime's KV cache)"
            + (f"; the files hold at most {d.max_context} tokens of context" if d.max_context else "") + ".",
            f"- Accuracy against the original, measured {details.get('measured', 'in its runtime')}: "
            f"Δppl {m['ppl_increase']:+.2%}, KLD {m['kld']:.4f}, top-1 agreement {m['top1']:.2%}{images} "

@@ -19,7 +19,7 @@ class Deliverable:
     stage: dict  # the manifest's entry of the exporter stage
     runtime: Runtime
     files: tuple[dict, ...]  # artifact entries needed at run time
-    kv_bytes_per_token: float  # float16 KV cache, from the stage's (or the run's) RAM estimate
+    kv_bytes_per_token: float  # the runtime's KV cache, from the stage's (or the run's) RAM estimate
 
     @property
     def name(self) -> str:
@@ -44,7 +44,7 @@ class Deliverable:
         return self.stage["details"].get("max_context")
 
     def ram_bytes(self, context: int) -> int | None:
-        """Files loaded whole (weights, vision half, tokenizer) plus a float16 KV cache of `context` tokens;
+        """Files loaded whole (weights, vision half, tokenizer) plus the KV cache of `context` tokens;
         None past the context the files were built for."""
         if self.max_context and context > self.max_context:
             return None

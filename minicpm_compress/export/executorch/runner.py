@@ -1,4 +1,4 @@
-"""ExecuTorch's runtime as a runner: a .pte evaluated like a torch model, and its decode speed."""
+"""ExecuTorch's runtime as a runner: a .pte evaluated like a torch model, and decoding as an app does."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -68,13 +67,3 @@ class ExecuTorchRunner:
                 logits = self.run(torch.tensor([out[-1:]]), len(prompt_ids) + i)
         return out
 
-
-def decode_tokens_per_s(runner: ExecuTorchRunner, prompt: torch.Tensor, steps: int) -> float:
-    """Greedy decoding speed after a prefill of `prompt` [1, n], one token at a time with the cache."""
-    logits = runner.run(prompt, 0)
-    token = torch.tensor([[int(logits[0, -1].argmax())]])
-    start = time.perf_counter()
-    for i in range(steps):
-        logits = runner.run(token, prompt.shape[1] + i)
-        token = torch.tensor([[int(logits[0, -1].argmax())]])
-    return steps / (time.perf_counter() - start)
