@@ -99,10 +99,6 @@ class StaticCacheDecoder(torch.nn.Module):
 
 # --- our codes in the graph -------------------------------------------------------------------------
 
-def bfloat16_exact(t: torch.Tensor) -> bool:
-    return bool(torch.equal(t.to(torch.bfloat16).to(t.dtype), t))
-
-
 def carried_weight(q: QuantizedWeight) -> torch.Tensor:
     """q as torchao's IntxUnpackedToInt8Tensor with int8 per-token dynamic activations ("8da4w" / "8da8w"):
     the exported program stores q's codes and scales as they are. q must be symmetric, without K grids or

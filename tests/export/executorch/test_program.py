@@ -21,7 +21,8 @@ def test_the_float_program_computes_the_model_prefill_and_token_by_token(model_t
     ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits
-    (tmp_path / "m.pte").write_bytes(lower(StaticCacheDecoder(model, 32)))
+    program = lower(StaticCacheDecoder(model, 32))
+    (tmp_path / "m.pte").write_bytes(program)
     runner = ExecuTorchRunner(tmp_path / "m.pte", 32)
     scale = expected.abs().max()
     assert (runner.logits(ids) - expected).abs().max() <= 1e-5 * scale
@@ -30,6 +31,8 @@ def test_the_float_program_computes_the_model_prefill_and_token_by_token(model_t
     assert runner.greedy(ids[0].tolist(), 3)[0] == int(expected[0, -1].argmax())
     with pytest.raises(ValueError, match="exceeds the program's context of 32"):
         runner.logits(torch.zeros(1, 33, dtype=torch.long))
+    if model_type == "qwen2":  # same model, same program, byte for byte
+        assert lower(StaticCacheDecoder(tiny_model(model_type), 32)) == program
 
 
 def test_xnnpack_takes_symmetric_codes_with_positive_bfloat16_exact_scales_only():
