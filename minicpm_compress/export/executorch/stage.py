@@ -74,7 +74,7 @@ def program_model(state, config: ExecuTorchConfig) -> tuple[torch.nn.Module, dic
         p.requires_grad_(False)
     if config.bits == 32:
         return model, {"float": len(state.linear_names())}
-    # a linear a bit budget kept at int8 in an int4 file stays int8 (8da8w), as in the other formats
+    # a per-channel int8 linear in an int4 file stays int8 (8da8w); grouped int8 (XNNPACK: per channel) is requantized
     weights, paths = export_weights(state, export_scheme(config),
                                     lambda q: q.scheme.bits >= config.bits and fits_xnnpack(q, q.scheme.bits))
     for name in weights:
