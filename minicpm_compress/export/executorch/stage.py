@@ -59,11 +59,13 @@ def export_scheme(config: ExecuTorchConfig) -> QuantScheme:
 
 def refuse_zero_points(state, config: ExecuTorchConfig) -> None:
     if config.zero_points == "refuse" and config.bits != 32:
-        for name, q in state.qweights.items():
-            if not q.scheme.symmetric:
+        for name in state.linear_names():  # the first in layer order
+            q = state.qweights.get(name)
+            if q is not None and not q.scheme.symmetric:
                 raise CompressError(
                     f"executorch: '{name}' has zero points ({q.scheme.describe()}), which XNNPACK's int4/int8 "
-                    "linears drop silently; quantize symmetric, or set zero_points: requantize")
+                    "linears drop silently; quantize symmetric, or requantize here (--zero-points requantize; "
+                    "in a recipe zero_points: requantize)")
 
 
 def program_model(state, config: ExecuTorchConfig) -> tuple[torch.nn.Module, dict[str, int]]:
