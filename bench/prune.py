@@ -10,7 +10,10 @@ pruned); each row also says what that is as a share of all parameters. Variants:
   cut-random / cut-activation   the cut-only path (`refit: false`): seeded random or activation-energy scores
   refit-activation              activation-energy scores, then the least-squares refit, layer by layer
   reconstruction                the default: the units whose removal leaves the least error after the refit
-Layers have no refit: only their activation (block influence) and random rows are run. The default
+  reconstruction-drift          the same, each refit aimed at the unpruned model's own hidden states
+                                (`correct_drift: true`: it also corrects the drift of the layers before)
+For layers (block influence, or random): cut-random, cut-activation, and refit-activation (the default:
+every kept layer's down_proj refit towards the unpruned model's stream after the cut). The default
 variant's largest FFN cut is then healed and measured again, with the tokens and wall time each took:
 block-wise (`heal_layers`, streamed) at each of --layer-heal-steps steps per layer, and the last of those
 followed by --heal-steps of end-to-end distillation (`heal`).
@@ -26,7 +29,11 @@ import time
 VARIANTS = {"cut-random": {"importance": "random", "refit": False},
             "cut-activation": {"importance": "activation", "refit": False},
             "refit-activation": {"importance": "activation", "refit": True},
-            "reconstruction": {"importance": "reconstruction", "refit": True}}
+            "reconstruction": {"importance": "reconstruction", "refit": True},
+            "reconstruction-drift": {"importance": "reconstruction", "refit": True, "correct_drift": True}}
+LAYER_VARIANTS = {"cut-random": {"importance": "random", "refit": False},
+                  "cut-activation": {"importance": "activation", "refit": False},
+                  "refit-activation": {"importance": "activation", "refit": True}}
 
 
 def main() -> None:
@@ -66,7 +73,7 @@ def main() -> None:
                "rows": []}
 
     def prune(method, level, variant):
-        settings = VARIANTS[variant] if method != "layers" else {"importance": VARIANTS[variant]["importance"]}
+        settings = (LAYER_VARIANTS if method == "layers" else VARIANTS)[variant]
         config = PruneConfig(method=method, target_params=1 - level * decoder / total,
                              calibration_samples=args.calibration_samples, **settings)
         t = time.perf_counter()
@@ -76,7 +83,7 @@ def main() -> None:
     levels = [float(x) for x in args.levels.split(",")]
     for method in args.methods.split(","):
         variants = [v for v in args.variants.split(",")
-                    if method != "layers" or v in ("cut-random", "cut-activation")]
+                    if method != "layers" or v in LAYER_VARIANTS]
         for level in levels:
             for variant in variants:
                 row = {"method": method, "level": level, "variant": variant}

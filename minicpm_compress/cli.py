@@ -391,7 +391,11 @@ def qat(calibration, scale_lr, **options):
               default="reconstruction", show_default=True,
               help="reconstruction: remove what leaves the least error after the refit; the others rank by scores")
 @click.option("--refit/--no-refit", default=True, show_default=True,
-              help="refit down_proj / o_proj's kept columns layer by layer (--no-refit: cut only)")
+              help="refit down_proj / o_proj's kept columns layer by layer; layers: the kept layers' down_proj "
+                   "towards the unpruned model's stream (--no-refit: cut only)")
+@click.option("--correct-drift", is_flag=True,
+              help="ffn / heads: aim each refit at the unpruned model's own hidden states, so it also corrects "
+                   "the drift of the pruned layers before it")
 @click.option("--heal-steps", type=int, default=0, show_default=True,
               help="distillation steps after pruning (0: no healing; a recipe's heal stage sets the whole schedule)")
 @click.option("--heal-lr", type=float, default=5e-5, show_default=True)
@@ -400,12 +404,13 @@ def qat(calibration, scale_lr, **options):
                    "layer in memory at a time; 0: none)")
 @_calibration_option
 @_reports_errors
-def prune(method, target_params, ratio, importance, refit, heal_steps, heal_lr, heal_layer_steps, calibration,
-          **options):
+def prune(method, target_params, ratio, importance, refit, correct_drift, heal_steps, heal_lr, heal_layer_steps,
+          calibration, **options):
     """Structured pruning to a smaller dense checkpoint, optionally healed by distillation."""
     from .recipe import build_recipe
 
     settings = {"method": method, "importance": importance, **({} if refit else {"refit": False}),
+                **({"correct_drift": True} if correct_drift else {}),
                 **({"target_params": target_params} if target_params is not None else {}),
                 **({"ratio": ratio} if ratio is not None else {})}
     fields = _calibrated(_recipe_fields("prune", "prune", settings, options), calibration)

@@ -193,12 +193,13 @@ def test_prune_and_qat_commands_compose(tmp_path, tiny_checkpoint):
     source = tiny_checkpoint("minicpm")
     result = _run("prune", "--model", source, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "give exactly one of target_params" in result.stderr
-    result = _run("prune", "--model", source, "--ratio", "0.4", "--heal-steps", "2", "--eval-tokens", "512",
-                  "--max-ppl-increase", "5", "--out", tmp_path / "p")
+    result = _run("prune", "--model", source, "--ratio", "0.4", "--correct-drift", "--heal-steps", "2",
+                  "--eval-tokens", "512", "--max-ppl-increase", "5", "--out", tmp_path / "p")
     assert result.exit_code == 0, result.stderr
     stages = json.loads((tmp_path / "p/manifest.json").read_text())["stages"]
     assert [s["name"] for s in stages] == ["load", "prune", "heal"]
     assert stages[1]["details"]["units_after"] == 96 and stages[2]["gate"]["max_ppl_increase"] == 5.0 and stages[1]["gate"] is None
+    assert stages[1]["details"]["correct_drift"] is True and stages[1]["details"]["refit"] is True
     assert _run("rtn", "--model", tmp_path / "p", "--bits", "4", "--group-size", "32", "--symmetric",
                 "--eval-tokens", "512", "--out", tmp_path / "r").exit_code == 0
     result = _run("qat", "--model", tmp_path / "r", "--bits", "4", "--group-size", "32", "--symmetric",

@@ -4,8 +4,15 @@ Layer i is fed the outputs of the already pruned layers before it. Its down_proj
 inputs give the Gram matrix G; which units go is decided on it (by the error left after the refit with
 `importance: reconstruction`, else by the importance scores of scores.py), and the kept columns are refit
 by least squares (refit.py) so the layer's output stays as close as possible to the unpruned layer's on
-the same inputs. The pruned layer's outputs feed layer i + 1, so later layers correct what earlier ones
-could not. Every layer keeps the same number of units (a standard config).
+the same inputs. The pruned layer's outputs feed layer i + 1. Every layer keeps the same number of units
+(a standard config).
+
+With `correct_drift`, the unpruned model's own hidden states are walked alongside (the reference stream),
+and the refit's target is what the unpruned model has in its residual stream after this branch, not the
+unpruned layer applied to the pruned stream: down_proj / o_proj then also correct, as far as a linear map
+of their inputs can, the drift the pruned layers before them left. In closed form the target weight is
+W̃ = W + E G⁻¹ with E = Σ (reference − pruned residual stream)ᵀ X over the calibration tokens (divided by
+the branch's residual scale, MiniCPM's scale_depth/√L), and W̃ is then pruned and refit as W is.
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..layerwise import InputStatistics, LayerInputs, run_layer, state_layer_inputs
+from ..models.architectures import decoder_layers
 from ..progress import progress
-from .refit import output_error, refit_columns, remove_units
+from .refit import corrected_target, output_error, refit_columns, remove_units
 from .scores import activation_scores, group_columns, weight_scores
 
 if TYPE_CHECKING:
     from ..state import ModelState
 
 LINEAR = {"ffn": "mlp.down_proj", "heads": "self_attn.o_proj"}
+MID = "post_attention_layernorm"  # its input is the residual stream between the attention and the FFN branch
 CHANNEL_BLOCK = 64  # FFN channels removed per update of W and H (chosen one by one among 4x as many)
 
 
@@ -42,17 +51,113 @@ def unit_columns(config, method: str) -> torch.Tensor:
 
 
 def prune_layerwise(state: "ModelState", samples: torch.Tensor, method: str, kept: int, importance: str,
-                    batch_size: int, seed: int) -> LayerwisePruning:
+                    batch_size: int, seed: int, correct_drift: bool = False) -> LayerwisePruning:
     """Walk the decoder: in every layer keep `kept` units (FFN channels or KV-head groups), refit."""
     chooser = _Chooser(state.config, method, kept, importance, torch.Generator().manual_seed(seed))
     result = LayerwisePruning()
     with state.computing_in(torch.float32):
         inputs = state_layer_inputs(state, samples, batch_size)
+        reference = inputs if correct_drift else None
         for index in progress(range(state.num_layers), desc=f"prune: {method}", total=state.num_layers,
                               unit="layer"):
             with state.layer(index) as layer:
-                inputs = chooser.prune(layer, inputs, result)
+                inputs, reference = chooser.prune(layer, inputs, result, reference)
     return result
+
+
+def refit_towards_reference(state: "ModelState", pruned: torch.nn.Module, kept_layers: list[int], samples,
+                            batch_size: int) -> list[float]:
+    """After whole layers are removed: walk the unpruned model (the state, one layer at a time) and the pruned
+    one side by side; each kept layer's down_proj, all columns kept, is refit towards the unpruned model's
+    stream after the same layer, so it takes over what the removed layers before it added, as far as a
+    linear map of its inputs can. Per kept layer: the stream's relative distance to the unpruned one after
+    the refit, on the calibration tokens."""
+    distances = []
+    layers = decoder_layers(pruned)
+    with state.computing_in(torch.float32):
+        inputs = reference = state_layer_inputs(state, samples, batch_size)
+        for index in progress(range(state.num_layers), desc="prune: refit after the removed layers",
+                              total=state.num_layers, unit="layer"):
+            with state.layer(index) as original:
+                targets, reference = _reference_run(original, "ffn", reference)
+            if index not in kept_layers:
+                continue
+            layer = layers[kept_layers.index(index)]
+            inputs = _refit_towards(layer, "ffn", inputs, targets)
+            distances.append(sum(float((a - b).pow(2).sum()) for a, b in zip(inputs.hidden, reference.hidden))
+                             / max(sum(float(b.pow(2).sum()) for b in reference.hidden), 1e-30))
+    return distances
+
+
+def _refit_towards(layer: torch.nn.Module, method: str, inputs: LayerInputs, targets: list) -> LayerInputs:
+    """Refit the layer's down_proj / o_proj (all columns) so the residual stream after its branch comes as
+    close as a least-squares fit can to `targets`; the refit layer's outputs."""
+    linear = layer.get_submodule(LINEAR[method])
+    stats = InputStatistics({LINEAR[method]: linear})
+    streams = _Streams(layer, method)
+    try:
+        outputs = run_layer(layer, inputs)
+    finally:
+        stats.close()
+        streams.close()
+    weight = linear.weight.detach().double()
+    weight = weight + corrected_target(stats.gram[LINEAR[method]], _drift_correlation(streams, inputs, outputs, targets))
+    linear.weight = torch.nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+    return run_layer(layer, inputs)
+
+
+class _Streams:
+    """While a layer runs: per batch, the pruned linear's inputs X and outputs Y and the residual stream
+    just before and after its branch (for down_proj: between the branches and the layer's output; for
+    o_proj: the layer's input and between the branches)."""
+
+    def __init__(self, layer: torch.nn.Module, method: str):
+        self.method, self.x, self.y, self.mid = method, [], [], []
+        linear = layer.get_submodule(LINEAR[method])
+        self._handles = [linear.register_forward_hook(self._linear),
+                         layer.get_submodule(MID).register_forward_pre_hook(self._mid)]
+
+    def _linear(self, _module, args, output) -> None:
+        self.x.append(args[0])
+        self.y.append(output)
+
+    def _mid(self, _module, args) -> None:
+        self.mid.append(args[0])
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def before_after(self, inputs: LayerInputs, outputs: LayerInputs, batch: int):
+        if self.method == "ffn":
+            return self.mid[batch], outputs.hidden[batch]
+        return inputs.hidden[batch], self.mid[batch]
+
+
+def _reference_run(layer: torch.nn.Module, method: str, reference: LayerInputs) -> tuple[list, LayerInputs]:
+    """The unpruned layer on the reference stream: the residual stream after the branch, and its outputs."""
+    streams = _Streams(layer, method)
+    try:
+        outputs = run_layer(layer, reference)
+    finally:
+        streams.close()
+    return [streams.before_after(reference, outputs, b)[1] for b in range(len(outputs.hidden))], outputs
+
+
+def _drift_correlation(streams: _Streams, inputs: LayerInputs, outputs: LayerInputs, targets: list) -> torch.Tensor:
+    """E = Σ_batches ((target − after) / c)ᵀ X: how the residual stream's drift from the reference correlates
+    with the linear's inputs, in the linear's own output units (c: the branch's residual scale, read off
+    after − before = c · Y)."""
+    correlation = None
+    for b, target in enumerate(targets):
+        before, after = streams.before_after(inputs, outputs, b)
+        y = streams.y[b].double()
+        scale = float(((after - before).double() * y).sum() / (y * y).sum().clamp_min(1e-30))
+        drift = ((target - after).double() / scale).reshape(-1, y.shape[-1])
+        x = streams.x[b].double().reshape(-1, streams.x[b].shape[-1])
+        term = drift.T @ x
+        correlation = term if correlation is None else correlation + term
+    return correlation
 
 
 @dataclass
@@ -63,17 +168,27 @@ class _Chooser:
     importance: str
     generator: torch.Generator
 
-    def prune(self, layer, inputs: LayerInputs, result: LayerwisePruning) -> LayerInputs:
-        """Choose and refit this layer's units; the pruned layer's outputs (the next layer's inputs)."""
+    def prune(self, layer, inputs: LayerInputs, result: LayerwisePruning,
+              reference: LayerInputs | None = None) -> tuple[LayerInputs, LayerInputs | None]:
+        """Choose and refit this layer's units: the pruned layer's outputs (the next layer's inputs) and,
+        when correcting drift, the unpruned layer's outputs on the reference stream."""
         units = unit_columns(self.config, self.method)
         linear = layer.get_submodule(LINEAR[self.method])
+        if reference is not None:
+            targets, reference = _reference_run(layer, self.method, reference)
         stats = InputStatistics({n: layer.get_submodule(n) for n in LINEAR.values()})
+        streams = _Streams(layer, self.method) if reference is not None else None
         try:
-            run_layer(layer, inputs)
+            outputs = run_layer(layer, inputs)
         finally:
             stats.close()
+            if streams is not None:
+                streams.close()
         gram = stats.gram[LINEAR[self.method]]
         weight = linear.weight.detach().double()
+        if streams is not None:  # the target weight W̃ = W + E G⁻¹: the unpruned branch plus the drift's fit
+            weight = weight + corrected_target(gram, _drift_correlation(streams, inputs, outputs, targets))
+            del streams
         if self.importance == "reconstruction":
             block = CHANNEL_BLOCK if self.method == "ffn" else 1
             keep, new = remove_units(weight, gram, units, len(units) - self.kept, block)
@@ -86,7 +201,7 @@ class _Chooser:
         result.weights.append(new[:, units[keep].reshape(-1)].float())
         # the pruned layer computes exactly this: the removed units' columns are zero
         linear.weight = torch.nn.Parameter(new.to(linear.weight.dtype), requires_grad=False)
-        return run_layer(layer, inputs)
+        return run_layer(layer, inputs), reference
 
     def _ranked(self, layer, stats: InputStatistics, count: int) -> torch.Tensor:
         """Unit indices, most important first, by the cut-only scores (on the pruned model's inputs)."""

@@ -20,11 +20,15 @@ import torch
 DAMPENING = 0.01
 
 
-def _inverse(gram: torch.Tensor, dampening: float) -> torch.Tensor:
+def _dampened(gram: torch.Tensor, dampening: float) -> torch.Tensor:
     g = gram.double().clone()
     diagonal = torch.diagonal(g)
     diagonal += dampening * diagonal.mean().clamp_min(1e-12)
-    return torch.linalg.inv(g)  # 2.5x faster here than cholesky_inverse at 4864 wide
+    return g
+
+
+def _inverse(gram: torch.Tensor, dampening: float) -> torch.Tensor:
+    return torch.linalg.inv(_dampened(gram, dampening))  # 2.5x faster here than cholesky_inverse at 4864 wide
 
 
 def _drop(weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) -> None:
@@ -36,6 +40,12 @@ def _drop(weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor) ->
     weight[:, columns] = 0
     inverse[columns] = 0
     inverse[:, columns] = 0
+
+
+def corrected_target(gram: torch.Tensor, correlation: torch.Tensor, dampening: float = DAMPENING) -> torch.Tensor:
+    """E G⁻¹ (G dampened): the least-squares fit of a residual-stream drift D from the inputs X, given
+    E = DᵀX; added to W it makes the full-width target the refit then prunes."""
+    return torch.linalg.solve(_dampened(gram, dampening), correlation.double().T).T
 
 
 def output_error(weight: torch.Tensor, refit: torch.Tensor, gram: torch.Tensor) -> float:

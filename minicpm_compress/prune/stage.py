@@ -2,8 +2,10 @@
 
 FFN channels and KV-head groups are removed in one layer walk that refits what stays (reconstruct.py):
 by default the units whose removal leaves the least output error after the least-squares refit of
-down_proj / o_proj go. `refit: false` is the older cut-only path: units ranked by importance scores
-measured on the unpruned model, cut, nothing refit.
+down_proj / o_proj go. Whole layers are chosen by block influence; after the cut every kept layer's
+down_proj is refit towards the unpruned model's stream (reconstruct.refit_towards_reference), so the
+layers after a gap take over what the removed ones added. `refit: false` is the older cut-only path:
+units ranked by importance scores measured on the unpruned model, cut, nothing refit.
 
 How much goes is set by `target_params` (the fraction of the model's parameters to keep, embeddings
 included) or by `ratio` (the fraction of the method's structures to remove in every layer, or of the
@@ -22,7 +24,7 @@ from pydantic import Field, model_validator
 from ..errors import CompressError
 from ..models.architectures import decoder_layers
 from ..registry import RunContext, StageConfig, StageOutcome, register_stage
-from .reconstruct import LayerwisePruning, prune_layerwise
+from .reconstruct import LayerwisePruning, prune_layerwise, refit_towards_reference
 from .scores import LayerScores, measure
 from .surgery import keep_ffn_channels, keep_head_groups, keep_layers
 
@@ -39,7 +41,11 @@ class PruneConfig(StageConfig):
         "reconstruction and activation"
     )
     refit: bool = Field(True, description="refit down_proj / o_proj's kept columns by least squares, layer by "
-                        "layer on the pruned model's own inputs (false: cut only)")
+                        "layer on the pruned model's own inputs; layers: every kept layer's down_proj refit towards "
+                        "the unpruned model's stream after the cut (false: cut only)")
+    correct_drift: bool = Field(False, description="ffn / heads: aim each refit at the unpruned model's own hidden "
+                                "states, walked alongside, so it also corrects the drift the pruned layers before it "
+                                "left (what the layers refit always does)")
     multiple_of: int = Field(32, ge=1, description="FFN width kept a multiple of this (GGUF Q4_0/Q8_0 blocks are 32 wide)")
     calibration_samples: int = Field(32, ge=1, description="calibration sequences for the scores")
     batch_size: int = Field(8, ge=1)
@@ -48,6 +54,9 @@ class PruneConfig(StageConfig):
     def _one_amount(self):
         if (self.target_params is None) == (self.ratio is None):
             raise ValueError("give exactly one of target_params (fraction of parameters to keep) or ratio")
+        if self.correct_drift and (not self.refit or self.method == "layers"):
+            raise ValueError("correct_drift changes the ffn / heads refit's target: it needs refit: true (the "
+                             "layers refit always aims at the unpruned model's stream)")
         if self.importance == "reconstruction" and not self.refit and self.method != "layers":
             raise ValueError("importance 'reconstruction' scores the error left after the refit: it needs "
                              "refit: true (or choose activation, magnitude or random)")
@@ -104,10 +113,6 @@ def units_to_keep(config: PruneConfig, model: torch.nn.Module) -> int:
     return kept
 
 
-def refits(config: PruneConfig) -> bool:
-    return config.refit and config.method != "layers"
-
-
 def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerScores] | LayerwisePruning | None):
     """The pruned model (a new one; `model` is left as it was) and what was removed.
 
@@ -117,7 +122,8 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, scores: list[LayerS
     units, _ = _units(model, config.method)
     kept = units_to_keep(config, model)
     before = parameter_count(model)
-    details = {"method": config.method, "importance": config.importance, "refit": refits(config),
+    details = {"method": config.method, "importance": config.importance, "refit": config.refit,
+               "correct_drift": config.correct_drift,
                "units": UNITS[config.method], "units_before": units, "units_after": kept,
                "parameters_before": before}
     pruned = model
@@ -148,10 +154,15 @@ def apply_prune(config: PruneConfig, state, ctx: RunContext) -> StageOutcome:
     kept = units_to_keep(config, state.model)
     if kept < _units(state.model, config.method)[0]:
         samples = ctx.calibration(state, config.calibration_samples)
-        if refits(config):
+        if config.refit and config.method != "layers":
             scores = prune_layerwise(state, samples, config.method, kept, config.importance, config.batch_size,
-                                     ctx.recipe.seed)
+                                     ctx.recipe.seed, config.correct_drift)
         else:
             scores = measure(state, samples, config.importance, config.batch_size, ctx.recipe.seed)
-    state.model, details = prune_model(state.model, config, scores)
+    pruned, details = prune_model(state.model, config, scores)
+    if config.method == "layers" and config.refit and "removed_layers" in details:
+        kept_layers = [i for i in range(state.num_layers) if i not in details["removed_layers"]]
+        details["stream_distance_after_refit"] = [round(d, 5) for d in refit_towards_reference(
+            state, pruned, kept_layers, samples, config.batch_size)]
+    state.model = pruned
     return StageOutcome(state, details=details)

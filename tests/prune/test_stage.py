@@ -88,6 +88,9 @@ def test_refit_pruning_keeps_the_model_closer_than_cutting(method, tokenizer):
 def test_reconstruction_scores_need_the_refit():
     with pytest.raises(ValueError, match="needs refit: true"):
         PruneConfig(ratio=0.1, refit=False)
+    for settings in ({"refit": False}, {"method": "layers"}):
+        with pytest.raises(ValueError, match="correct_drift changes"):
+            PruneConfig(ratio=0.1, importance="activation", correct_drift=True, **settings)
 
 
 def test_the_layer_that_changes_the_hidden_state_least_is_removed(tokenizer):
@@ -98,6 +101,41 @@ def test_the_layer_that_changes_the_hidden_state_least_is_removed(tokenizer):
     pruned, details = _prune(model, tokenizer, method="layers", ratio=0.25)
     assert details["removed_layers"] == [1] and pruned.config.num_hidden_layers == 3
     assert min(details["block_influence"]) == details["block_influence"][1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "minicpm"])
+def test_the_layers_refit_brings_the_stream_back_towards_the_unpruned_model(arch, tokenizer):
+    """Layer 1 removed: layers 2 and 3's down_proj, refit towards the unpruned model's stream, take over what
+    it added, as far as a linear map can; on the calibration tokens the final stream comes closer than
+    after the cut alone, and layer 0 (before the gap) is left as it was."""
+    model = tiny_model(arch, num_hidden_layers=4)
+    with torch.no_grad():
+        for linear in (model.model.layers[1].self_attn.o_proj, model.model.layers[1].mlp.down_proj):
+            linear.weight.mul_(0.3)
+    state = ModelState.of(model, tokenizer, ModelSource("tiny", None, "tiny"))
+    recipe = build_recipe(model="minicpm-smollm2", data={"sequence_length": 64}, stages=[{"prune": {"ratio": 0.25}}])
+    samples = RunContext(recipe).calibration(state, 4)
+
+    def final_stream(m):
+        seen = []
+        handle = m.model.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        with torch.no_grad():
+            m(samples)
+        handle.remove()
+        return seen[0]
+
+    reference = final_stream(model)
+    distances = {}
+    for refit in (False, True):
+        pruned, details = _prune(copy.deepcopy(model), tokenizer, method="layers", ratio=0.25, refit=refit)
+        assert details["removed_layers"] == [1] and details["refit"] is refit
+        distances[refit] = ((final_stream(pruned) - reference).pow(2).sum() / reference.pow(2).sum()).item()
+        layers = pruned.model.layers
+        assert torch.equal(layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+        assert torch.equal(layers[2].mlp.down_proj.weight, model.model.layers[3].mlp.down_proj.weight) is not refit
+    assert details["stream_distance_after_refit"][-1] == pytest.approx(distances[True], rel=1e-3)
+    print(f"{arch}: final stream distance {distances[False]:.4f} (cut) -> {distances[True]:.4f} (refit)")
+    assert distances[True] < 0.8 * distances[False]
 
 
 def test_target_params_reaches_the_target_with_whole_kv_groups(tokenizer):
