@@ -100,8 +100,8 @@ def _refit_towards(layer: torch.nn.Module, method: str, inputs: LayerInputs, tar
     finally:
         stats.close()
         streams.close()
-    weight = linear.weight.detach().double()
-    weight = weight + corrected_target(stats.gram[LINEAR[method]], _drift_correlation(streams, inputs, outputs, targets))
+    drift = _drift_correlation(streams, inputs, outputs, targets)
+    weight = linear.weight.detach().double() + corrected_target(stats.gram[LINEAR[method]], drift)
     linear.weight = torch.nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
     return run_layer(layer, inputs)
 
