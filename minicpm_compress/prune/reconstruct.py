@@ -111,11 +111,11 @@ class _Streams:
     just before and after its branch (for down_proj: between the branches and the layer's output; for
     o_proj: the layer's input and between the branches)."""
 
-    def __init__(self, layer: torch.nn.Module, method: str):
+    def __init__(self, layer: torch.nn.Module, method: str, linear_io: bool = True):
         self.method, self.x, self.y, self.mid = method, [], [], []
-        linear = layer.get_submodule(LINEAR[method])
-        self._handles = [linear.register_forward_hook(self._linear),
-                         layer.get_submodule(MID).register_forward_pre_hook(self._mid)]
+        self._handles = [layer.get_submodule(MID).register_forward_pre_hook(self._mid)]
+        if linear_io:  # the reference run needs only the residual stream
+            self._handles.append(layer.get_submodule(LINEAR[method]).register_forward_hook(self._linear))
 
     def _linear(self, _module, args, output) -> None:
         self.x.append(args[0])
@@ -136,7 +136,7 @@ class _Streams:
 
 def _reference_run(layer: torch.nn.Module, method: str, reference: LayerInputs) -> tuple[list, LayerInputs]:
     """The unpruned layer on the reference stream: the residual stream after the branch, and its outputs."""
-    streams = _Streams(layer, method)
+    streams = _Streams(layer, method, linear_io=False)
     try:
         outputs = run_layer(layer, reference)
     finally:
