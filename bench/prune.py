@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = {"cut-random": {"importance": "random", "refit": False},
             "cut-activation": {"importance": "activation", "refit": False},
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--layer-heal-steps", default="", help="steps per layer of block-wise healing, e.g. 8,32")
     parser.add_argument("--heal-steps", type=int, default=0, help="end-to-end healing steps after the last of those")
     parser.add_argument("--heal-lr", type=float, default=5e-5)
+    parser.add_argument("--partial", default=None, help="also rewrite this JSON file after every row (a run "
+                        "stopped early keeps what it measured)")
     args = parser.parse_args()
 
     import torch
@@ -80,6 +83,12 @@ def main() -> None:
         outcome = apply_prune(config, ModelState.of(model, tokenizer, source), RunContext(recipe))
         return outcome.state.model, outcome.details, time.perf_counter() - t
 
+    def save(row: dict) -> None:
+        if row not in results["rows"]:
+            results["rows"].append(row)
+        if args.partial:
+            Path(args.partial).write_text(json.dumps(results, indent=2))
+
     levels = [float(x) for x in args.levels.split(",")]
     for method in args.methods.split(","):
         variants = [v for v in args.variants.split(",")
@@ -90,16 +99,17 @@ def main() -> None:
                 try:
                     pruned, details, wall = prune(method, level, variant)
                 except CompressError as e:
-                    results["rows"].append({**row, "error": str(e)})
+                    save({**row, "error": str(e)})
                     continue
                 removed = details["parameters_before"] - details["parameters_after"]
                 row.update({"decoder_removed": round(removed / decoder, 4), "all_removed": round(removed / total, 4),
                             "units_after": details["units_after"], "prune_wall_s": round(wall, 1),
                             "pruned": evaluator.measure(pruned).as_dict()})
                 print(f"{method} {level} {variant}: {row['pruned']['ppl_increase']:+.1%} ({wall:.0f} s)", file=sys.stderr)
+                save(row)
                 if method == "ffn" and level == max(levels) and variant == "reconstruction":
                     row["healing"] = heal(pruned, model, tokenizer, source, recipe, args, evaluator)
-                results["rows"].append(row)
+                    save(row)
     print(json.dumps(results, indent=2))
 
 
