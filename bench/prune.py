@@ -125,8 +125,8 @@ def heal(pruned, reference, tokenizer, source, recipe, args, evaluator) -> list[
         ctx = RunContext(recipe, reference=ModelState.of(reference, tokenizer, source))
         out = apply_layer_heal(LayerHealConfig(steps=steps), ModelState.of(pruned, tokenizer, source), ctx)
         state = out.state
-        rows.append({"healing": "block-wise", "steps_per_layer": steps, "tokens": out.details["tokens"],
-                     "wall_s": out.details["wall_s"], **evaluator.measure(state.model).as_dict()})
+        rows.append({**evaluator.measure(state.model).as_dict(), "healing": "block-wise", "steps_per_layer": steps,
+                     "healing_tokens": out.details["tokens"], "wall_s": out.details["wall_s"]})
         print(f"  block-wise {steps} steps/layer: {rows[-1]['ppl_increase']:+.1%} ({rows[-1]['wall_s']:.0f} s)",
               file=sys.stderr)
     if args.heal_steps:
@@ -134,9 +134,10 @@ def heal(pruned, reference, tokenizer, source, recipe, args, evaluator) -> list[
         start = state.model if state is not None else pruned
         t = time.perf_counter()
         out = apply_heal(config, ModelState.of(start, tokenizer, source), RunContext(recipe, reference_model=reference))
-        rows.append({"healing": "end-to-end" + (" after block-wise" if state is not None else ""),
-                     "steps": args.heal_steps, "tokens": args.heal_steps * 2 * 256,
-                     "wall_s": round(time.perf_counter() - t, 1), **evaluator.measure(out.state.model).as_dict()})
+        rows.append({**evaluator.measure(out.state.model).as_dict(),
+                     "healing": "end-to-end" + (" after block-wise" if state is not None else ""),
+                     "steps": args.heal_steps, "healing_tokens": args.heal_steps * 2 * 256,
+                     "wall_s": round(time.perf_counter() - t, 1)})
         print(f"  end-to-end {args.heal_steps} steps: {rows[-1]['ppl_increase']:+.1%} ({rows[-1]['wall_s']:.0f} s)",
               file=sys.stderr)
     return rows
