@@ -388,8 +388,9 @@ def qat(calibration, scale_lr, **options):
 @click.option("--target-params", type=float, default=None, help="fraction of the parameters to keep, e.g. 0.7")
 @click.option("--ratio", type=float, default=None, help="or: fraction of the method's structures to remove")
 @click.option("--importance", type=click.Choice(["reconstruction", "activation", "magnitude", "random"]),
-              default="reconstruction", show_default=True,
-              help="reconstruction: remove what leaves the least error after the refit; the others rank by scores")
+              default="activation", show_default=True,
+              help="activation: the lowest activation energy goes; reconstruction: what leaves the least error "
+                   "after the refit; magnitude / random: baselines")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="refit down_proj / o_proj's kept columns layer by layer; layers: the kept layers' down_proj "
                    "towards the unpruned model's stream (--no-refit: cut only)")

@@ -1,8 +1,9 @@
 """The `prune` stage: remove FFN channels, KV-head groups or whole decoder layers, driven by calibration text.
 
 FFN channels and KV-head groups are removed in one layer walk that refits what stays (reconstruct.py):
-by default the units whose removal leaves the least output error after the least-squares refit of
-down_proj / o_proj go. Whole layers are chosen by block influence; after the cut every kept layer's
+by default the units with the least activation energy on the pruned model's own inputs go and
+down_proj / o_proj's kept columns are refit by least squares (`importance: reconstruction` chooses by
+the error left after the refit instead: better on minicpm-smollm2, worse on qwen2.5-0.5b). Whole layers are chosen by block influence; after the cut every kept layer's
 down_proj is refit towards the unpruned model's stream (reconstruct.refit_towards_reference), so the
 layers after a gap take over what the removed ones added. `refit: false` is the older cut-only path:
 units ranked by importance scores measured on the unpruned model, cut, nothing refit.
@@ -36,9 +37,9 @@ class PruneConfig(StageConfig):
     target_params: float | None = Field(None, gt=0, lt=1, description="fraction of the parameters to keep")
     ratio: float | None = Field(None, ge=0, le=1, description="fraction of the method's structures to remove")
     importance: Literal["reconstruction", "activation", "magnitude", "random"] = Field(
-        "reconstruction", description="the output error a removal leaves after the refit; or cut-only scores "
-        "(activation energy, weight magnitudes, a seeded random baseline). Layers: block influence for both "
-        "reconstruction and activation"
+        "activation", description="activation energy measured in the layer walk (the default: best on "
+        "qwen2.5-0.5b), the output error a removal leaves after the refit (reconstruction), weight magnitudes, or "
+        "a seeded random baseline. Layers: block influence for both reconstruction and activation"
     )
     refit: bool = Field(True, description="refit down_proj / o_proj's kept columns by least squares, layer by "
                         "layer on the pruned model's own inputs; layers: every kept layer's down_proj refit towards "
