@@ -3,9 +3,10 @@
 FFN channels and KV-head groups are removed in one layer walk that refits what stays (reconstruct.py):
 by default the units with the least activation energy on the pruned model's own inputs go and
 down_proj / o_proj's kept columns are refit by least squares (`importance: reconstruction` chooses by
-the error left after the refit instead: better on minicpm-smollm2, worse on qwen2.5-0.5b). Whole layers are chosen by block influence; after the cut every kept layer's
-down_proj is refit towards the unpruned model's stream (reconstruct.refit_towards_reference), so the
-layers after a gap take over what the removed ones added. `refit: false` is the older cut-only path:
+the error left after the refit instead: better on minicpm-smollm2, worse on qwen2.5-0.5b). Whole layers
+are chosen by block influence; after the cut every kept layer's down_proj is refit towards the unpruned
+model's stream (reconstruct.refit_towards_reference), so the layers after a gap take over what the
+removed ones added. `refit: false` is the older cut-only path:
 units ranked by importance scores measured on the unpruned model, cut, nothing refit.
 
 How much goes is set by `target_params` (the fraction of the model's parameters to keep, embeddings
