@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python bench/gguf_int4.py > out/bench-gguf.json
 	$(BIN)/python bench/qat.py > out/bench-qat.json
 	$(BIN)/python bench/prune.py > out/bench-prune.json
+	$(BIN)/python bench/gguf_ffn_widths.py > out/bench-gguf-ffn-widths.json
 	$(BIN)/python bench/onnx_export.py > out/bench-onnx.json
 	$(BIN)/python bench/coreml_export.py > out/bench-coreml.json
 	$(BIN)/python bench/executorch_export.py > out/bench-executorch.json
