@@ -93,17 +93,28 @@ def _refit_towards(layer: torch.nn.Module, method: str, inputs: LayerInputs, tar
     """Refit the layer's down_proj / o_proj (all columns) so the residual stream after its branch comes as
     close as a least-squares fit can to `targets`; the refit layer's outputs."""
     linear = layer.get_submodule(LINEAR[method])
-    stats = InputStatistics({LINEAR[method]: linear})
-    streams = _Streams(layer, method)
+    _, weight = _measured_run(layer, method, inputs, targets)
+    linear.weight = torch.nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+    return run_layer(layer, inputs)
+
+
+def _measured_run(layer: torch.nn.Module, method: str, inputs: LayerInputs,
+                  targets: list | None) -> tuple[InputStatistics, torch.Tensor]:
+    """Run the layer on `inputs`: the input statistics of down_proj and o_proj, and the weight the refit
+    aims at — the linear's own W, or with `targets` (the unpruned stream after the branch) W̃ = W + E G⁻¹."""
+    stats = InputStatistics({n: layer.get_submodule(n) for n in LINEAR.values()})
+    streams = _Streams(layer, method) if targets is not None else None
     try:
         outputs = run_layer(layer, inputs)
     finally:
         stats.close()
-        streams.close()
-    drift = _drift_correlation(streams, inputs, outputs, targets)
-    weight = linear.weight.detach().double() + corrected_target(stats.gram[LINEAR[method]], drift)
-    linear.weight = torch.nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
-    return run_layer(layer, inputs)
+        if streams is not None:
+            streams.close()
+    weight = layer.get_submodule(LINEAR[method]).weight.detach().double()
+    if streams is not None:
+        drift = _drift_correlation(streams, inputs, outputs, targets)
+        weight = weight + corrected_target(stats.gram[LINEAR[method]], drift)
+    return stats, weight
 
 
 class _Streams:
@@ -174,21 +185,11 @@ class _Chooser:
         when correcting drift, the unpruned layer's outputs on the reference stream."""
         units = unit_columns(self.config, self.method)
         linear = layer.get_submodule(LINEAR[self.method])
+        targets = None
         if reference is not None:
             targets, reference = _reference_run(layer, self.method, reference)
-        stats = InputStatistics({n: layer.get_submodule(n) for n in LINEAR.values()})
-        streams = _Streams(layer, self.method) if reference is not None else None
-        try:
-            outputs = run_layer(layer, inputs)
-        finally:
-            stats.close()
-            if streams is not None:
-                streams.close()
+        stats, weight = _measured_run(layer, self.method, inputs, targets)
         gram = stats.gram[LINEAR[self.method]]
-        weight = linear.weight.detach().double()
-        if streams is not None:  # the target weight W̃ = W + E G⁻¹: the unpruned branch plus the drift's fit
-            weight = weight + corrected_target(gram, _drift_correlation(streams, inputs, outputs, targets))
-            del streams
         if self.importance == "reconstruction":
             block = CHANNEL_BLOCK if self.method == "ffn" else 1
             keep, new = remove_units(weight, gram, units, len(units) - self.kept, block)
