@@ -96,3 +96,23 @@ def test_a_pruned_minicpm_computes_in_llama_cpp_like_in_torch(tmp_path, tokenize
     finally:
         runner.close()
     assert (ours - _logits(pruned)).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("model_type", ["minicpm", "qwen2"])
+def test_a_pruned_checkpoint_computes_in_onnxruntime_like_in_torch(tmp_path, tokenizer, model_type):
+    """Fewer layers, a narrower FFN and fewer KV groups (head_dim × heads no longer the hidden size), in the
+    fused float graph: onnxruntime computes what torch computes."""
+    from minicpm_compress.export.onnx.runner import OnnxRunner
+    from minicpm_compress.export.onnx.stage import OnnxConfig, write_onnx
+    from minicpm_compress.models.source import ModelSource
+    from minicpm_compress.state import ModelState
+
+    model = tiny_model(model_type, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    pruned = keep_head_groups(keep_ffn_channels(keep_layers(model, [0, 2]), [torch.arange(64, 160)] * 2),
+                              [torch.tensor([2])] * 2)
+    save_checkpoint(pruned, tokenizer, tmp_path / "p")
+    loaded, tok = load_checkpoint(tmp_path / "p")
+    state = ModelState.of(loaded, tok, ModelSource("p", tmp_path / "p", "p"))
+    write_onnx(state, tmp_path / "onnx", OnnxConfig(bits=32, accuracy_level=0, embeddings="float"))
+    ours = OnnxRunner(tmp_path / "onnx" / "model.onnx", state.config).logits(IDS)
+    assert (ours - _logits(pruned)).abs().max().item() < 1e-3
