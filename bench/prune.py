@@ -8,8 +8,8 @@ and per way of choosing, side by side; then healing of the largest FFN cut.
 A level is the fraction of the decoder layers' parameters to remove (embeddings and head are never
 pruned); each row also says what that is as a share of all parameters. Variants:
   cut-random / cut-activation   the cut-only path (`refit: false`): seeded random or activation-energy scores
-  refit-activation              activation-energy scores, then the least-squares refit, layer by layer
-  reconstruction                the default: the units whose removal leaves the least error after the refit
+  refit-activation              the default: activation-energy scores, then the least-squares refit, layer by layer
+  reconstruction                the units whose removal leaves the least error after the refit
   reconstruction-drift          the same, each refit aimed at the unpruned model's own hidden states
                                 (`correct_drift: true`: it also corrects the drift of the layers before)
 For layers (block influence, or random): cut-random, cut-activation, and refit-activation (the default:
@@ -32,6 +32,7 @@ VARIANTS = {"cut-random": {"importance": "random", "refit": False},
             "refit-activation": {"importance": "activation", "refit": True},
             "reconstruction": {"importance": "reconstruction", "refit": True},
             "reconstruction-drift": {"importance": "reconstruction", "refit": True, "correct_drift": True}}
+HEALED_VARIANT = "refit-activation"  # the prune stage's default
 LAYER_VARIANTS = {"cut-random": {"importance": "random", "refit": False},
                   "cut-activation": {"importance": "activation", "refit": False},
                   "refit-activation": {"importance": "activation", "refit": True}}
@@ -107,7 +108,7 @@ def main() -> None:
                             "pruned": evaluator.measure(pruned).as_dict()})
                 print(f"{method} {level} {variant}: {row['pruned']['ppl_increase']:+.1%} ({wall:.0f} s)", file=sys.stderr)
                 save(row)
-                if method == "ffn" and level == max(levels) and variant == "reconstruction":
+                if method == "ffn" and level == max(levels) and variant == HEALED_VARIANT:
                     row["healing"] = heal(pruned, model, tokenizer, source, recipe, args, evaluator)
                     save(row)
     print(json.dumps(results, indent=2))
