@@ -3,12 +3,12 @@ and a GGUF file as a runner, evaluated like a torch model."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ...devices import cpu_threads
 from ...errors import CompressError
 
 
@@ -20,7 +20,7 @@ def llama_cpp_quantize(source: Path, target: Path, type_name: str, imatrix: dict
         raise CompressError(f"gguf: type {type_name} needs llama-cpp-python (installed by `make install`)") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
-    params.nthread = os.cpu_count() or 1
+    params.nthread = cpu_threads()
     if imatrix:
         from .imatrix import llama_cpp_imatrix
 
@@ -48,7 +48,8 @@ class LlamaCppRunner:
         # use_mmap=False: llama.cpp repacks quantized weights for its CPU kernels; from a mapped file it
         # would hold the mapping and the repacked copy (twice the file in resident memory)
         self.llm = Llama(model_path=str(path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
-                         n_threads=os.cpu_count() or 1, verbose=False, seed=0, use_mmap=False)
+                         n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False, seed=0,
+                         use_mmap=False)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = []

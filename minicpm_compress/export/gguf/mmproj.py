@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ...devices import cpu_threads
 from ...errors import CompressError
 from ...models.minicpm import input_scale
 from ...models.minicpmv import sincos_2d
@@ -136,12 +136,13 @@ class MtmdRunner:
         self.scale_emb = scale_emb
         self.image_prefix = image_prefix  # text an app sends before the image marker (`<image_id>0</image_id>`)
         self.llm = Llama(model_path=str(llm_path), n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
-                         n_threads=os.cpu_count() or 1, verbose=False, seed=0, use_mmap=False)
+                         n_threads=cpu_threads(), n_threads_batch=cpu_threads(), verbose=False, seed=0,
+                         use_mmap=False)
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False
         params.warmup = False
-        params.n_threads = os.cpu_count() or 1
+        params.n_threads = cpu_threads()
         with native_log() as log:
             self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llm.model, params)
         if not self.ctx:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...devices import cpu_threads
 from ...models.architectures import head_dim
 from .graph import io_names
 
@@ -21,6 +22,7 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = cpu_threads()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.layers, self.kv, self.head_dim = config.num_hidden_layers, config.num_key_value_heads, head_dim(config)
         self.inputs = {i.name for i in self.session.get_inputs()}  # a graph without position_ids derives them

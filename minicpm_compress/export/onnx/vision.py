@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...devices import cpu_threads
 from ...errors import CompressError
 from ...models.minicpm import input_scale
 from ...models.minicpmv import patch_positions, sincos_2d
@@ -123,6 +124,7 @@ class OnnxVisionRunner:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = cpu_threads()
         self.vision = ort.InferenceSession(str(folder / VISION_NAME), options, providers=["CPUExecutionProvider"])
         self.embedding = ort.InferenceSession(str(folder / EMBEDDING_NAME), options, providers=["CPUExecutionProvider"])
         self.decoder = OnnxRunner(folder / "model.onnx", state.config)
