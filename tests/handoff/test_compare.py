@@ -52,7 +52,7 @@ def test_compare_two_real_recipe_outputs(ci_output, tmp_path, minicpm_path):
     folder, _ = ci_output
     second = tmp_path / "q8"
     made = CliRunner().invoke(main, ["export", "gguf", "--model", "minicpm-smollm2", "--type", "Q8_0",
-                                     "--eval-tokens", "2048", "--out", str(second)])
+                                     "--eval-tokens", "1024", "--out", str(second)])
     assert made.exit_code == 0, made.stderr
     result = _compare(folder, second)
     assert result.exit_code == 0, result.stderr

@@ -53,14 +53,14 @@ def test_llama_cpp_quantizes_better_with_our_importance_matrix(tmp_path):
     from minicpm_compress.pipeline import run_recipe
     from minicpm_compress.recipe import build_recipe
 
-    data = {"calibration_samples": 8, "eval_tokens": 4096}
-    kinds = {}
-    for imatrix in (False, True):
-        recipe = build_recipe(model="minicpm-smollm2", data=data, stages=[{"gguf": {"type": "Q3_K_M", "imatrix": imatrix}}])
-        out = tmp_path / f"imatrix-{imatrix}"
-        run_recipe(recipe, out)
-        manifest = json.loads((out / "manifest.json").read_text())
-        kinds[imatrix] = manifest["stages"][-1]
-        assert (out / "imatrix.gguf").is_file() == imatrix
+    data = {"calibration_samples": 8, "eval_tokens": 2048}
+    # one recipe: both files share the load and the reference's evaluation
+    recipe = build_recipe(model="minicpm-smollm2", data=data, stages=[
+        {"gguf": {"type": "Q3_K_M", "imatrix": False, "file": "plain.gguf"}},
+        {"gguf": {"type": "Q3_K_M", "imatrix": True, "file": "weighted.gguf"}}])
+    run_recipe(recipe, tmp_path / "out")
+    stages = json.loads((tmp_path / "out/manifest.json").read_text())["stages"]
+    kinds = {False: stages[1], True: stages[2]}
+    assert "imatrix" not in kinds[False]["details"] and (tmp_path / "out/imatrix.gguf").is_file()
     assert kinds[True]["details"]["imatrix"]["tensors"] == 210
     assert kinds[True]["metrics"]["kld"] < 0.9 * kinds[False]["metrics"]["kld"]

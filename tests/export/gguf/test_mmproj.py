@@ -23,7 +23,7 @@ def image_folder(tmp_path_factory):
 def test_llama_cpp_with_mmproj_measures_like_the_gated_model(tmp_path, image_folder):
     recipe = build_recipe(
         name="vlm", model="minicpmv-smollm2",
-        data={"eval_tokens": 2048, "eval_window": 512, "evaluation_images": str(image_folder)},
+        data={"eval_tokens": 1024, "eval_window": 512, "evaluation_images": str(image_folder)},
         stages=[{"rtn": {"bits": 8, "group_size": 32, "symmetric": True}},
                 {"gguf": {"type": "F32", "mmproj_type": "F32"}},
                 {"gguf": {"type": "Q8_0", "mmproj_type": "F16"}},

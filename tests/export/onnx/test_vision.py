@@ -29,7 +29,7 @@ def torch_greedy(model, prompts, tokens: int) -> list[int]:
 
 @pytest.mark.slow
 def test_onnx_graphs_float_and_int8_vision(tmp_path):
-    recipe = build_recipe(name="vlm-onnx", model="minicpmv-smollm2", data={"eval_tokens": 2048, "eval_window": 512},
+    recipe = build_recipe(name="vlm-onnx", model="minicpmv-smollm2", data={"eval_tokens": 1024, "eval_window": 512},
                           stages=[{"rtn": {"bits": 4, "group_size": 32, "symmetric": True}},
                                   {"onnx": {"bits": 32}}, {"onnx": {"bits": 4, "vision": "int8", "folder": "v8"}}])
     record = run_recipe(recipe, tmp_path / "out")
