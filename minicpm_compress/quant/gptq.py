@@ -10,6 +10,20 @@ layer's output error tr(ΔHΔᵀ):
     for column j:  q_j = Q(w_j);  e = (w_j − q_j) / U_jj;  w_k −= e·U_jk  for k > j
 
 applied in blocks of columns, with the updates to later blocks batched (the "lazy batch" of the paper).
+The sweep computes the same codes without inverting H. With R = U⁻¹ (upper triangular, H = R·Rᵀ: the
+Cholesky factor of H with its rows and columns reversed), the errors above are E = (W − Q)·R, so each column as
+the sweep reaches it is its original value plus the original-minus-code differences δ_i = w_i − q_i of the
+columns before it, weighted by R:
+
+    w'_k = w_k + Σ_{i<k} δ_i · R_ik / R_kk
+
+one Cholesky factorisation instead of three (two, and an inverse: half of GPTQ's time on a 4,864-column
+down_proj). Where a group's parameters are chosen as the sweep reaches it, they are chosen from its columns
+as the paper's sweep holds them then (compensated for the differences so far, not only at the column itself):
+w_G + Δ_F·R_FG·R_GG⁻¹ for the columns F before the group G, a g × g triangular solve per group. (Choosing from
+the R-form columns instead measured KLD 0.063 against 0.060 on qwen2.5-0.5b at int4 g128.) Differences reach
+the next INNER_BLOCK columns one by one and everything further by matrix products, per inner block and per
+block of `block_size` columns (far less memory traffic than rank-1 updates across a whole 128-column block).
 Group scales and zero points are chosen from the updated weights when the sweep reaches a group's first
 column, by the project's one quantizer (`group_params`), optionally with a clipping ratio searched on
 the group's block of H (AWQ's clip search). With `act_order` the columns are visited in decreasing
@@ -42,6 +56,9 @@ from .qweight import QuantScheme, QuantizedWeight, code_values, group_params, ro
 from .scale_search import SEARCHES, search_params
 
 
+INNER_BLOCK = 16  # columns whose errors reach each other one by one; larger spans are updated by matrix products
+
+
 class GPTQConfig(QuantScheme, BudgetConfig, StageConfig):
     block_size: int = Field(128, ge=1, description="columns per lazy-batch block (rounded up to whole groups)")
     dampening: float = Field(0.01, gt=0, le=1, description="λ: fraction of mean(diag H) added to the diagonal")
@@ -60,6 +77,27 @@ def _params(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, confi
     if config is not None and config.clip:
         return search_params(weight, scheme, gram, config.search, config.clip_grid, config.max_shrink)
     return group_params(weight, scheme)
+
+
+def _factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R with H = R·Rᵀ, upper triangular (the Cholesky factor of H with its rows and columns reversed, reversed),
+    as P = R / diag(R) column by column (the sweep adds δ_i · P_ik to each later column k) and diag(R)."""
+    try:
+        r = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+    except torch.linalg.LinAlgError:
+        raise CompressError("the dampened Gram matrix of its inputs is not positive definite (raise dampening)") from None
+    diagonal = torch.diagonal(r).clone()
+    return r.div_(diagonal), diagonal
+
+
+def _compensated(current: torch.Tensor, original: torch.Tensor, pull: torch.Tensor, diagonal: torch.Tensor
+                 ) -> torch.Tensor:
+    """A group's columns [g, out] (transposed) as the paper's sweep holds them when it reaches the group: the
+    original columns plus the optimal compensation for the differences δ_F of every column before it,
+    Δ_F·R_FG·R_GG⁻¹ (H = R·Rᵀ). `current` is what the R-form sweep holds, original + Δ_F·R_FG / diag(R_G)."""
+    r_gg = pull * diagonal
+    inverse = torch.linalg.solve_triangular(r_gg, torch.eye(len(r_gg), device=r_gg.device), upper=True)
+    return original + inverse.T @ ((current - original) * diagonal.unsqueeze(1))
 
 
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
@@ -87,17 +125,16 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
              else torch.arange(cols, device=w.device))
     w, h = w[:, order], h[order][:, order]
     h.diagonal().add_(config.dampening * h.diagonal().mean())
-    try:
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise CompressError("the dampened Gram matrix of its inputs is not positive definite (raise dampening)") from None
+    pull, diagonal = _factor(h)
     column_group = order // group
     block = group * math.ceil(config.block_size / group) if not static else config.block_size
+    inner = INNER_BLOCK if static else math.gcd(group, INNER_BLOCK)  # a group's first column starts an inner block
     # The sweep runs on the transposed weight, so that each column it visits is a contiguous row (2–3× faster).
     wt, codes = w.T.contiguous(), torch.empty(cols, out, device=w.device)
+    original = wt.clone()
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb, errors, ub = wt[b0:b1], torch.empty(b1 - b0, out, device=w.device), u[b0:b1, b0:b1]
+        wb, deltas, pb = wt[b0:b1], torch.empty(b1 - b0, out, device=w.device), pull[b0:b1, b0:b1]
         # each column's scale and zero point, gathered once per block (per group as it starts when not static)
         if static:
             sb = scales[:, column_group[b0:b1]].T.contiguous()
@@ -105,26 +142,30 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
         else:
             sb = torch.empty(b1 - b0, out, device=w.device)
             zb = None if zeros is None else torch.empty(b1 - b0, out, device=w.device)
-        for i in range(b1 - b0):
-            j = b0 + i
-            if not static and j % group == 0:  # a new group: parameters from the weights as updated so far
-                g, end = j // group, min(j + group, cols) - b0
-                gs, gz = _params(wb[i:end].T.contiguous(), h[j : b0 + end, j : b0 + end],
-                                 scheme.model_copy(update={"group_size": None}), config)
-                scales[:, g] = gs[:, 0]
-                sb[i:end] = gs[:, 0]
-                if zeros is not None:
-                    zeros[:, g] = gz[:, 0]
-                    zb[i:end] = gz[:, 0].to(torch.float32)
-            col, s = wb[i], sb[i]
-            z = None if zb is None else zb[i]
-            c = round_codes(col, s, z, scheme)
-            codes[j] = c
-            err = errors[i]
-            torch.sub(col, code_values(c, s, z, scheme), out=err)
-            err.div_(ub[i, i])
-            wb[i + 1 :].addr_(ub[i, i + 1 :], err, alpha=-1)  # spread the error onto the block's later columns
-        wt[b1:] -= u[b0:b1, b1:].T @ errors
+        for c0 in range(0, b1 - b0, inner):
+            c1 = min(c0 + inner, b1 - b0)
+            for i in range(c0, c1):
+                j = b0 + i
+                if not static and j % group == 0:  # a new group: parameters from the weights as updated so far
+                    g, end = j // group, min(j + group, cols) - b0
+                    span = slice(j, b0 + end)
+                    seen = _compensated(wb[i:end], original[span], pull[span, span], diagonal[span])
+                    gs, gz = _params(seen.T.contiguous(), h[span, span],
+                                     scheme.model_copy(update={"group_size": None}), config)
+                    scales[:, g] = gs[:, 0]
+                    sb[i:end] = gs[:, 0]
+                    if zeros is not None:
+                        zeros[:, g] = gz[:, 0]
+                        zb[i:end] = gz[:, 0].to(torch.float32)
+                s = sb[i]
+                z = None if zb is None else zb[i]
+                c = round_codes(wb[i], s, z, scheme)
+                codes[j] = c
+                delta = deltas[i]
+                torch.sub(original[j], code_values(c, s, z, scheme), out=delta)
+                wb[i + 1 : c1].addr_(pb[i, i + 1 : c1], delta)  # to the inner block's later columns
+            wb[c1:].addmm_(pb[c0:c1, c1:].T, deltas[c0:c1])  # the inner block's, to the block's later columns
+        wt[b1:].addmm_(pull[b0:b1, b1:].T, deltas)  # the block's, to every later column
     codes = codes.T[:, torch.argsort(order)]
     dtype = torch.int8 if scheme.symmetric else torch.uint8
     return QuantizedWeight(codes.to(dtype).contiguous(), scales.contiguous(), zeros, scheme)

@@ -399,28 +399,56 @@ def group_params(weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor |
     scheme = scheme.fitting(w.shape[1])
     g = group_view(w, scheme.group_size or w.shape[1])
     shrink = 1.0 if clip is None else clip.reshape(clip.shape[0], -1, 1) if clip.dim() == 2 else clip
+    return range_params(group_range(g, scheme), scheme, shrink)
+
+
+class GroupRange(NamedTuple):
+    """What `group_params` reads from each group of a `group_view` [out, n_groups, group] before a clip shrinks
+    it, each [out, n_groups, 1]: the largest (`high`) and smallest (`low`) weight for asymmetric grids; for
+    symmetric ones `high` alone: |w|'s peak, the signed peak (full grid), the reach of the non-negative bfloat16
+    full grid, or a codebook's searched scale. A clip search computes it once and tries every ratio on it."""
+
+    high: torch.Tensor
+    low: torch.Tensor | None = None
+
+    def repeat(self, times: int) -> "GroupRange":
+        """The range of the same groups stacked `times` over along the rows."""
+        return GroupRange(*(None if t is None else t.repeat(times, 1, 1) for t in self))
+
+
+def group_range(g: torch.Tensor, scheme: QuantScheme) -> GroupRange:
+    """The range of each group of `g` [out, n_groups, group] (a `group_view`) as `range_params` maps it."""
     if scheme.codebook:
-        scales, zeros = codebook_group_scales(g, shrink), None
+        return GroupRange(codebook_scales(g))
+    if scheme.symmetric and full_grid(scheme) and scheme.scale_dtype == "bfloat16":
+        top = 2 ** (scheme.bits - 1)
+        return GroupRange(torch.maximum(-g.amin(dim=2, keepdim=True) / top, g.amax(dim=2, keepdim=True) / (top - 1)))
+    if scheme.symmetric and full_grid(scheme):
+        return GroupRange(g.gather(2, g.abs().argmax(dim=2, keepdim=True)))
+    if scheme.symmetric:
+        return GroupRange(g.abs().amax(dim=2, keepdim=True))
+    return GroupRange(g.amax(dim=2, keepdim=True), g.amin(dim=2, keepdim=True))
+
+
+def range_params(r: GroupRange, scheme: QuantScheme, shrink: torch.Tensor | float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`group_params` from the groups' `group_range`, shrunk by `shrink` (broadcast over [out, n_groups, 1])."""
+    if scheme.codebook:
+        scales, zeros = float16_exact(signed_floor(r.high * shrink)), None
     elif scheme.symmetric and full_grid(scheme) and scheme.scale_dtype == "bfloat16":
         # non-negative scales: code −2^(b−1) reaches a negative peak, 2^(b−1) − 1 a positive one
-        top = 2 ** (scheme.bits - 1)
-        reach = torch.maximum(-g.amin(dim=2, keepdim=True) / top, g.amax(dim=2, keepdim=True) / (top - 1))
-        scales = exact_scales((reach * shrink).clamp(min=MIN_SCALE), scheme)
-        zeros = None
+        scales, zeros = exact_scales((r.high * shrink).clamp(min=MIN_SCALE), scheme), None
     elif scheme.symmetric and full_grid(scheme):
         # the group's largest-magnitude weight, with its sign, takes the code −2^(b−1): all 2^b codes in use
         top = 2 ** (scheme.bits - 1)
-        peak = g.gather(2, g.abs().argmax(dim=2, keepdim=True)) * shrink
-        raw = peak / -top
-        scales = float16_exact(signed_floor(raw))
-        zeros = None
+        scales, zeros = float16_exact(signed_floor(r.high * shrink / -top)), None
     elif scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
-        scales = exact_scales((g.abs().amax(dim=2, keepdim=True) * shrink).clamp(min=MIN_SCALE * qmax) / qmax, scheme)
+        scales = exact_scales((r.high * shrink).clamp(min=MIN_SCALE * qmax) / qmax, scheme)
         zeros = None
     else:
         qmax = 2**scheme.bits - 1
-        hi, lo = g.amax(dim=2, keepdim=True) * shrink, g.amin(dim=2, keepdim=True) * shrink
+        hi, lo = r.high * shrink, r.low * shrink
         if scheme.super_block:
             lo = lo.clamp(max=0)  # K-quant offsets are −dmin · m with m ≥ 0
         scales = exact_scales(((hi - lo) / qmax).clamp(min=MIN_SCALE), scheme)

@@ -41,11 +41,14 @@ from .qweight import (
     code_values,
     codebook_group_scales,
     exact_scales,
+    fake_quantize,
     float16_exact,
     full_grid,
     group_params,
+    group_range,
     group_view,
     k_grid,
+    range_params,
     round_codes,
     rounded,
     signed_floor,
@@ -53,25 +56,27 @@ from .qweight import (
 
 
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
-                max_shrink: float) -> torch.Tensor:
+                max_shrink: float, budget: int = 2 << 20) -> torch.Tensor:
     """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups].
-    Each ratio's weights are the quantizer's own values (`rounded`: quantize → dequantize bit for bit, without
-    packing codes)."""
+    Each ratio's weights are the quantizer's own values (`rounded`'s: quantize → dequantize bit for bit,
+    without packing codes). The groups' ranges are read once; the ratios are tried several at a time, stacked
+    along the rows (`budget`: bytes of one float32 copy of the stacked weights), the largest ratio winning ties."""
     out, cols = weight.shape
     scheme = scheme.fitting(cols)
     group = scheme.group_size or cols
-    n_groups = math.ceil(cols / group)
     blocks = diagonal_blocks(gram, group)
-    ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
-    best_err = torch.full((out, n_groups), float("inf"), device=weight.device)
-    best = torch.ones(out, n_groups, device=weight.device)
+    ratios = torch.tensor([1 - i / grid for i in range(max(1, int(max_shrink * grid)))], device=weight.device)
     w = weight.detach().float()
-    for r in ratios:
-        err = group_errors(w - rounded(w, scheme, torch.full((out, n_groups), r, device=weight.device)), blocks)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
-    return best
+    span = group_range(group_view(w, group), scheme)
+    errors = []
+    per_chunk = max(1, budget // max(1, w.numel() * 4))
+    for part in ratios.split(per_chunk):
+        k = len(part)
+        shrink = part.repeat_interleave(out).reshape(k * out, 1, 1)
+        stacked = w.repeat(k, 1)
+        approx = fake_quantize(stacked, *range_params(span.repeat(k), scheme, shrink), scheme)
+        errors.append(group_errors(stacked.sub_(approx), blocks).reshape(k, out, -1))
+    return ratios[torch.cat(errors).argmin(dim=0)]
 
 
 def group_importance(importance: torch.Tensor, cols: int, group: int) -> torch.Tensor:
