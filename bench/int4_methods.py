@@ -11,6 +11,8 @@ calibration samples and measured by the same evaluator on the same held-out wind
 llm-compressor runs from a throwaway virtual environment this benchmark creates under .cache/bench/
 (llmcompressor 0.14 pins transformers 5.15-5.17; torch is the same local CPU wheel). Its quantized weights are
 written back as a float checkpoint and measured by this package's evaluator (bench/llmcompressor_run.py).
+GPTQModel (`--gptqmodel-models`, at the llm-compressor settings) likewise, from its own throwaway environment
+(bench/gptqmodel_run.py: its GPTQ checkpoint is read back by GPTQModel and dequantized).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +51,8 @@ DEFAULT_METHODS = ("rtn", "awq", "gptq", "gptq-act-order", "awq+gptq")
 MODELS = ("smollm2-135m", "minicpm-smollm2")
 LLMC_VENV = ROOT / ".cache/bench/llmc-venv"
 LLMC_REQUIREMENTS = ("llmcompressor==0.14.0.1", "transformers>=5.15,<5.18")
+GPTQMODEL_VENV = ROOT / ".cache/bench/gptqmodel-venv"
+GPTQMODEL = "gptqmodel==7.7.0"
 
 
 def _peak_mib() -> float:
@@ -101,6 +106,53 @@ def _llmc_python() -> Path:
         constraints.write_text("torch==2.13.0\n")
         subprocess.run([*pip, "-c", str(constraints), *LLMC_REQUIREMENTS], check=True)
     return python
+
+
+def _gptqmodel_python() -> Path:
+    """GPTQModel 7.7 asks for torch >= 2.14.1 but quantizes on the local torch 2.13 CPU wheel: its requirements
+    are installed without the torch line, then the package itself without dependencies."""
+    python = GPTQMODEL_VENV / "bin/python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(GPTQMODEL_VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([str(python), "-m", "pip", "download", "-q", "--no-deps", GPTQMODEL, "-d", tmp], check=True)
+            sdist = next(Path(tmp).glob("*.tar.gz"))
+            with tarfile.open(sdist) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith("/requirements.txt"))
+                lines = tar.extractfile(member).read().decode().splitlines()
+            requirements = Path(tmp) / "requirements.txt"
+            requirements.write_text("\n".join(line for line in lines if not line.startswith("torch>")) + "\n")
+            constraints = Path(tmp) / "constraints.txt"
+            constraints.write_text("torch==2.13.0\n")
+            subprocess.run([*pip, "-c", str(constraints), "-r", str(requirements)], check=True)
+            subprocess.run([*pip, "--no-deps", str(sdist)], check=True)
+    return python
+
+
+def gptqmodel(model: str, setting: str, args) -> dict:
+    """GPTQModel's GPTQ (no act-order) on the same calibration ids, its checkpoint read back and measured."""
+    from minicpm_compress.builtin import builtin_path
+
+    s = SETTINGS[setting]
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-", dir=ROOT / ".cache/bench") as tmp:
+        tmp = Path(tmp)
+        _calibration_file(model, args, tmp / "calibration.safetensors")
+        cmd = [str(_gptqmodel_python()), str(ROOT / "bench/gptqmodel_run.py"), str(builtin_path(model)),
+               str(tmp / "calibration.safetensors"), str(tmp / "model"), str(s["bits"]), str(s["group_size"]),
+               "sym" if s["symmetric"] else "asym"]
+        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count())}
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.llmcompressor_timeout, env=env,
+                                 cwd=tmp)
+        except subprocess.TimeoutExpired:
+            return {"error": f"did not finish within {args.llmcompressor_timeout} s on this machine"}
+        if run.returncode:
+            return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"}
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        measured = _child("--measure", model, str(tmp / "model"), "--eval-tokens", str(args.eval_tokens))
+        return {**measured, **result}
 
 
 def _calibration_file(model: str, args, path: Path) -> None:
@@ -162,7 +214,9 @@ def main() -> None:
     parser.add_argument("--llmcompressor-models", default="smollm2-135m",
                         help="models llm-compressor runs on (minicpm-smollm2 loads too: bench/llmcompressor_run.py "
                              "registers this package's MiniCPM class)")
-    parser.add_argument("--llmcompressor-timeout", type=float, default=1800)
+    parser.add_argument("--llmcompressor-timeout", type=float, default=1800,
+                        help="seconds each llm-compressor or GPTQModel method may take")
+    parser.add_argument("--gptqmodel-models", default="", help="models GPTQModel's GPTQ runs on ('' for none)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "SETTING", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,6 +243,10 @@ def main() -> None:
                     rows[f"llm-compressor {method}"] = llmcompressor(model, setting, method, args)
                     print(json.dumps({"model": model, "setting": setting, "method": f"llm-compressor {method}",
                                       **rows[f"llm-compressor {method}"]}), file=sys.stderr, flush=True)
+            if setting in args.llmcompressor_settings.split(",") and model in args.gptqmodel_models.split(","):
+                rows["gptqmodel gptq"] = gptqmodel(model, setting, args)
+                print(json.dumps({"model": model, "setting": setting, "method": "gptqmodel gptq",
+                                  **rows["gptqmodel gptq"]}), file=sys.stderr, flush=True)
             rtn_gap = rows["rtn"]["ppl_increase"] if "rtn" in rows else None
             for row in rows.values():
                 if rtn_gap and "ppl_increase" in row:
