@@ -11,17 +11,15 @@ process's peak RSS.
 
 from __future__ import annotations
 
-import json
-import resource
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+import external_checkpoint  # bench/, beside this script
 
 
 def main() -> None:
@@ -40,26 +38,12 @@ def main() -> None:
         model.save(saved)
         del model
         back = GPTQModel.load(saved, backend=BACKEND.TORCH, device="cpu")
-        tensors, quantized = {}, 0
+        tensors = {}
         with torch.no_grad():
             for name, module in back.model.named_modules():
                 if isinstance(module, BaseQuantLinear):
                     tensors[f"{name}.weight"] = module.dequantize_weight().T.to(torch.float32)
-                    quantized += 1
-    src, out = Path(checkpoint), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        original = {k: f.get_tensor(k) for k in f.keys()}
-    missing = [k for k in tensors if k not in original]
-    if missing:
-        raise SystemExit(f"GPTQModel's linears are not the checkpoint's: {missing[:3]}")
-    save_file({k: tensors.get(k, v).contiguous().to(torch.float32) for k, v in original.items()},
-              str(out / "model.safetensors"))
-    for path in src.iterdir():
-        if path.name != "model.safetensors" and path.is_file():
-            shutil.copy(path, out / path.name)
-    print(json.dumps({"wall_s": round(wall, 1), "quantized_linears": quantized,
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+    external_checkpoint.write(checkpoint, out, tensors, wall, [name.removesuffix(".weight") for name in tensors])
 
 
 if __name__ == "__main__":

@@ -133,30 +133,12 @@ def _gptqmodel_python() -> Path:
 
 def gptqmodel(model: str, setting: str, args) -> dict:
     """GPTQModel's GPTQ (no act-order) on the same calibration ids, its checkpoint read back and measured."""
-    from minicpm_compress.builtin import builtin_path
-
-    s = SETTINGS[setting]
-    with tempfile.TemporaryDirectory(prefix="gptqmodel-", dir=ROOT / ".cache/bench") as tmp:
-        tmp = Path(tmp)
-        _calibration_file(model, args, tmp / "calibration.safetensors")
-        cmd = [str(_gptqmodel_python()), str(ROOT / "bench/gptqmodel_run.py"), str(builtin_path(model)),
-               str(tmp / "calibration.safetensors"), str(tmp / "model"), str(s["bits"]), str(s["group_size"]),
-               "sym" if s["symmetric"] else "asym"]
-        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count())}
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.llmcompressor_timeout, env=env,
-                                 cwd=tmp)
-        except subprocess.TimeoutExpired:
-            return {"error": f"did not finish within {args.llmcompressor_timeout} s on this machine"}
-        if run.returncode:
-            return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"}
-        result = json.loads(run.stdout.strip().splitlines()[-1])
-        measured = _child("--measure", model, str(tmp / "model"), "--eval-tokens", str(args.eval_tokens))
-        return {**measured, **result}
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count())}
+    return _external(model, setting, args, _gptqmodel_python(), "gptqmodel_run.py", [], env)
 
 
 def _calibration_file(model: str, args, path: Path) -> None:
-    """The calibration token ids the package's stages use, for llm-compressor."""
+    """The calibration token ids the package's stages use, for llm-compressor and GPTQModel."""
     from safetensors.torch import save_file
 
     from minicpm_compress.data.textsets import calibration_samples
@@ -171,17 +153,24 @@ def _calibration_file(model: str, args, path: Path) -> None:
 
 
 def llmcompressor(model: str, setting: str, method: str, args) -> dict:
+    return _external(model, setting, args, _llmc_python(), "llmcompressor_run.py", [method])
+
+
+def _external(model: str, setting: str, args, python: Path, script: str, extra: list[str], env=None) -> dict:
+    """Another tool's method, run by bench/SCRIPT in its own environment on this package's calibration ids
+    (SCRIPT CHECKPOINT CALIBRATION OUT *EXTRA BITS GROUP sym|asym), its float checkpoint then measured here."""
     from minicpm_compress.builtin import builtin_path
 
     s = SETTINGS[setting]
-    with tempfile.TemporaryDirectory(prefix="llmc-", dir=ROOT / ".cache/bench") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}-", dir=ROOT / ".cache/bench") as tmp:
         tmp = Path(tmp)
         _calibration_file(model, args, tmp / "calibration.safetensors")
-        cmd = [str(_llmc_python()), str(ROOT / "bench/llmcompressor_run.py"), str(builtin_path(model)),
-               str(tmp / "calibration.safetensors"), str(tmp / "model"), method, str(s["bits"]), str(s["group_size"]),
+        cmd = [str(python), str(ROOT / "bench" / script), str(builtin_path(model)),
+               str(tmp / "calibration.safetensors"), str(tmp / "model"), *extra, str(s["bits"]), str(s["group_size"]),
                "sym" if s["symmetric"] else "asym"]
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.llmcompressor_timeout)
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.llmcompressor_timeout, env=env,
+                                 cwd=tmp)
         except subprocess.TimeoutExpired:
             return {"error": f"did not finish within {args.llmcompressor_timeout} s on this machine"}
         if run.returncode:

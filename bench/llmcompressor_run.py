@@ -11,16 +11,14 @@ one JSON line: wall seconds of `oneshot` and the process's peak RSS.
 from __future__ import annotations
 
 import importlib.util
-import json
-import resource
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+import external_checkpoint  # bench/, beside this script
 
 
 def _register_minicpm(package_root: Path) -> None:
@@ -70,26 +68,17 @@ def main() -> None:
     wall = time.perf_counter() - start
 
     # llm-compressor's weights as deployed: each quantized linear fake-quantized with its scales/zero points
+    # (every other parameter as the model now holds it: AWQ folds its scales into the norms)
     tensors = dict(model.named_parameters())
-    quantized = 0
+    quantized = []
     with torch.no_grad():
         for name, module in model.named_modules():
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is not None and scheme.weights is not None and hasattr(module, "weight_scale"):
                 tensors[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale,
                                                           getattr(module, "weight_zero_point", None), scheme.weights)
-                quantized += 1
-    src = Path(checkpoint)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    save_file({k: tensors[k].detach().contiguous().to(torch.float32) for k in keys}, str(out / "model.safetensors"))
-    for path in src.iterdir():
-        if path.name != "model.safetensors" and path.is_file():
-            shutil.copy(path, out / path.name)
-    print(json.dumps({"wall_s": round(wall, 1), "quantized_linears": quantized,
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+                quantized.append(name)
+    external_checkpoint.write(checkpoint, out, tensors, wall, quantized)
 
 
 if __name__ == "__main__":
