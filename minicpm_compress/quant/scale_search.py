@@ -29,8 +29,6 @@ weighted error than min–max gives (a K grid then snaps the chosen scales to it
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .output_error import diagonal_blocks, group_errors
