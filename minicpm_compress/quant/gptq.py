@@ -130,18 +130,20 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,
     block = group * math.ceil(config.block_size / group) if not static else config.block_size
     inner = INNER_BLOCK if static else math.gcd(group, INNER_BLOCK)  # a group's first column starts an inner block
     # The sweep runs on the transposed weight, so that each column it visits is a contiguous row (2–3× faster).
-    wt, codes = w.T.contiguous(), torch.empty(cols, out, device=w.device)
+    device = w.device
+    wt, codes = w.T.contiguous(), torch.empty(cols, out, device=device)
+    del w  # the sweep holds the weight transposed twice (as updated, as it was) and the codes: three copies
     original = wt.clone()
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        wb, deltas, pb = wt[b0:b1], torch.empty(b1 - b0, out, device=w.device), pull[b0:b1, b0:b1]
+        wb, deltas, pb = wt[b0:b1], torch.empty(b1 - b0, out, device=device), pull[b0:b1, b0:b1]
         # each column's scale and zero point, gathered once per block (per group as it starts when not static)
         if static:
             sb = scales[:, column_group[b0:b1]].T.contiguous()
             zb = None if zeros is None else zeros[:, column_group[b0:b1]].T.to(torch.float32).contiguous()
         else:
-            sb = torch.empty(b1 - b0, out, device=w.device)
-            zb = None if zeros is None else torch.empty(b1 - b0, out, device=w.device)
+            sb = torch.empty(b1 - b0, out, device=device)
+            zb = None if zeros is None else torch.empty(b1 - b0, out, device=device)
         for c0 in range(0, b1 - b0, inner):
             c1 = min(c0 + inner, b1 - b0)
             for i in range(c0, c1):
