@@ -96,8 +96,8 @@ def _compensated(current: torch.Tensor, original: torch.Tensor, pull: torch.Tens
     original columns plus the optimal compensation for the differences δ_F of every column before it,
     Δ_F·R_FG·R_GG⁻¹ (H = R·Rᵀ). `current` is what the R-form sweep holds, original + Δ_F·R_FG / diag(R_G)."""
     r_gg = pull * diagonal
-    inverse = torch.linalg.solve_triangular(r_gg, torch.eye(len(r_gg), device=r_gg.device), upper=True)
-    return original + inverse.T @ ((current - original) * diagonal.unsqueeze(1))
+    # (Δ_F·R_FG)ᵀ recovered from `current`, then R_GG⁻ᵀ applied by a triangular solve
+    return original + torch.linalg.solve_triangular(r_gg.T, (current - original) * diagonal.unsqueeze(1), upper=False)
 
 
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme,

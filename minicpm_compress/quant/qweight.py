@@ -510,14 +510,6 @@ def codebook_scales(g: torch.Tensor, tries: int = 7, importance: torch.Tensor | 
     return best_d
 
 
-def codebook_group_scales(g: torch.Tensor, shrink: torch.Tensor | float = 1.0,
-                          importance: torch.Tensor | None = None) -> torch.Tensor:
-    """A codebook grid's float16 scales [out, n_groups, 1] for the groups `g`: the searched scale (see
-    `codebook_scales`) times `shrink`, never smaller in magnitude than MIN_SCALE."""
-    raw = codebook_scales(g, importance=importance) * shrink
-    return float16_exact(signed_floor(raw))
-
-
 def full_grid(scheme: QuantScheme) -> bool:
     """Whether a symmetric scheme uses every code −2^(b−1) … 2^(b−1) − 1: its scale is the group's
     largest-magnitude weight, sign included, over −2^(b−1) (llama.cpp's Q4_0 / Q5_0 and onnxruntime-genai's

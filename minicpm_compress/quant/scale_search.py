@@ -37,7 +37,7 @@ from .qweight import (
     QuantScheme,
     code_range,
     code_values,
-    codebook_group_scales,
+    codebook_scales,
     exact_scales,
     fake_quantize,
     float16_exact,
@@ -54,27 +54,19 @@ from .qweight import (
 
 
 def search_clip(weight: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, grid: int,
-                max_shrink: float, budget: int = 2 << 20) -> torch.Tensor:
+                max_shrink: float) -> torch.Tensor:
     """Per (output channel, group) clipping ratio minimising that group's output error → [out, n_groups].
     Each ratio's weights are the quantizer's own values (`rounded`'s: quantize → dequantize bit for bit,
-    without packing codes). The groups' ranges are read once; the ratios are tried several at a time, stacked
-    along the rows (`budget`: bytes of one float32 copy of the stacked weights), the largest ratio winning ties."""
-    out, cols = weight.shape
-    scheme = scheme.fitting(cols)
-    group = scheme.group_size or cols
+    without packing codes), from the groups' ranges read once; the largest ratio wins ties."""
+    scheme = scheme.fitting(weight.shape[1])
+    group = scheme.group_size or weight.shape[1]
     blocks = diagonal_blocks(gram, group)
     ratios = torch.tensor([1 - i / grid for i in range(max(1, int(max_shrink * grid)))], device=weight.device)
     w = weight.detach().float()
     span = group_range(group_view(w, group), scheme)
-    errors = []
-    per_chunk = max(1, budget // max(1, w.numel() * 4))
-    for part in ratios.split(per_chunk):
-        k = len(part)
-        shrink = part.repeat_interleave(out).reshape(k * out, 1, 1)
-        stacked = w.repeat(k, 1)
-        approx = fake_quantize(stacked, *range_params(span.repeat(k), scheme, shrink), scheme)
-        errors.append(group_errors(stacked.sub_(approx), blocks).reshape(k, out, -1))
-    return ratios[torch.cat(errors).argmin(dim=0)]
+    errors = torch.stack([group_errors(w - fake_quantize(w, *range_params(span, scheme, r), scheme), blocks)
+                          for r in ratios])
+    return ratios[errors.argmin(dim=0)]
 
 
 def group_importance(importance: torch.Tensor, cols: int, group: int) -> torch.Tensor:
@@ -130,7 +122,7 @@ def _symmetric_candidates(g: torch.Tensor, imp: torch.Tensor, scheme: QuantSchem
 
 
 def _codebook_candidates(g: torch.Tensor, imp: torch.Tensor, scheme: QuantScheme):
-    yield codebook_group_scales(g, importance=imp), None
+    yield codebook_scales(g, importance=imp), None  # stored as float16 with its sign by _stored
 
 
 def _asymmetric_candidates(g: torch.Tensor, imp: torch.Tensor, scheme: QuantScheme):
